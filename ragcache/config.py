@@ -1,0 +1,187 @@
+"""One typed config: defaults < file (TOML/YAML) < RAGCACHE_* environment < flags.
+
+Every room owns its section dataclass (fields with a type, a default and one line of
+help in ``metadata["help"]``); this module composes them and resolves the layers.
+Environment variables are ``RAGCACHE_<SECTION>__<FIELD>`` (for example
+``RAGCACHE_ENGINE__KV_CACHE_BYTES=2000000000``); flags use ``--section.field value``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ragcache.blending.config import FusionConfig
+from ragcache.chunkstore.config import ChunkStoreConfig
+from ragcache.engine.config import EngineConfig, ModelConfig
+from ragcache.retriever.config import RetrieverConfig
+
+ENV_PREFIX = "RAGCACHE_"
+
+
+class ConfigError(ValueError):
+    """A config value, file or flag that cannot be used; the message names it."""
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    host: str = field(default="127.0.0.1", metadata={"help": "address the HTTP server binds"})
+    port: int = field(default=8000, metadata={"help": "TCP port of the HTTP server"})
+    max_upload_bytes: int = field(
+        default=64 * 1024 * 1024, metadata={"help": "largest accepted upload, in bytes"}
+    )
+    api_keys: str = field(
+        default="",
+        metadata={"help": "comma-separated key=tenant pairs; empty means no auth, loopback only"},
+    )
+    admin_keys: str = field(default="", metadata={"help": "comma-separated admin API keys"})
+
+
+@dataclass(slots=True)
+class Config:
+    data_dir: str = field(default="data", metadata={"help": "directory holding all state"})
+    log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    chunkstore: ChunkStoreConfig = field(default_factory=ChunkStoreConfig)
+    retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser()
+
+
+def _convert(value: Any, annotation: Any, name: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
+            return None
+        return _convert(value, args[0], name)
+    try:
+        if annotation is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if annotation is int:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if annotation is float:
+            return float(value)
+        if annotation is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"config field {name!r}: {value!r} is not a valid {annotation.__name__}"
+        ) from None
+    return value
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _apply(obj: Any, values: Mapping[str, Any], where: str, prefix: str = "") -> None:
+    hints = _field_types(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        norm = key.replace("-", "_")
+        if norm not in names:
+            raise ConfigError(
+                f"{where}: unknown config field {prefix + key!r}; "
+                f"known: {', '.join(sorted(names))}"
+            )
+        current = getattr(obj, norm)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}: {prefix + key!r} is a section, expected a table")
+            _apply(current, value, where, prefix + norm + ".")
+        else:
+            setattr(obj, norm, _convert(value, hints[norm], prefix + norm))
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_bytes()
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(text.decode())
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+            if not isinstance(data, dict):
+                raise ConfigError(f"config file {path}: top level must be a mapping")
+            return data
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    raise ConfigError(f"config file {path}: use .toml, .yaml or .yml")
+
+
+def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+            continue
+        parts = key[len(ENV_PREFIX) :].lower().split("__")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def _dotted_to_nested(flags: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flags.items():
+        parts = key.replace("-", "_").split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(
+    path: str | Path | None = None,
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Resolve defaults < file < environment < flags (dotted ``section.field`` keys)."""
+    environ = os.environ if environ is None else environ
+    config = Config()
+    file_path = path or environ.get(ENV_PREFIX + "CONFIG")
+    if file_path:
+        _apply(config, _read_file(Path(file_path)), f"config file {file_path}")
+    _apply(config, _env_values(environ), "environment")
+    if flags:
+        _apply(config, _dotted_to_nested(flags), "command line")
+    return config
+
+
+def iter_fields(obj: Any, prefix: str = "") -> Sequence[tuple[str, Any, str]]:
+    """(dotted name, current value, help) for every leaf field, for --help and docs."""
+    out: list[tuple[str, Any, str]] = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.extend(iter_fields(value, prefix + f.name + "."))
+        else:
+            out.append((prefix + f.name, value, f.metadata.get("help", "")))
+    return out
