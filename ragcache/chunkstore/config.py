@@ -18,3 +18,31 @@ class ChunkStoreConfig:
     )
     disk_codec: str = field(default="raw", metadata={"help": "LMDB tier codec: raw or int8"})
     policy: str = field(default="pgdsf", metadata={"help": "replacement policy: pgdsf, lru, lfu"})
+    pgdsf_frequency_exponent: float = field(
+        default=1.0,
+        metadata={"help": "PGDSF priority uses frequency**exponent; 1 is the plain formula"},
+    )
+    disk_initial_map_bytes: int = field(
+        default=64 * 1024 * 1024,
+        metadata={"help": "initial LMDB map size; doubles whenever the map is full"},
+    )
+    disk_max_readers: int = field(
+        default=126, metadata={"help": "most concurrent LMDB read transactions"}
+    )
+    disk_verify: str = field(
+        default="once",
+        metadata={
+            "help": "checksum reads from LMDB: once (first read of a record per process) "
+            "or always (every read)"
+        },
+    )
+    write_through: bool = field(
+        default=True,
+        metadata={"help": "also write every put to LMDB so a restart finds a warm cache"},
+    )
+    pin_host_memory: bool = field(
+        default=True, metadata={"help": "pin host-tier tensors when CUDA is available"}
+    )
+    prefetch_workers: int = field(
+        default=2, metadata={"help": "background threads reading entries from slower tiers"}
+    )

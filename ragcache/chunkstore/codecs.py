@@ -1,0 +1,100 @@
+"""Codecs turn one layer's K and V into bytes and back; a registry by name.
+
+raw keeps the stored dtype and is exact. int8 quantises symmetrically per token and
+per head with an fp32 scale ``s = max|x| / 127`` over head_dim, so every element
+decodes within ``s / 2 = max|x| / 254`` of its value, plus the rounding of the
+output dtype (half an ulp of ``|x|``: 2**-11 relative for fp16, 2**-8 for bf16).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, candidate in DTYPES.items():
+        if candidate == dtype:
+            return name
+    raise ValueError(f"unsupported KV dtype {dtype}; accepted: {', '.join(DTYPES)}")
+
+
+def tensor_to_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1)
+    return memoryview(flat.numpy())
+
+
+def tensor_from_bytes(
+    data: memoryview | bytes, dtype: torch.dtype, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """One copy out of ``data`` (which may be a read-only view of an LMDB map)."""
+    source = np.frombuffer(data, dtype=np.uint8)
+    target = torch.empty(source.size, dtype=torch.uint8)
+    target.numpy()[:] = source
+    return target.view(dtype).reshape(shape)
+
+
+@dataclass(slots=True, frozen=True)
+class Codec:
+    name: str
+    encode: Callable[[torch.Tensor], bytes | memoryview]
+    decode: Callable[[memoryview | bytes, torch.dtype, tuple[int, ...]], torch.Tensor]
+    encoded_size: Callable[[tuple[int, ...], torch.dtype], int]
+
+
+def _raw_size(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return int(np.prod(shape)) * torch.tensor([], dtype=dtype).element_size()
+
+
+INT8_SCALE_BYTES = 4
+
+
+def _int8_encode(tensor: torch.Tensor) -> bytes:
+    values = tensor.detach().to("cpu", torch.float32)
+    scale = values.abs().amax(dim=-1, keepdim=True) / 127.0
+    safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    quantised = torch.round(values / safe_scale).clamp_(-127, 127).to(torch.int8)
+    return bytes(tensor_to_bytes(quantised)) + bytes(tensor_to_bytes(scale.contiguous()))
+
+
+def _int8_decode(
+    data: memoryview | bytes, dtype: torch.dtype, shape: tuple[int, ...]
+) -> torch.Tensor:
+    count = int(np.prod(shape))
+    view = memoryview(data)
+    quantised = np.frombuffer(view[:count], dtype=np.int8).reshape(shape)
+    scale = np.frombuffer(view[count:], dtype=np.float32).reshape((*shape[:-1], 1))
+    return torch.from_numpy(quantised.astype(np.float32) * scale).to(dtype)
+
+
+def _int8_size(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    count = int(np.prod(shape))
+    return count + (count // shape[-1]) * INT8_SCALE_BYTES
+
+
+CODECS: dict[str, Codec] = {
+    "raw": Codec("raw", tensor_to_bytes, tensor_from_bytes, _raw_size),
+    "int8": Codec("int8", _int8_encode, _int8_decode, _int8_size),
+}
+
+
+def get_codec(name: str) -> Codec:
+    try:
+        return CODECS[name]
+    except KeyError:
+        raise ValueError(f"unknown KV codec {name!r}; accepted: {', '.join(CODECS)}") from None
+
+
+def register_codec(codec: Codec) -> None:
+    if codec.name in CODECS:
+        raise ValueError(f"a KV codec named {codec.name!r} is already registered")
+    CODECS[codec.name] = codec

@@ -1,0 +1,240 @@
+"""A chunk's KV entry and its record layout: a checked header, then one blob per layer.
+
+Record: MAGIC | u32 version | u32 header length | blake2b(header) | header JSON |
+layer 0 (K then V) | layer 1 | ... Each layer carries its own blake2b checksum in the
+header, so a reader can verify and hand out layer 0 before later layers are read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ragcache.chunkstore.codecs import DTYPES, Codec, dtype_name, get_codec
+from ragcache.chunkstore.keys import KeyContext
+
+FORMAT_VERSION = 1
+MAGIC = b"RCKV"
+CHECKSUM_BYTES = 16
+PREAMBLE = struct.Struct(f"<4sII{CHECKSUM_BYTES}s")
+
+LayerKV = tuple[torch.Tensor, torch.Tensor]
+
+
+class CorruptEntryError(ValueError):
+    """A stored record whose bytes do not match its checksum or layout."""
+
+
+def checksum(data: bytes | memoryview) -> bytes:
+    return hashlib.blake2b(data, digest_size=CHECKSUM_BYTES).digest()
+
+
+@dataclass(slots=True)
+class ChunkEntry:
+    """KV of one chunk: per layer K and V of shape [num_tokens, num_kv_heads, head_dim].
+
+    K is post-RoPE at ``positions``. ``parent_keys`` are the keys before it on its tree
+    path, kept so the knowledge tree can be rebuilt from the store.
+    """
+
+    key: str
+    token_ids: list[int]
+    positions: list[int]
+    layers: list[LayerKV]
+    parent_keys: list[str] = field(default_factory=list)
+    context: KeyContext | None = None
+
+    def __post_init__(self) -> None:
+        self.token_ids = [int(t) for t in self.token_ids]
+        if isinstance(self.positions, torch.Tensor):
+            self.positions = self.positions.tolist()
+        self.positions = [int(p) for p in self.positions]
+        self.parent_keys = list(self.parent_keys)
+        self.validate()
+
+    def validate(self) -> None:
+        if not self.layers:
+            raise ValueError(f"entry {self.key}: needs at least one layer of K and V")
+        if len(self.positions) != len(self.token_ids):
+            raise ValueError(
+                f"entry {self.key}: {len(self.positions)} positions for "
+                f"{len(self.token_ids)} tokens; they must match"
+            )
+        expected = (len(self.token_ids), *self.layers[0][0].shape[1:])
+        dtype = self.layers[0][0].dtype
+        dtype_name(dtype)
+        for index, (k, v) in enumerate(self.layers):
+            for name, tensor in (("K", k), ("V", v)):
+                if tensor.dim() != 3 or tuple(tensor.shape) != expected:
+                    raise ValueError(
+                        f"entry {self.key}: layer {index} {name} has shape "
+                        f"{tuple(tensor.shape)}; expected [num_tokens, num_kv_heads, "
+                        f"head_dim] = {list(expected)}"
+                    )
+                if tensor.dtype != dtype:
+                    raise ValueError(
+                        f"entry {self.key}: layer {index} {name} is {tensor.dtype}, "
+                        f"layer 0 K is {dtype}; all layers must share one dtype"
+                    )
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def layer_shape(self) -> tuple[int, int, int]:
+        return tuple(self.layers[0][0].shape)  # type: ignore[return-value]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0][0].dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.layers)
+
+    def to(self, device: torch.device | str, pin_memory: bool = False) -> ChunkEntry:
+        def move(tensor: torch.Tensor) -> torch.Tensor:
+            moved = tensor.to(device, non_blocking=True)
+            return moved.pin_memory() if pin_memory and moved.device.type == "cpu" else moved
+
+        return ChunkEntry(
+            self.key,
+            self.token_ids,
+            self.positions,
+            [(move(k), move(v)) for k, v in self.layers],
+            self.parent_keys,
+            self.context,
+        )
+
+
+@dataclass(slots=True)
+class EntryHeader:
+    version: int
+    key: str
+    token_ids: list[int]
+    positions: list[int]
+    parent_keys: list[str]
+    context: KeyContext | None
+    dtype: str
+    codec: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    k_bytes: list[int]
+    layer_bytes: list[int]
+    layer_checksums: list[str]
+    data_offset: int
+
+    @property
+    def layer_shape(self) -> tuple[int, int, int]:
+        return (len(self.token_ids), self.num_kv_heads, self.head_dim)
+
+    @property
+    def record_bytes(self) -> int:
+        return self.data_offset + sum(self.layer_bytes)
+
+    def layer_span(self, layer: int) -> tuple[int, int]:
+        start = self.data_offset + sum(self.layer_bytes[:layer])
+        return start, start + self.layer_bytes[layer]
+
+
+def encode_record(entry: ChunkEntry, codec: Codec) -> bytes:
+    blobs: list[bytes] = []
+    k_bytes: list[int] = []
+    checksums: list[str] = []
+    for k, v in entry.layers:
+        encoded_k = bytes(codec.encode(k))
+        blob = encoded_k + bytes(codec.encode(v))
+        k_bytes.append(len(encoded_k))
+        blobs.append(blob)
+        checksums.append(checksum(blob).hex())
+    _, num_kv_heads, head_dim = entry.layer_shape
+    context = entry.context
+    header = {
+        "key": entry.key,
+        "token_ids": entry.token_ids,
+        "positions": entry.positions,
+        "parent_keys": entry.parent_keys,
+        "context": None
+        if context is None
+        else [
+            context.model_fingerprint,
+            context.kv_dtype,
+            context.codec,
+            context.adapter_id,
+            context.tenant,
+        ],
+        "dtype": dtype_name(entry.dtype),
+        "codec": codec.name,
+        "num_layers": entry.num_layers,
+        "num_kv_heads": num_kv_heads,
+        "head_dim": head_dim,
+        "k_bytes": k_bytes,
+        "layer_bytes": [len(blob) for blob in blobs],
+        "layer_checksums": checksums,
+    }
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    preamble = PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(header_bytes), checksum(header_bytes))
+    return b"".join([preamble, header_bytes, *blobs])
+
+
+def decode_header(record: bytes | memoryview) -> EntryHeader:
+    record = memoryview(record)
+    if len(record) < PREAMBLE.size:
+        raise CorruptEntryError(f"record of {len(record)} bytes is shorter than its preamble")
+    magic, version, header_length, header_sum = PREAMBLE.unpack(record[: PREAMBLE.size])
+    if magic != MAGIC:
+        raise CorruptEntryError(f"record starts with {bytes(magic)!r}, not {MAGIC!r}")
+    if version != FORMAT_VERSION:
+        raise CorruptEntryError(f"record format {version} is not {FORMAT_VERSION}")
+    header_bytes = record[PREAMBLE.size : PREAMBLE.size + header_length]
+    if len(header_bytes) != header_length or checksum(header_bytes) != header_sum:
+        raise CorruptEntryError("record header fails its checksum")
+    fields = json.loads(bytes(header_bytes))
+    context = fields.pop("context")
+    header = EntryHeader(
+        version=version,
+        context=None if context is None else KeyContext(*context),
+        data_offset=PREAMBLE.size + header_length,
+        **fields,
+    )
+    if header.record_bytes != len(record):
+        raise CorruptEntryError(
+            f"record is {len(record)} bytes, its header describes {header.record_bytes}"
+        )
+    return header
+
+
+def decode_layer(
+    record: bytes | memoryview, header: EntryHeader, layer: int, verify: bool
+) -> LayerKV:
+    start, end = header.layer_span(layer)
+    blob = memoryview(record)[start:end]
+    if verify and checksum(blob).hex() != header.layer_checksums[layer]:
+        raise CorruptEntryError(f"entry {header.key}: layer {layer} fails its checksum")
+    codec = get_codec(header.codec)
+    dtype = DTYPES[header.dtype]
+    split = header.k_bytes[layer]
+    shape = header.layer_shape
+    return codec.decode(blob[:split], dtype, shape), codec.decode(blob[split:], dtype, shape)
+
+
+def entry_from_header(header: EntryHeader, layers: Sequence[LayerKV]) -> ChunkEntry:
+    return ChunkEntry(
+        header.key,
+        header.token_ids,
+        header.positions,
+        list(layers),
+        header.parent_keys,
+        header.context,
+    )

@@ -1,0 +1,225 @@
+"""The disk tier: one LMDB record per entry, written in its own durable transaction.
+
+One writer at a time (a lock here, LMDB's own lock across processes), many readers.
+The map doubles when full; growing needs no open transaction in this process, so
+readers hold a shared lock that the resize takes exclusively.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import lmdb
+
+from ragcache.chunkstore.codecs import get_codec
+from ragcache.chunkstore.config import ChunkStoreConfig
+from ragcache.chunkstore.entry import (
+    ChunkEntry,
+    CorruptEntryError,
+    EntryHeader,
+    LayerKV,
+    decode_header,
+    decode_layer,
+    encode_record,
+    entry_from_header,
+)
+from ragcache.chunkstore.tiers import PreparedEntry, Tier
+
+T = TypeVar("T")
+VERIFY_MODES = ("once", "always")
+
+
+class _SharedLock:
+    """Many holders of ``shared`` or one holder of ``exclusive``."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._condition:
+            while self._exclusive:
+                self._condition.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._shared -= 1
+                self._condition.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._condition:
+            while self._exclusive or self._shared:
+                self._condition.wait()
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._exclusive = False
+                self._condition.notify_all()
+
+
+class LMDBTier(Tier):
+    name = "disk"
+
+    def __init__(self, directory: Path, config: ChunkStoreConfig) -> None:
+        if config.disk_verify not in VERIFY_MODES:
+            raise ValueError(
+                f"disk_verify={config.disk_verify!r}; accepted: {', '.join(VERIFY_MODES)}"
+            )
+        self.capacity_bytes = config.disk_bytes
+        self.codec = get_codec(config.disk_codec)
+        self.verify_always = config.disk_verify == "always"
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        data_file = directory / "data.mdb"
+        existing = data_file.stat().st_size if data_file.exists() else 0
+        self.env = lmdb.open(
+            str(directory),
+            map_size=max(config.disk_initial_map_bytes, existing),
+            max_readers=config.disk_max_readers,
+            sync=True,
+            metasync=True,
+            lock=True,
+            max_dbs=0,
+        )
+        self._write_lock = threading.Lock()
+        self._resize_lock = _SharedLock()
+        self._verified: set[str] = set()
+        self._sizes: dict[str, int] = {}
+        with self._read() as txn, txn.cursor() as cursor:
+            for key, value in cursor:
+                self._sizes[bytes(key).decode("ascii")] = len(value)
+        self._used = sum(self._sizes.values())
+
+    @contextmanager
+    def _read(self) -> Iterator[lmdb.Transaction]:
+        with self._resize_lock.shared():
+            try:
+                txn = self.env.begin(buffers=True)
+            except lmdb.MapResizedError:
+                # Another process grew the map; adopt its size.
+                self.env.set_mapsize(0)
+                txn = self.env.begin(buffers=True)
+            try:
+                yield txn
+            finally:
+                txn.abort()
+
+    def _with_record(self, key: str, use: Callable[[memoryview], T]) -> T | None:
+        with self._read() as txn:
+            record = txn.get(key.encode("ascii"))
+            return None if record is None else use(record)
+
+    def _write(self, action: Callable[[lmdb.Transaction], None]) -> None:
+        with self._write_lock:
+            while True:
+                try:
+                    with self._resize_lock.shared(), self.env.begin(write=True) as txn:
+                        action(txn)
+                    return
+                except lmdb.MapFullError:
+                    with self._resize_lock.exclusive():
+                        self.env.set_mapsize(self.env.info()["map_size"] * 2)
+                except lmdb.MapResizedError:
+                    with self._resize_lock.exclusive():
+                        self.env.set_mapsize(0)
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def keys(self) -> list[str]:
+        return list(self._sizes)
+
+    def contains(self, key: str) -> bool:
+        return key in self._sizes
+
+    def size_of(self, key: str) -> int:
+        return self._sizes[key]
+
+    def prepare(self, entry: ChunkEntry) -> PreparedEntry:
+        record = encode_record(entry, self.codec)
+        return PreparedEntry(entry.key, len(record), record)
+
+    def put(self, prepared: PreparedEntry) -> None:
+        self._write(lambda txn: txn.put(prepared.key.encode("ascii"), prepared.payload))
+        self._used += prepared.nbytes - self._sizes.get(prepared.key, 0)
+        self._sizes[prepared.key] = prepared.nbytes
+        self._verified.add(prepared.key)
+
+    def read_header(self, key: str) -> EntryHeader | None:
+        """The record's header; raises CorruptEntryError when it fails its checks."""
+        return self._with_record(key, decode_header)
+
+    def _must_verify(self, key: str) -> bool:
+        return self.verify_always or key not in self._verified
+
+    def get(self, key: str) -> ChunkEntry | None:
+        verify = self._must_verify(key)
+
+        def decode(record: memoryview) -> ChunkEntry:
+            header = decode_header(record)
+            layers = [decode_layer(record, header, i, verify) for i in range(header.num_layers)]
+            return entry_from_header(header, layers)
+
+        entry = self._with_record(key, decode)
+        if entry is not None:
+            self._verified.add(key)
+        return entry
+
+    def iter_layers(
+        self, key: str, layers: Iterable[int], header: EntryHeader | None = None
+    ) -> Iterator[tuple[int, LayerKV]]:
+        """Reads one layer per short transaction, so a consumer can work on layer 0
+        while the rest is still on disk and no transaction outlives a ``yield``."""
+        header = header or self.read_header(key)
+        if header is None:
+            raise KeyError(f"entry {key} is not in the disk tier")
+        verify = self._must_verify(key)
+        wanted = list(layers)
+        for layer in wanted:
+            if not 0 <= layer < header.num_layers:
+                raise IndexError(f"entry {key} has {header.num_layers} layers, not {layer}")
+
+            def decode(record: memoryview, layer: int = layer) -> LayerKV:
+                if len(record) != header.record_bytes:
+                    raise CorruptEntryError(f"entry {key} changed size while being read")
+                return decode_layer(record, header, layer, verify)
+
+            kv = self._with_record(key, decode)
+            if kv is None:
+                raise KeyError(f"entry {key} left the disk tier while being read")
+            yield layer, kv
+        if verify and sorted(wanted) == list(range(header.num_layers)):
+            self._verified.add(key)
+
+    def delete(self, key: str) -> bool:
+        if key not in self._sizes:
+            return False
+        self._write(lambda txn: txn.delete(key.encode("ascii")))
+        self._used -= self._sizes.pop(key)
+        self._verified.discard(key)
+        return True
+
+    def scan_headers(self) -> Iterator[tuple[str, EntryHeader | CorruptEntryError]]:
+        for key in self.keys():
+            try:
+                header = self.read_header(key)
+            except CorruptEntryError as error:
+                yield key, error
+                continue
+            if header is not None:
+                yield key, header
+
+    def close(self) -> None:
+        self.env.close()

@@ -1,0 +1,399 @@
+"""ChunkStore: put/get/contains/delete/clear/stats over the tiers, fastest first.
+
+A hit in a slower tier promotes the entry to the fastest enabled tier. Making room in a
+tier evicts by its policy; an evicted entry is copied one tier down only when no
+slower tier has it, so later evictions just drop the faster copy. Guards (the
+knowledge tree) may veto an eviction or a placement and hear when an entry leaves
+the store altogether.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from ragcache.chunkstore.config import ChunkStoreConfig
+from ragcache.chunkstore.entry import ChunkEntry, CorruptEntryError, EntryHeader, LayerKV
+from ragcache.chunkstore.lmdb_tier import LMDBTier
+from ragcache.chunkstore.stats import StoreStats
+from ragcache.chunkstore.tiers import Tier, build_tiers
+from ragcache.policy import CostModel, ReplacementPolicy, make_policy
+
+logger = logging.getLogger(__name__)
+
+FREQUENCY_HISTORY = 65536
+
+LayerStream = Iterator[tuple[int, LayerKV]]
+
+
+class StoreGuard(Protocol):
+    def can_evict(self, key: str, tier_index: int) -> bool: ...
+
+    def can_place(self, key: str, tier_index: int) -> bool: ...
+
+    def on_dropped(self, key: str) -> None: ...
+
+
+class ChunkStore:
+    def __init__(
+        self,
+        config: ChunkStoreConfig | None = None,
+        directory: str | Path | None = None,
+        cost_model: CostModel | None = None,
+        tiers: Sequence[Tier] | None = None,
+    ) -> None:
+        self.config = config or ChunkStoreConfig()
+        self.cost_model = cost_model or CostModel()
+        self.tiers: list[Tier] = list(tiers) if tiers is not None else build_tiers(
+            self.config, directory
+        )
+        self.tier_names = tuple(tier.name for tier in self.tiers)
+        self.policies: list[ReplacementPolicy] = [
+            make_policy(self.config.policy, self.config.pgdsf_frequency_exponent)
+            for _ in self.tiers
+        ]
+        self.stats_counters = StoreStats(self.tier_names)
+        self._lock = threading.RLock()
+        self._guards: list[StoreGuard] = []
+        self._costs: dict[str, float] = {}
+        self._frequency: OrderedDict[str, int] = OrderedDict()
+        self._load_disk()
+
+    # ---- setup -------------------------------------------------------------------
+
+    @property
+    def disk(self) -> LMDBTier | None:
+        last = self.tiers[-1]
+        return last if isinstance(last, LMDBTier) else None
+
+    def _load_disk(self) -> None:
+        disk = self.disk
+        if disk is None:
+            return
+        index = len(self.tiers) - 1
+        for key, header in list(disk.scan_headers()):
+            if isinstance(header, CorruptEntryError):
+                self._drop_corrupt(index, key, header)
+                continue
+            cost = self._cost_of(header.token_ids, header.positions)
+            self._costs[key] = cost
+            self.policies[index].on_insert(key, disk.size_of(key), cost)
+
+    def add_guard(self, guard: StoreGuard) -> None:
+        with self._lock:
+            self._guards.append(guard)
+
+    def remove_guard(self, guard: StoreGuard) -> None:
+        with self._lock:
+            self._guards.remove(guard)
+
+    def _cost_of(self, token_ids: Sequence[int], positions: Sequence[int]) -> float:
+        return self.cost_model.seconds(len(token_ids), int(positions[0]) if positions else 0)
+
+    # ---- queries -----------------------------------------------------------------
+
+    def contains(self, key: str) -> bool:
+        return any(tier.contains(key) for tier in self.tiers)
+
+    def tier_indices(self, key: str) -> list[int]:
+        return [i for i, tier in enumerate(self.tiers) if tier.contains(key)]
+
+    def fastest_tier_index(self, key: str) -> int | None:
+        indices = self.tier_indices(key)
+        return indices[0] if indices else None
+
+    def tier_of(self, key: str) -> str | None:
+        index = self.fastest_tier_index(key)
+        return None if index is None else self.tier_names[index]
+
+    @property
+    def top_tier_index(self) -> int:
+        return next(i for i, tier in enumerate(self.tiers) if tier.enabled)
+
+    def headers(self) -> list[EntryHeader]:
+        """Headers of every valid record on disk (corrupt ones are dropped)."""
+        disk = self.disk
+        if disk is None:
+            return []
+        found = []
+        for key, header in list(disk.scan_headers()):
+            if isinstance(header, CorruptEntryError):
+                with self._lock:
+                    self._drop_corrupt(len(self.tiers) - 1, key, header)
+            else:
+                found.append(header)
+        return found
+
+    # ---- writes ------------------------------------------------------------------
+
+    def put(self, entry: ChunkEntry, cost: float | None = None) -> bool:
+        """Stores in the fastest tier that can hold it (and on disk when writing
+        through). Returns False when no tier could make room."""
+        with self._lock:
+            if cost is None:
+                cost = self._cost_of(entry.token_ids, entry.positions)
+            self._costs[entry.key] = cost
+            self._count_request(entry.key)
+            placed = False
+            for index in range(len(self.tiers)):
+                if self._place(entry, index):
+                    placed = True
+                    break
+            disk = self.disk
+            if placed and self.config.write_through and disk is not None:
+                self._place(entry, len(self.tiers) - 1)
+            if not placed:
+                self.stats_counters.rejected_puts += 1
+                self._costs.pop(entry.key, None)
+            return placed
+
+    def _count_request(self, key: str) -> int:
+        count = self._frequency.pop(key, 0) + 1
+        self._frequency[key] = count
+        if len(self._frequency) > FREQUENCY_HISTORY:
+            self._frequency.popitem(last=False)
+        return count
+
+    def _place(self, entry: ChunkEntry, index: int) -> bool:
+        tier = self.tiers[index]
+        if not tier.enabled:
+            return False
+        if tier.contains(entry.key):
+            return True
+        if not all(guard.can_place(entry.key, index) for guard in self._guards):
+            return False
+        prepared = tier.prepare(entry)
+        if prepared.nbytes > tier.capacity_bytes:
+            return False
+        if not self._make_room(index, prepared.nbytes):
+            return False
+        tier.put(prepared)
+        self.policies[index].on_insert(
+            entry.key, prepared.nbytes, self._costs.get(entry.key, 0.0),
+            self._frequency.get(entry.key, 1),
+        )
+        return True
+
+    def _make_room(self, index: int, nbytes: int) -> bool:
+        tier = self.tiers[index]
+        while tier.used_bytes + nbytes > tier.capacity_bytes:
+            victim = self.policies[index].pick_victim(lambda key: self._can_evict(key, index))
+            if victim is None:
+                return False
+            self._evict(victim, index)
+        return True
+
+    def _can_evict(self, key: str, index: int) -> bool:
+        return all(guard.can_evict(key, index) for guard in self._guards)
+
+    def _evict(self, key: str, index: int) -> None:
+        tier = self.tiers[index]
+        below = range(index + 1, len(self.tiers))
+        if not any(self.tiers[j].contains(key) for j in below):
+            entry = tier.get(key)
+            if entry is not None and any(self._place(entry, j) for j in below):
+                self.stats_counters.demotions += 1
+        self._remove_from(index, key, evicted=True)
+
+    def _remove_from(self, index: int, key: str, evicted: bool) -> None:
+        self.tiers[index].delete(key)
+        policy = self.policies[index]
+        if evicted:
+            policy.on_evict(key)
+            self.stats_counters.evictions[self.tier_names[index]] += 1
+        else:
+            policy.on_remove(key)
+        if not self.contains(key):
+            self._costs.pop(key, None)
+            for guard in list(self._guards):
+                guard.on_dropped(key)
+
+    def delete(self, key: str) -> bool:
+        with self._lock:
+            indices = self.tier_indices(key)
+            for index in indices:
+                self._remove_from(index, key, evicted=False)
+            self._frequency.pop(key, None)
+            return bool(indices)
+
+    def clear(self) -> None:
+        with self._lock:
+            for key in {key for tier in self.tiers for key in tier.keys()}:
+                self.delete(key)
+            for policy in self.policies:
+                policy.clear()
+            self._frequency.clear()
+
+    def close(self) -> None:
+        with self._lock:
+            for tier in self.tiers:
+                tier.close()
+
+    # ---- reads -------------------------------------------------------------------
+
+    def _drop_corrupt(self, index: int, key: str, error: Exception) -> None:
+        logger.warning("chunk entry %s in the %s tier is corrupt (%s); dropping it",
+                       key, self.tier_names[index], error)
+        self.stats_counters.corruptions += 1
+        self._remove_from(index, key, evicted=False)
+
+    def _locate(self, key: str, token_ids: Sequence[int]) -> tuple[int, object] | None:
+        """The fastest tier whose copy matches ``token_ids`` and its header, counting a
+        miss otherwise. Called with the lock held."""
+        wanted = [int(t) for t in token_ids]
+        for index, tier in enumerate(self.tiers):
+            if not tier.contains(key):
+                continue
+            try:
+                header = tier.read_header(key)
+            except CorruptEntryError as error:
+                self._drop_corrupt(index, key, error)
+                continue
+            if header is None:
+                continue
+            if header.token_ids != wanted:
+                self.stats_counters.collisions += 1
+                break
+            return index, header
+        self.stats_counters.misses += 1
+        return None
+
+    def _record_hit(self, key: str, index: int) -> None:
+        self.stats_counters.hits[self.tier_names[index]] += 1
+        frequency = self._count_request(key)
+        for i in self.tier_indices(key):
+            self.policies[i].on_access(key, frequency)
+
+    def _promote(self, entry: ChunkEntry, index: int) -> None:
+        top = self.top_tier_index
+        if index <= top:
+            return
+        if self._place(entry, top):
+            self.stats_counters.promotions += 1
+
+    def promote(self, key: str) -> bool:
+        """Copies an entry up to the fastest enabled tier without counting a hit."""
+        with self._lock:
+            index = self.fastest_tier_index(key)
+            if index is None:
+                return False
+            if index <= self.top_tier_index:
+                return True
+        try:
+            entry = self.tiers[index].get(key)
+        except CorruptEntryError as error:
+            with self._lock:
+                self._drop_corrupt(index, key, error)
+            return False
+        with self._lock:
+            if entry is None:
+                return False
+            self._promote(entry, index)
+            return self.fastest_tier_index(key) == self.top_tier_index
+
+    def get(self, key: str, token_ids: Sequence[int], promote: bool = True) -> ChunkEntry | None:
+        """The entry if cached with exactly ``token_ids``, else None. Tensors of a
+        memory-tier hit are the stored ones: read them, do not modify them."""
+        with self._lock:
+            found = self._locate(key, token_ids)
+            if found is None:
+                return None
+            index, header = found
+            if isinstance(header, ChunkEntry):
+                self._record_hit(key, index)
+                if promote:
+                    self._promote(header, index)
+                return header
+        try:
+            entry = self.tiers[index].get(key)
+        except CorruptEntryError as error:
+            with self._lock:
+                self._drop_corrupt(index, key, error)
+                self.stats_counters.misses += 1
+            return None
+        with self._lock:
+            if entry is None:
+                self.stats_counters.misses += 1
+                return None
+            self._record_hit(key, index)
+            if promote:
+                self._promote(entry, index)
+            return entry
+
+    def get_layers(
+        self,
+        key: str,
+        token_ids: Sequence[int],
+        layers: Iterable[int] | None = None,
+        promote: bool = True,
+    ) -> LayerStream | None:
+        """An iterator of (layer, (K, V)) read one layer at a time, or None on a miss.
+
+        A disk record that fails a layer checksum mid-stream is dropped and counted,
+        and the iterator raises CorruptEntryError: the caller computes the chunk.
+        """
+        with self._lock:
+            found = self._locate(key, token_ids)
+            if found is None:
+                return None
+            index, header = found
+            self._record_hit(key, index)
+        wanted = list(range(header.num_layers) if layers is None else layers)  # type: ignore[attr-defined]
+        if isinstance(header, ChunkEntry):
+            if promote:
+                with self._lock:
+                    self._promote(header, index)
+            return ((layer, header.layers[layer]) for layer in wanted)
+        return self._stream_disk(key, index, header, wanted, promote)  # type: ignore[arg-type]
+
+    def _stream_disk(
+        self, key: str, index: int, header: EntryHeader, wanted: list[int], promote: bool
+    ) -> LayerStream:
+        disk = self.tiers[index]
+        assert isinstance(disk, LMDBTier)
+        collected: dict[int, LayerKV] = {}
+        try:
+            for layer, kv in disk.iter_layers(key, wanted, header):
+                collected[layer] = kv
+                yield layer, kv
+        except CorruptEntryError as error:
+            with self._lock:
+                self._drop_corrupt(index, key, error)
+            raise
+        if promote and len(collected) == header.num_layers:
+            layers = [collected[i] for i in range(header.num_layers)]
+            entry = ChunkEntry(key, header.token_ids, header.positions, layers,
+                               header.parent_keys, header.context)
+            with self._lock:
+                self._promote(entry, index)
+
+    # ---- report ------------------------------------------------------------------
+
+    def stats(self) -> dict[str, object]:
+        with self._lock:
+            counters = self.stats_counters
+            return {
+                "policy": self.config.policy,
+                "tiers": {
+                    tier.name: {
+                        "enabled": tier.enabled,
+                        "capacity_bytes": tier.capacity_bytes,
+                        "bytes": tier.used_bytes,
+                        "entries": len(tier.keys()),
+                        "hits": counters.hits[tier.name],
+                        "evictions": counters.evictions[tier.name],
+                    }
+                    for tier in self.tiers
+                },
+                "hits": sum(counters.hits.values()),
+                "misses": counters.misses,
+                "collisions": counters.collisions,
+                "corruptions": counters.corruptions,
+                "promotions": counters.promotions,
+                "demotions": counters.demotions,
+                "rejected_puts": counters.rejected_puts,
+            }

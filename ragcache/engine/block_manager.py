@@ -1,0 +1,163 @@
+"""Allocates, shares and frees KV blocks; exact prefix caching by a hash chain.
+
+A full block's hash covers the hash of the block before it, the request's cache salt
+(tenant and adapter) and its token ids, so equal hashes mean equal prefixes. A hit
+also compares token ids, so a hash collision is a miss. Freed blocks that hold a
+registered prefix stay findable until they are reused, oldest first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from ragcache.engine.sequence import Sequence
+
+
+@dataclass(slots=True)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: bytes | None = None
+    token_ids: tuple[int, ...] = ()
+
+
+def chain_hash(previous: bytes | None, salt: str, token_ids: list[int]) -> bytes:
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(previous or b"root")
+    digest.update(salt.encode())
+    digest.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+    return digest.digest()
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_ids: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.hash_to_block: dict[bytes, int] = {}
+        self.prefix_hits = 0
+        self.prefix_queries = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_ids)
+
+    @property
+    def num_cached_free_blocks(self) -> int:
+        """Free blocks that still hold a registered prefix (reusable until overwritten)."""
+        return sum(1 for i in self.free_ids if self.blocks[i].block_hash is not None)
+
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return (num_tokens + self.block_size - 1) // self.block_size
+
+    def _take_free(self) -> int:
+        block_id, _ = self.free_ids.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.block_hash is not None:
+            if self.hash_to_block.get(block.block_hash) == block_id:
+                del self.hash_to_block[block.block_hash]
+            block.block_hash = None
+            block.token_ids = ()
+        block.ref_count = 1
+        return block_id
+
+    def _share(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.free_ids[block_id]
+        block.ref_count += 1
+
+    def match_prefix(self, seq: Sequence) -> list[int]:
+        """Blocks holding the longest cached prefix of the prompt (never the whole prompt)."""
+        if not self.enable_prefix_caching:
+            return []
+        limit = (seq.num_prompt_tokens - 1) // self.block_size
+        matched: list[int] = []
+        previous: bytes | None = None
+        for b in range(limit):
+            tokens = seq.token_ids[b * self.block_size : (b + 1) * self.block_size]
+            block_hash = chain_hash(previous, seq.cache_salt, tokens)
+            block_id = self.hash_to_block.get(block_hash)
+            if block_id is None or self.blocks[block_id].token_ids != tuple(tokens):
+                break
+            matched.append(block_id)
+            previous = block_hash
+        return matched
+
+    def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
+        matched = self.match_prefix(seq)
+        reusable_free = sum(1 for b in matched if self.blocks[b].ref_count == 0)
+        needed = self.blocks_needed(len(seq)) - len(matched)
+        return needed + reusable_free + reserve <= self.num_free_blocks
+
+    def allocate(self, seq: Sequence) -> None:
+        """Give a waiting sequence blocks for all its tokens, sharing a cached prefix."""
+        assert not seq.block_table, "sequence already holds blocks"
+        matched = self.match_prefix(seq)
+        self.prefix_queries += 1
+        for block_id in matched:
+            self._share(block_id)
+            seq.block_table.append(block_id)
+            seq.block_hashes.append(self.blocks[block_id].block_hash or b"")
+        if matched:
+            self.prefix_hits += 1
+        seq.num_cached_tokens = len(matched) * self.block_size
+        seq.num_registered_blocks = len(matched)
+        while len(seq.block_table) < self.blocks_needed(len(seq)):
+            seq.block_table.append(self._take_free())
+
+    def can_append(self, seq: Sequence) -> bool:
+        return len(seq.block_table) * self.block_size > len(seq) - 1 or self.num_free_blocks > 0
+
+    def may_append(self, seq: Sequence) -> None:
+        """Make room for the token at index len(seq) - 1 (the one about to be computed)."""
+        if len(seq.block_table) * self.block_size < len(seq):
+            seq.block_table.append(self._take_free())
+
+    def register_full_blocks(self, seq: Sequence, num_computed: int) -> None:
+        """Publish the hashes of blocks whose every token's KV is now computed."""
+        if not self.enable_prefix_caching or not seq.cacheable:
+            return
+        full = min(num_computed, len(seq)) // self.block_size
+        while seq.num_registered_blocks < full:
+            b = seq.num_registered_blocks
+            tokens = seq.token_ids[b * self.block_size : (b + 1) * self.block_size]
+            previous = seq.block_hashes[b - 1] if b > 0 else None
+            block_hash = chain_hash(previous, seq.cache_salt, tokens)
+            block = self.blocks[seq.block_table[b]]
+            if block.block_hash is None and block_hash not in self.hash_to_block:
+                block.block_hash = block_hash
+                block.token_ids = tuple(tokens)
+                self.hash_to_block[block_hash] = block.block_id
+            seq.block_hashes.append(block_hash)
+            seq.num_registered_blocks += 1
+
+    def free(self, seq: Sequence) -> None:
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_ids[block_id] = None
+        seq.block_table = []
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "num_blocks": self.num_blocks,
+            "num_free_blocks": self.num_free_blocks,
+            "num_cached_free_blocks": self.num_cached_free_blocks,
+            "usage": self.usage(),
+            "prefix_cache_queries": self.prefix_queries,
+            "prefix_cache_hits": self.prefix_hits,
+        }

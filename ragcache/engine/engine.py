@@ -1,0 +1,251 @@
+"""The base engine: requests in, tokens out, one scheduler step at a time."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence as Seq
+from typing import Any
+
+import torch
+
+from ragcache.engine.block_manager import BlockManager
+from ragcache.engine.config import EngineConfig
+from ragcache.engine.kv_pool import KVPool
+from ragcache.engine.loader import LoadedModel
+from ragcache.engine.model_runner import ModelRunner
+from ragcache.engine.outputs import RequestMetrics, RequestOutput
+from ragcache.engine.sampler import Sampler
+from ragcache.engine.sampling_params import InvalidRequestError, SamplingParams
+from ragcache.engine.scheduler import ScheduledSeq, Scheduler, make_policy
+from ragcache.engine.sequence import PlacedKV, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.loaded = loaded
+        self.spec = loaded.spec
+        self.tokenizer = loaded.tokenizer
+        if self.config.threads > 0:
+            torch.set_num_threads(self.config.threads)
+        num_blocks = KVPool.blocks_for_bytes(
+            self.spec, self.config.kv_cache_bytes, self.config.block_size, loaded.dtype
+        )
+        if num_blocks < 2:
+            raise ValueError(
+                f"engine.kv_cache_bytes={self.config.kv_cache_bytes} holds {num_blocks} blocks "
+                f"of {self.config.block_size} tokens; raise it"
+            )
+        self.pool = KVPool(
+            self.spec, num_blocks, self.config.block_size, loaded.dtype, loaded.device
+        )
+        self.block_manager = BlockManager(
+            num_blocks, self.config.block_size, self.config.enable_prefix_caching
+        )
+        self.runner = ModelRunner(loaded.model, self.pool)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            self.config.max_num_seqs,
+            self.config.max_num_batched_tokens,
+            make_policy(self.config.scheduling_policy),
+            on_admit=self._plan,
+        )
+        self.sampler = Sampler()
+        self.requests: dict[str, Sequence] = {}
+        self.eos_ids = set(self.spec.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(int(self.tokenizer.eos_token_id))
+        self.max_model_len = min(self.spec.max_position, num_blocks * self.config.block_size)
+        self.num_steps = 0
+        self.num_generated_tokens = 0
+        self.num_prompt_tokens_computed = 0
+
+    @property
+    def model(self) -> Any:
+        return self.loaded.model
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidRequestError("this engine has no tokenizer; pass token ids")
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        placed: PlacedKV | None = None,
+        cache_salt: str = "",
+    ) -> Sequence:
+        params = (params or SamplingParams()).validate(self.spec.vocab_size)
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise InvalidRequestError("prompt is empty; send at least one token")
+        if any(not 0 <= t < self.spec.vocab_size for t in ids):
+            raise InvalidRequestError(f"prompt has token ids outside [0, {self.spec.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {len(ids)} tokens; this model and KV pool accept at most "
+                f"{self.max_model_len - 1}"
+            )
+        if placed is not None:
+            self._validate_placed(placed, len(ids))
+        if request_id is not None and request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        seq = Sequence(ids, params, request_id, placed, cache_salt)
+        self.requests[seq.request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def _validate_placed(self, placed: PlacedKV, prompt_len: int) -> None:
+        spec = self.spec
+        if len(placed.k) != spec.num_layers or len(placed.v) != spec.num_layers:
+            raise InvalidRequestError(f"placed KV must have {spec.num_layers} layers")
+        shape = (placed.num_tokens, spec.num_kv_heads, spec.head_dim)
+        if placed.num_tokens > prompt_len or any(
+            tuple(t.shape) != shape for t in (*placed.k, *placed.v)
+        ):
+            raise InvalidRequestError(f"placed KV tensors must be {shape} with N <= prompt length")
+        if any(not 0 <= i < placed.num_tokens for i in placed.recompute):
+            raise InvalidRequestError("placed.recompute indices must lie below its token count")
+
+    def _plan(self, seq: Sequence) -> None:
+        start = seq.num_cached_tokens
+        if seq.placed is None:
+            seq.plan = list(range(start, len(seq)))
+        else:
+            placed_end = seq.placed.num_tokens
+            chosen = {i for i in seq.placed.recompute if i >= start}
+            chosen.update(range(max(placed_end, start), len(seq)))
+            chosen.add(len(seq) - 1)
+            seq.plan = sorted(chosen)
+            self.runner.write_placed_kv(seq)
+        seq.num_planned_done = 0
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks now; False if it is unknown or finished."""
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.remove(seq)
+        self.sampler.forget(seq)
+        seq.finish_reason = "abort"
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            if self.scheduler.waiting and not self.scheduler.running:
+                return self._reject_unschedulable()
+            return []
+        logits = self.runner.execute(scheduled)
+        self.scheduler.advance(scheduled)
+        self.num_steps += 1
+        self.num_prompt_tokens_computed += sum(
+            len(s.token_indices) for s in scheduled if not s.samples or len(s.token_indices) > 1
+        )
+        sampling = [item for item in scheduled if item.samples]
+        if logits is None:
+            return []
+        tokens = self.sampler.sample(logits, [item.seq for item in sampling])
+        now = time.perf_counter()
+        return [
+            self._append(item, token, now) for item, token in zip(sampling, tokens, strict=True)
+        ]
+
+    def _reject_unschedulable(self) -> list[RequestOutput]:
+        seq = self.scheduler.waiting.pop(0)
+        self.requests.pop(seq.request_id, None)
+        output = self._output(seq, [])
+        output.finished = True
+        output.finish_reason = "error"
+        output.error = f"request needs {len(seq)} tokens of KV; the pool cannot hold it"
+        return [output]
+
+    def _append(self, item: ScheduledSeq, token: int, now: float) -> RequestOutput:
+        seq = item.seq
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        seq.token_ids.append(token)
+        self.num_generated_tokens += 1
+        params = seq.params
+        previous_text = seq.output_text
+        reason = None
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_ids):
+            reason = "stop"
+        if self.tokenizer is not None:
+            seq.output_text = self.tokenizer.decode(
+                seq.output_ids[:-1] if reason else seq.output_ids,
+                skip_special_tokens=params.skip_special_tokens,
+            )
+            for stop in params.stop:
+                at = seq.output_text.find(stop, max(0, len(previous_text) - len(stop)))
+                if at >= 0:
+                    seq.output_text = seq.output_text[:at]
+                    reason = "stop"
+                    break
+        if reason is None and (
+            seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len
+        ):
+            reason = "length"
+        if reason is not None:
+            seq.finish_reason = reason
+            seq.finish_time = now
+            self.scheduler.finish(seq)
+            self.sampler.forget(seq)
+            self.requests.pop(seq.request_id, None)
+        new_text = seq.output_text[len(previous_text) :]
+        return self._output(seq, [token], new_text)
+
+    def _output(self, seq: Sequence, new_tokens: list[int], new_text: str = "") -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            token_ids=list(seq.output_ids),
+            text=seq.output_text,
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            num_cached_tokens=seq.num_cached_tokens,
+            metrics=RequestMetrics(
+                seq.arrival_time, seq.first_token_time, seq.finish_time, seq.num_preemptions
+            ),
+            logprobs=list(seq.logprobs),
+            new_token_ids=new_tokens,
+            new_text=new_text,
+        )
+
+    def generate(
+        self,
+        prompts: Seq[str | list[int]],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Run a batch of prompts to completion; outputs in the order of the prompts."""
+        if params is None or isinstance(params, SamplingParams):
+            params_list = [params or SamplingParams()] * len(prompts)
+        else:
+            params_list = list(params)
+        ids = [
+            self.add_request(p, sp).request_id for p, sp in zip(prompts, params_list, strict=True)
+        ]
+        finished: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for output in self.step():
+                if output.finished:
+                    finished[output.request_id] = output
+        return [finished[i] for i in ids]
+
+    def stats(self) -> dict[str, float]:
+        return {
+            **self.block_manager.stats(),
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_steps": self.num_steps,
+            "num_generated_tokens": self.num_generated_tokens,
+        }

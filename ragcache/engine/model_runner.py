@@ -1,0 +1,86 @@
+"""Turns one scheduled step into a single flat forward call and returns the logits."""
+
+from __future__ import annotations
+
+import torch
+
+from ragcache.engine.attention_metadata import AttentionMetadata
+from ragcache.engine.kv_pool import KVPool
+from ragcache.engine.model import LlamaModel
+from ragcache.engine.scheduler import ScheduledSeq
+from ragcache.engine.sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, pool: KVPool) -> None:
+        self.model = model
+        self.pool = pool
+        self.block_size = pool.block_size
+        self.device = model.device
+
+    def write_placed_kv(self, seq: Sequence) -> None:
+        """Copy a sequence's handed-in KV into its blocks, skipping shared prefix blocks."""
+        placed = seq.placed
+        if placed is None or placed.num_tokens <= seq.num_cached_tokens:
+            return
+        start = seq.num_cached_tokens
+        slots = torch.tensor(
+            [seq.slot(i, self.block_size) for i in range(start, placed.num_tokens)],
+            device=self.device,
+        )
+        for layer, (k, v) in enumerate(zip(placed.k, placed.v, strict=True)):
+            self.pool.write_slots(
+                layer, slots, k[start:].to(self.device), v[start:].to(self.device)
+            )
+
+    def build_metadata(
+        self, scheduled: list[ScheduledSeq]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_slots: list[int] = []
+        starts = [0]
+        seq_lens: list[int] = []
+        fresh = True
+        bs = self.block_size
+        for item in scheduled:
+            seq, indices = item.seq, item.token_indices
+            table = seq.block_table
+            input_ids.extend(seq.token_ids[i] for i in indices)
+            positions.extend(indices)
+            slots.extend(table[i // bs] * bs + i % bs for i in indices)
+            query_slots.extend(indices)
+            starts.append(starts[-1] + len(indices))
+            seq_lens.append(indices[-1] + 1)
+            fresh = fresh and indices[0] == 0 and indices[-1] == len(indices) - 1
+        width = max(len(item.seq.block_table) for item in scheduled)
+        tables = torch.zeros(len(scheduled), width, dtype=torch.int32)
+        for row, item in enumerate(scheduled):
+            tables[row, : len(item.seq.block_table)] = torch.tensor(
+                item.seq.block_table, dtype=torch.int32
+            )
+        device = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            query_slots=torch.tensor(query_slots, dtype=torch.int32, device=device),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            block_tables=tables.to(device),
+            max_query_len=max(len(item.token_indices) for item in scheduled),
+            fresh=fresh,
+        )
+        ids = torch.tensor(input_ids, dtype=torch.long, device=device)
+        pos = torch.tensor(positions, dtype=torch.long, device=device)
+        return ids, pos, meta
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor | None:
+        """Logits [n, vocab] for the scheduled sequences that sample a token this step."""
+        ids, pos, meta = self.build_metadata(scheduled)
+        hidden = self.model(ids, pos, meta, self.pool)
+        ends = meta.query_start_loc[1:].to(torch.long) - 1
+        rows = [i for i, item in enumerate(scheduled) if item.samples]
+        if not rows:
+            return None
+        return self.model.compute_logits(hidden[ends[rows]])

@@ -1,0 +1,41 @@
+"""What the engine hands back for a request: tokens, text, reasons and timings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ragcache.engine.sequence import TokenLogprob
+
+
+@dataclass(slots=True)
+class RequestMetrics:
+    arrival_time: float
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    num_preemptions: int = 0
+
+    @property
+    def ttft(self) -> float | None:
+        if self.first_token_time is None:
+            return None
+        return self.first_token_time - self.arrival_time
+
+    @property
+    def e2e(self) -> float | None:
+        return None if self.finish_time is None else self.finish_time - self.arrival_time
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None
+    num_cached_tokens: int
+    metrics: RequestMetrics
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    new_token_ids: list[int] = field(default_factory=list)
+    new_text: str = ""
+    error: str | None = None

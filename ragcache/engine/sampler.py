@@ -1,0 +1,104 @@
+"""Batched sampling: penalties, temperature, top-k, top-p, min-p, seeds and logprobs.
+
+Logprobs report the model's own distribution (log-softmax of the raw logits), as
+OpenAI's API does, not the distribution after penalties and truncation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ragcache.engine.sequence import Sequence, TokenLogprob
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    for row, seq in enumerate(seqs):
+        p = seq.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long)
+            values = logits[row, seen]
+            logits[row, seen] = torch.where(
+                values > 0, values / p.repetition_penalty, values * p.repetition_penalty
+            )
+        if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
+            out = torch.tensor(seq.output_ids, dtype=torch.long)
+            counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
+            logits[row] -= p.frequency_penalty * counts
+            logits[row] -= p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def truncation_mask(
+    probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+) -> torch.Tensor:
+    """True where a token stays allowed; rows of probs [S, V] are already normalised."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    ranks = torch.arange(probs.shape[1], device=probs.device)[None, :]
+    keep_sorted = (top_k[:, None] <= 0) | (ranks < top_k[:, None])
+    cumulative = sorted_probs.cumsum(dim=-1)
+    keep_sorted &= (cumulative - sorted_probs) < top_p[:, None]
+    keep_sorted &= sorted_probs >= min_p[:, None] * sorted_probs[:, :1]
+    keep_sorted[:, 0] = True
+    keep = torch.zeros_like(keep_sorted)
+    keep.scatter_(1, order, keep_sorted)
+    return keep
+
+
+class Sampler:
+    def __init__(self) -> None:
+        self.shared_generator = torch.Generator().manual_seed(0)
+        self.generators: dict[int, torch.Generator] = {}
+
+    def forget(self, seq: Sequence) -> None:
+        self.generators.pop(seq.seq_id, None)
+
+    def _generator(self, seq: Sequence) -> torch.Generator:
+        if seq.params.seed is None:
+            return self.shared_generator
+        gen = self.generators.get(seq.seq_id)
+        if gen is None:
+            gen = torch.Generator().manual_seed(seq.params.seed)
+            self.generators[seq.seq_id] = gen
+        return gen
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        logits = logits.float()
+        raw_logprobs = None
+        if any(s.params.logprobs is not None for s in seqs):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        logits = apply_penalties(logits.clone(), seqs)
+        greedy = [s.params.greedy for s in seqs]
+        tokens = logits.argmax(dim=-1)
+        sampled_rows = [i for i, g in enumerate(greedy) if not g]
+        if sampled_rows:
+            rows = torch.tensor(sampled_rows)
+            temps = torch.tensor([seqs[i].params.temperature for i in sampled_rows])
+            probs = torch.softmax(logits[rows] / temps[:, None], dim=-1)
+            keep = truncation_mask(
+                probs,
+                torch.tensor([seqs[i].params.top_k for i in sampled_rows]),
+                torch.tensor([seqs[i].params.top_p for i in sampled_rows]),
+                torch.tensor([seqs[i].params.min_p for i in sampled_rows]),
+            )
+            probs = probs * keep
+            probs = probs / probs.sum(dim=-1, keepdim=True)
+            for j, row in enumerate(sampled_rows):
+                draw = torch.multinomial(probs[j], 1, generator=self._generator(seqs[row]))
+                tokens[row] = draw[0]
+        chosen = tokens.tolist()
+        if raw_logprobs is not None:
+            for row, seq in enumerate(seqs):
+                n = seq.params.logprobs
+                if n is None:
+                    continue
+                top = raw_logprobs[row].topk(n) if n > 0 else None
+                seq.logprobs.append(
+                    TokenLogprob(
+                        chosen[row],
+                        float(raw_logprobs[row, chosen[row]]),
+                        list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+                        if top is not None
+                        else [],
+                    )
+                )
+        return chosen

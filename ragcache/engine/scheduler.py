@@ -1,0 +1,189 @@
+"""Iteration-level scheduling with chunked prefill, preemption and two policies.
+
+Every step takes decodes first (one token each), then continues or admits prefills
+until the step's token budget is spent. When a decode finds no free block, the
+lowest-priority running sequence is preempted: its blocks are freed and it is
+recomputed later, which gives the same output because its tokens are kept.
+
+Policies order the candidates: FCFS by arrival; the skip-join multi-level feedback
+queue (FastServe) starts a request at the level its prompt length earns, demotes it
+after a quantum of steps, and promotes anything that waited too long.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ragcache.engine.block_manager import BlockManager
+from ragcache.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    seq: Sequence
+    token_indices: list[int]
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step computes the sequence's last token, so a new one is sampled."""
+        return self.token_indices[-1] == len(self.seq) - 1
+
+
+class FCFSPolicy:
+    name = "fcfs"
+
+    def priority(self, seq: Sequence) -> tuple[float, ...]:
+        return (seq.arrival_time, seq.seq_id)
+
+    def admit(self, seq: Sequence) -> None:
+        return None
+
+    def after_step(self, seq: Sequence) -> None:
+        return None
+
+
+class SkipJoinMLFQPolicy:
+    """Levels with quanta growing by ``base``; prompt length picks the first level."""
+
+    name = "mlfq"
+
+    def __init__(
+        self,
+        levels: int = 4,
+        quantum_steps: int = 8,
+        base: int = 2,
+        tokens_per_level: int = 256,
+        starvation_s: float = 5.0,
+    ) -> None:
+        self.levels = levels
+        self.quantum_steps = quantum_steps
+        self.base = base
+        self.tokens_per_level = tokens_per_level
+        self.starvation_s = starvation_s
+
+    def admit(self, seq: Sequence) -> None:
+        level = 0
+        threshold = self.tokens_per_level
+        while level < self.levels - 1 and seq.num_prompt_tokens > threshold:
+            level += 1
+            threshold *= self.base
+        seq.queue_level = level
+        seq.steps_at_level = 0
+
+    def after_step(self, seq: Sequence) -> None:
+        seq.steps_at_level += 1
+        quantum = self.quantum_steps * self.base**seq.queue_level
+        if seq.steps_at_level >= quantum and seq.queue_level < self.levels - 1:
+            seq.queue_level += 1
+            seq.steps_at_level = 0
+
+    def priority(self, seq: Sequence) -> tuple[float, ...]:
+        waited = time.perf_counter() - seq.arrival_time
+        level = 0 if waited > self.starvation_s * (seq.queue_level + 1) else seq.queue_level
+        return (level, seq.arrival_time, seq.seq_id)
+
+
+def make_policy(name: str) -> FCFSPolicy | SkipJoinMLFQPolicy:
+    if name == "fcfs":
+        return FCFSPolicy()
+    if name == "mlfq":
+        return SkipJoinMLFQPolicy()
+    raise ValueError(f"scheduling policy {name!r} is unknown; use fcfs or mlfq")
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        policy: FCFSPolicy | SkipJoinMLFQPolicy,
+        on_admit: Callable[[Sequence], None] | None = None,
+    ) -> None:
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.policy = policy
+        self.on_admit = on_admit
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.policy.admit(seq)
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+            self.blocks.free(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.reset_for_recompute()
+        self.waiting.append(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.max_num_batched_tokens
+        out: list[ScheduledSeq] = []
+        self.running.sort(key=self.policy.priority)
+        decodes = [s for s in self.running if not s.in_prefill]
+        for seq in decodes:
+            if budget <= 0 or len(out) >= self.max_num_seqs or seq not in self.running:
+                continue
+            while not self.blocks.can_append(seq):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq not in self.running:
+                continue
+            self.blocks.may_append(seq)
+            out.append(ScheduledSeq(seq, [len(seq) - 1]))
+            budget -= 1
+        for seq in [s for s in self.running if s.in_prefill]:
+            if budget <= 0 or len(out) >= self.max_num_seqs:
+                break
+            chunk = seq.remaining_plan[:budget]
+            out.append(ScheduledSeq(seq, chunk))
+            budget -= len(chunk)
+        self.waiting.sort(key=self.policy.priority)
+        while self.waiting and budget > 0 and len(out) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if len(self.running) >= self.max_num_seqs:
+                break
+            if not self.blocks.can_allocate(seq, reserve=len(self.running) > 0):
+                break
+            self.waiting.pop(0)
+            self.blocks.allocate(seq)
+            if self.on_admit is not None:
+                self.on_admit(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            chunk = seq.remaining_plan[:budget]
+            out.append(ScheduledSeq(seq, chunk))
+            budget -= len(chunk)
+        return out
+
+    def advance(self, scheduled: list[ScheduledSeq]) -> None:
+        for item in scheduled:
+            seq = item.seq
+            if seq.in_prefill:
+                seq.num_planned_done += len(item.token_indices)
+            self.policy.after_step(seq)
+            self.blocks.register_full_blocks(seq, item.token_indices[-1] + 1)
+
+    def finish(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.FINISHED
+        if seq in self.running:
+            self.running.remove(seq)
+        self.blocks.free(seq)

@@ -1,0 +1,120 @@
+"""One request's tokens, its block table and how much of it has been computed."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ragcache.engine.sampling_params import SamplingParams
+
+_ids = itertools.count()
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True)
+class PlacedKV:
+    """KV handed in for the first ``num_tokens`` prompt tokens, already at their positions.
+
+    ``k`` and ``v`` are per-layer tensors [num_tokens, Hkv, D] (keys rotated to the slots
+    they occupy). ``recompute`` lists prompt indices below ``num_tokens`` that the engine
+    must still compute; every index at or above ``num_tokens`` is computed anyway.
+    """
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    recompute: list[int] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.k[0].shape[0]) if self.k else 0
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+class Sequence:
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        placed: PlacedKV | None = None,
+        cache_salt: str = "",
+    ) -> None:
+        self.seq_id = next(_ids)
+        self.request_id = request_id or f"req-{self.seq_id}"
+        self.token_ids = list(prompt_ids)
+        self.num_prompt_tokens = len(prompt_ids)
+        self.params = params
+        self.placed = placed
+        self.cache_salt = cache_salt
+        self.status = SequenceStatus.WAITING
+        self.block_table: list[int] = []
+        self.plan: list[int] = []
+        self.num_planned_done = 0
+        self.num_cached_tokens = 0
+        self.num_registered_blocks = 0
+        self.block_hashes: list[bytes] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.finish_reason: str | None = None
+        self.output_text = ""
+        self.arrival_time = time.perf_counter()
+        self.first_token_time: float | None = None
+        self.finish_time: float | None = None
+        self.queue_level = 0
+        self.steps_at_level = 0
+        self.num_preemptions = 0
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_planned_done < len(self.plan)
+
+    @property
+    def remaining_plan(self) -> list[int]:
+        return self.plan[self.num_planned_done :]
+
+    @property
+    def cacheable(self) -> bool:
+        """Placed KV is not the exact KV of its tokens, so it must not enter the prefix cache."""
+        return self.placed is None
+
+    def slot(self, index: int, block_size: int) -> int:
+        return self.block_table[index // block_size] * block_size + index % block_size
+
+    def reset_for_recompute(self) -> None:
+        self.status = SequenceStatus.WAITING
+        self.block_table = []
+        self.plan = []
+        self.num_planned_done = 0
+        self.num_cached_tokens = 0
+        self.num_registered_blocks = 0
+        self.block_hashes = []
+        self.num_preemptions += 1

@@ -1,0 +1,167 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import lmdb
+
+from tests.chunkstore.helpers import CONTEXT, assert_same_layers, make_entry, make_store
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from tests.chunkstore.helpers import make_entry, make_store
+    store = make_store(sys.argv[1], host_bytes=0)
+    seed = 0
+    while True:
+        entry = make_entry(seed, num_tokens=8 + seed % 64, num_layers=4)
+        store.put(entry)
+        print(seed, flush=True)
+        seed += 1
+    """
+)
+
+
+def test_restart_finds_every_entry_and_rebuilds_the_tree(tmp_path):
+    directory = tmp_path / "db"
+    store = make_store(directory)
+    entries = [make_entry(seed) for seed in range(5)]
+    for entry in entries:
+        store.put(entry)
+    store.close()
+    code = textwrap.dedent(
+        f"""
+        import json, sys
+        from ragcache.tree import KnowledgeTree
+        from tests.chunkstore.helpers import CONTEXT, make_entry, make_store
+        store = make_store({str(directory)!r})
+        found = []
+        for seed in range(5):
+            entry = make_entry(seed)
+            got = store.get(entry.key, entry.token_ids)
+            found.append(got is not None and got.token_ids == entry.token_ids)
+        tree = KnowledgeTree.rebuild(store, CONTEXT, [1, 2, 3])
+        print(json.dumps({{"found": found, "tree": len(tree)}}))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        cwd=os.getcwd(),
+    )
+    report = json.loads(result.stdout)
+    assert report == {"found": [True] * 5, "tree": 5}
+
+
+def test_sigkill_mid_stream_leaves_only_whole_entries(tmp_path):
+    directory = tmp_path / "db"
+    child = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(directory)], stdout=subprocess.PIPE, text=True
+    )
+    committed = []
+    for line in child.stdout:
+        committed.append(int(line))
+        if len(committed) >= 40:
+            break
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    child.stdout.close()
+    store = make_store(directory, host_bytes=0)
+    assert store.stats()["corruptions"] == 0
+    stored = set(store.tiers[-1].keys())
+    expected = {}
+    for seed in range(max(committed) + 50):
+        entry = make_entry(seed, num_tokens=8 + seed % 64, num_layers=4)
+        expected[entry.key] = entry
+    assert stored <= set(expected), "a key that was never written"
+    for seed in committed:
+        assert make_entry(seed, num_tokens=8 + seed % 64, num_layers=4).key in stored
+    for key in stored:
+        got = store.get(key, expected[key].token_ids, promote=False)
+        assert got is not None
+        assert_same_layers(got, expected[key])
+    assert store.stats()["corruptions"] == 0
+    store.close()
+
+
+def _rewrite_raw(directory, key, change):
+    env = lmdb.open(str(directory), map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        value = bytearray(txn.get(key.encode()))
+        txn.put(key.encode(), bytes(change(value)))
+    env.close()
+
+
+def _flip_last_byte(value):
+    value[-1] ^= 0xFF
+    return value
+
+
+def test_flipped_layer_byte_fails_its_checksum(tmp_path, caplog):
+    directory = tmp_path / "db"
+    store = make_store(directory, host_bytes=0)
+    entry, neighbour = make_entry(1), make_entry(2)
+    store.put(entry)
+    store.put(neighbour)
+    store.close()
+    _rewrite_raw(directory, entry.key, _flip_last_byte)
+    store = make_store(directory, host_bytes=0)
+    assert store.get(entry.key, entry.token_ids) is None
+    stats = store.stats()
+    assert stats["corruptions"] == 1 and stats["misses"] == 1
+    assert not store.contains(entry.key)
+    assert "corrupt" in caplog.text
+    assert_same_layers(store.get(neighbour.key, neighbour.token_ids), neighbour)
+    store.close()
+    assert entry.key not in make_store(directory, host_bytes=0).tiers[-1].keys()
+
+
+def test_corruption_found_while_streaming_layers(tmp_path):
+    directory = tmp_path / "db"
+    store = make_store(directory, host_bytes=0)
+    entry = make_entry(1)
+    store.put(entry)
+    store.close()
+    _rewrite_raw(directory, entry.key, _flip_last_byte)
+    store = make_store(directory, host_bytes=0)
+    stream = store.get_layers(entry.key, entry.token_ids)
+    layers = []
+    try:
+        for layer, _ in stream:
+            layers.append(layer)
+    except ValueError as error:
+        assert "checksum" in str(error)
+    assert layers == [0, 1]
+    assert store.stats()["corruptions"] == 1 and not store.contains(entry.key)
+    store.close()
+
+
+def test_truncated_and_garbage_records_are_dropped_on_open(tmp_path):
+    directory = tmp_path / "db"
+    store = make_store(directory, host_bytes=0)
+    entries = [make_entry(seed) for seed in range(3)]
+    for entry in entries:
+        store.put(entry)
+    store.close()
+    _rewrite_raw(directory, entries[0].key, lambda value: value[: len(value) // 2])
+    _rewrite_raw(directory, entries[1].key, lambda value: b"junk")
+    store = make_store(directory, host_bytes=0)
+    assert store.stats()["corruptions"] == 2
+    assert store.get(entries[0].key, entries[0].token_ids) is None
+    assert store.get(entries[1].key, entries[1].token_ids) is None
+    assert_same_layers(store.get(entries[2].key, entries[2].token_ids), entries[2])
+    store.close()
+
+
+def test_map_grows_when_full(tmp_path):
+    store = make_store(tmp_path / "db", host_bytes=0)
+    before = store.tiers[-1].env.info()["map_size"]
+    entries = [make_entry(seed, num_tokens=256, num_layers=4, head_dim=64) for seed in range(6)]
+    for entry in entries:
+        assert store.put(entry)
+    assert store.tiers[-1].env.info()["map_size"] > before
+    for entry in entries:
+        assert_same_layers(store.get(entry.key, entry.token_ids, promote=False), entry)
+    assert CONTEXT.tenant == "tenant-a"
+    store.close()
