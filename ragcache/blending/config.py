@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 class FusionConfig:
     method: str = field(
         default="cacheblend",
-        metadata={"help": "full_prefill, prefix_only, full_reuse, cacheblend, legolink, cachefocus"},
+        metadata={
+            "help": "full_prefill, prefix_only, full_reuse, cacheblend, legolink, cachefocus"
+        },
     )
     recompute_ratio: float = field(
         default=0.15, metadata={"help": "CacheBlend: share of context tokens recomputed"}

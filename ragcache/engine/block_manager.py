@@ -81,7 +81,7 @@ class BlockManager:
 
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Blocks holding the longest cached prefix of the prompt (never the whole prompt)."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or not seq.use_prefix_cache:
             return []
         limit = (seq.num_prompt_tokens - 1) // self.block_size
         matched: list[int] = []

@@ -79,6 +79,7 @@ class Engine:
         request_id: str | None = None,
         placed: PlacedKV | None = None,
         cache_salt: str = "",
+        use_prefix_cache: bool = True,
     ) -> Sequence:
         params = (params or SamplingParams()).validate(self.spec.vocab_size)
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -95,7 +96,7 @@ class Engine:
             self._validate_placed(placed, len(ids))
         if request_id is not None and request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        seq = Sequence(ids, params, request_id, placed, cache_salt)
+        seq = Sequence(ids, params, request_id, placed, cache_salt, use_prefix_cache)
         self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -216,6 +217,7 @@ class Engine:
                 seq.arrival_time, seq.first_token_time, seq.finish_time, seq.num_preemptions
             ),
             logprobs=list(seq.logprobs),
+            prompt_logprobs=dict(seq.prompt_logprobs),
             new_token_ids=new_tokens,
             new_text=new_text,
         )

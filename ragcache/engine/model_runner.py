@@ -79,8 +79,32 @@ class ModelRunner:
         """Logits [n, vocab] for the scheduled sequences that sample a token this step."""
         ids, pos, meta = self.build_metadata(scheduled)
         hidden = self.model(ids, pos, meta, self.pool)
+        self._record_prompt_logprobs(scheduled, hidden, meta)
         ends = meta.query_start_loc[1:].to(torch.long) - 1
         rows = [i for i, item in enumerate(scheduled) if item.samples]
         if not rows:
             return None
         return self.model.compute_logits(hidden[ends[rows]])
+
+    def _record_prompt_logprobs(
+        self, scheduled: list[ScheduledSeq], hidden: torch.Tensor, meta: AttentionMetadata
+    ) -> None:
+        """Log-probability of each next prompt token, for teacher-forced scoring."""
+        starts = meta.query_start_loc.tolist()
+        for row, item in enumerate(scheduled):
+            seq = item.seq
+            if not seq.params.prompt_logprobs:
+                continue
+            pairs = [
+                (starts[row] + j, i)
+                for j, i in enumerate(item.token_indices)
+                if i + 1 < seq.num_prompt_tokens
+            ]
+            if not pairs:
+                continue
+            rows = torch.tensor([r for r, _ in pairs], device=hidden.device)
+            targets = torch.tensor([seq.token_ids[i + 1] for _, i in pairs], device=hidden.device)
+            logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows]), dim=-1)
+            picked = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+            for (_, i), value in zip(pairs, picked, strict=True):
+                seq.prompt_logprobs[i + 1] = value

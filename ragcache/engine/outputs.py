@@ -36,6 +36,7 @@ class RequestOutput:
     num_cached_tokens: int
     metrics: RequestMetrics
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: dict[int, float] = field(default_factory=dict)
     new_token_ids: list[int] = field(default_factory=list)
     new_text: str = ""
     error: str | None = None

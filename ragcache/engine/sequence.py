@@ -53,6 +53,7 @@ class Sequence:
         request_id: str | None = None,
         placed: PlacedKV | None = None,
         cache_salt: str = "",
+        use_prefix_cache: bool = True,
     ) -> None:
         self.seq_id = next(_ids)
         self.request_id = request_id or f"req-{self.seq_id}"
@@ -61,6 +62,7 @@ class Sequence:
         self.params = params
         self.placed = placed
         self.cache_salt = cache_salt
+        self.use_prefix_cache = use_prefix_cache
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.plan: list[int] = []
@@ -69,6 +71,7 @@ class Sequence:
         self.num_registered_blocks = 0
         self.block_hashes: list[bytes] = []
         self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: dict[int, float] = {}
         self.finish_reason: str | None = None
         self.output_text = ""
         self.arrival_time = time.perf_counter()

@@ -47,8 +47,10 @@ def rope_cos_sin(
     positions: torch.Tensor, inv_freq: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin [T, head_dim // 2] in fp32 for the given (possibly negative) positions."""
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
-    return angles.cos(), angles.sin()
+    # fp64 angles: at position 6000 an fp32 angle is off by ~4e-4 rad, which a cached
+    # key moved by a delta would not share with a key computed in place.
+    angles = positions.to(torch.float64)[:, None] * inv_freq.to(torch.float64)[None, :]
+    return angles.cos().float(), angles.sin().float()
 
 
 def apply_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,126 @@
+"""Per-chunk KV: computed once after the root prompt, stored with its positions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ragcache.engine.attention_metadata import AttentionMetadata
+from ragcache.engine.kv_pool import KVPool
+from ragcache.engine.model import LlamaModel
+
+
+@dataclass(slots=True)
+class ChunkKV:
+    """K (rotated to ``positions``) and V per layer, each [num_tokens, Hkv, D]."""
+
+    token_ids: list[int]
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    positions: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+
+class ChunkEncoder:
+    """Prefills chunks after a fixed root prompt, many chunks in one forward call.
+
+    Each chunk attends to the root and to itself only, which is what makes its KV
+    position-independent up to one rotation, and reusable in any prompt.
+    """
+
+    def __init__(self, model: LlamaModel, root_ids: list[int], block_size: int = 16) -> None:
+        self.model = model
+        self.root_ids = list(root_ids)
+        self.block_size = block_size
+        self.root = self._encode_batch([[]], include_root=True)[0] if root_ids else None
+
+    def _root_blocks(self) -> int:
+        return (len(self.root_ids) + self.block_size - 1) // self.block_size
+
+    @torch.inference_mode()
+    def _encode_batch(self, chunks: list[list[int]], include_root: bool = False) -> list[ChunkKV]:
+        model, bs = self.model, self.block_size
+        root_len = len(self.root_ids)
+        spec = model.spec
+        lengths = [root_len + len(c) for c in chunks]
+        blocks_per_seq = [(n + bs - 1) // bs for n in lengths]
+        pool = KVPool(spec, max(1, sum(blocks_per_seq)), bs, model.dtype, model.device)
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_slots: list[int] = []
+        starts = [0]
+        tables = torch.zeros(len(chunks), max(blocks_per_seq), dtype=torch.int32)
+        first_block = 0
+        bases: list[int] = []
+        for row, chunk in enumerate(chunks):
+            tables[row, : blocks_per_seq[row]] = torch.arange(
+                first_block, first_block + blocks_per_seq[row], dtype=torch.int32
+            )
+            base = first_block * bs
+            bases.append(base)
+            # The root is recomputed per chunk: bit-identical to its own prefill, and far
+            # cheaper than the chunk itself.
+            ids.extend(self.root_ids + chunk)
+            positions.extend(range(lengths[row]))
+            slots.extend(range(base, base + lengths[row]))
+            query_slots.extend(range(lengths[row]))
+            starts.append(starts[-1] + lengths[row])
+            first_block += blocks_per_seq[row]
+        device = model.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            query_slots=torch.tensor(query_slots, dtype=torch.int32, device=device),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(lengths, dtype=torch.int32, device=device),
+            block_tables=tables.to(device),
+            max_query_len=max(lengths),
+            fresh=True,
+        )
+        model(
+            torch.tensor(ids, dtype=torch.long, device=device),
+            torch.tensor(positions, dtype=torch.long, device=device),
+            meta,
+            pool,
+        )
+        out: list[ChunkKV] = []
+        for row, chunk in enumerate(chunks):
+            begin = 0 if include_root else root_len
+            chunk_slots = torch.arange(
+                bases[row] + begin, bases[row] + lengths[row], dtype=torch.long, device=device
+            )
+            ks, vs = [], []
+            for layer in range(spec.num_layers):
+                k, v = pool.read_slots(layer, chunk_slots)
+                ks.append(k)
+                vs.append(v)
+            token_ids = (self.root_ids if include_root else []) + list(chunk)
+            out.append(
+                ChunkKV(token_ids, ks, vs, torch.arange(begin, lengths[row], dtype=torch.long))
+            )
+        return out
+
+    def encode(self, chunks: list[list[int]], max_batch_tokens: int = 4096) -> list[ChunkKV]:
+        """KV of each chunk as computed right after the root prompt."""
+        out: list[ChunkKV] = []
+        batch: list[list[int]] = []
+        tokens = 0
+        for chunk in chunks:
+            if not chunk:
+                raise ValueError("a chunk must have at least one token")
+            if batch and tokens + len(chunk) > max_batch_tokens:
+                out.extend(self._encode_batch(batch))
+                batch, tokens = [], 0
+            batch.append(chunk)
+            tokens += len(chunk) + len(self.root_ids)
+        if batch:
+            out.extend(self._encode_batch(batch))
+        return out

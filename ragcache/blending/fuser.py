@@ -1,0 +1,88 @@
+"""Turns a prompt layout and its chunks' cached KV into an engine request."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from ragcache.blending.chunk_kv import ChunkKV
+from ragcache.blending.methods import FusionContext, FusionMethod
+from ragcache.blending.placement import place_context
+from ragcache.engine.model import LlamaModel
+from ragcache.engine.sequence import PlacedKV
+from ragcache.prompt import PromptLayout
+
+
+@dataclass(slots=True)
+class FusionReport:
+    method: str
+    context_tokens: int
+    reused_tokens: int
+    recomputed_tokens: int
+    prepare_s: float
+    params: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def recompute_fraction(self) -> float:
+        """Share of context tokens computed again (1.0 for a full prefill)."""
+        return self.recomputed_tokens / max(1, self.context_tokens)
+
+
+@dataclass(slots=True)
+class FusedRequest:
+    prompt_ids: list[int]
+    placed: PlacedKV | None
+    use_prefix_cache: bool
+    report: FusionReport
+
+
+def fuse(
+    model: LlamaModel,
+    layout: PromptLayout,
+    root: ChunkKV,
+    chunks: list[ChunkKV],
+    method: FusionMethod,
+    params: dict[str, float] | None = None,
+) -> FusedRequest:
+    """Place the root and chunks at their offsets and let ``method`` choose the repair."""
+    began = time.perf_counter()
+    if len(chunks) != len(layout.chunk_ids):
+        raise ValueError(f"layout has {len(layout.chunk_ids)} chunks, {len(chunks)} KV given")
+    for chunk, ids in zip(chunks, layout.chunk_ids, strict=True):
+        if chunk.token_ids != ids:
+            raise ValueError("a chunk's cached token ids differ from the prompt's chunk ids")
+    context = layout.context_end - len(layout.root_ids)
+    prompt_ids = layout.prompt_ids
+    if not chunks:
+        report = FusionReport(method.name, 0, 0, 0, time.perf_counter() - began, params or {})
+        return FusedRequest(prompt_ids, None, True, report)
+    starts = [0, *layout.chunk_starts]
+    placed_k, placed_v = place_context([root, *chunks], starts, model.inv_freq)
+    plan = method.plan(FusionContext(model, layout, placed_k, placed_v))
+    if not plan.use_cache:
+        report = FusionReport(
+            method.name, context, 0, context, time.perf_counter() - began, params or {}
+        )
+        return FusedRequest(prompt_ids, None, False, report)
+    end = layout.context_end if plan.reuse_until is None else plan.reuse_until
+    ks = [k[:end] for k in placed_k]
+    vs = [v[:end] for v in placed_v]
+    if plan.fresh is not None:
+        for layer in range(plan.fresh_layers):
+            ks[layer] = plan.fresh.k[layer][:end].to(ks[layer].dtype)
+            vs[layer] = plan.fresh.v[layer][:end].to(vs[layer].dtype)
+    recompute = [i for i in plan.recompute if i < end]
+    reused = end - len(layout.root_ids) - len(recompute)
+    report = FusionReport(
+        method.name,
+        context,
+        max(0, reused),
+        context - max(0, reused),
+        time.perf_counter() - began,
+        params or {},
+    )
+    placed = PlacedKV([k.contiguous() for k in ks], [v.contiguous() for v in vs], recompute)
+    return FusedRequest(prompt_ids, placed, True, report)
+
+
+__all__ = ["FusedRequest", "FusionReport", "fuse"]

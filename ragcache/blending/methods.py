@@ -1,0 +1,138 @@
+"""Fusion methods behind one interface: given placed chunk KV, choose what to recompute.
+
+A method returns a ``FusionPlan``: the prompt indices the engine recomputes through
+every layer, and optionally fresh KV for the first layers of every token (CacheBlend's
+check layers), which replaces the placed KV there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from ragcache.blending.selection_pass import FreshPass, run_fresh_pass
+from ragcache.engine.model import LlamaModel
+from ragcache.prompt import PromptLayout
+
+
+@dataclass(slots=True)
+class FusionContext:
+    model: LlamaModel
+    layout: PromptLayout
+    placed_k: list[torch.Tensor]
+    placed_v: list[torch.Tensor]
+
+    @property
+    def context_indices(self) -> torch.Tensor:
+        """Prompt indices of chunk tokens (the ones whose cached KV may deviate)."""
+        return torch.arange(len(self.layout.root_ids), self.layout.context_end)
+
+
+@dataclass(slots=True)
+class FusionPlan:
+    use_cache: bool = True
+    reuse_until: int | None = None
+    recompute: list[int] = field(default_factory=list)
+    fresh_layers: int = 0
+    fresh: FreshPass | None = None
+
+
+class FusionMethod(Protocol):
+    name: str
+
+    def plan(self, ctx: FusionContext) -> FusionPlan: ...
+
+
+@dataclass(slots=True)
+class FullPrefill:
+    name: str = "full_prefill"
+
+    def plan(self, ctx: FusionContext) -> FusionPlan:
+        return FusionPlan(use_cache=False)
+
+
+@dataclass(slots=True)
+class PrefixOnly:
+    """Reuse only what is an exact prefix: the root and the first chunk (cached after it)."""
+
+    name: str = "prefix_only"
+
+    def plan(self, ctx: FusionContext) -> FusionPlan:
+        layout = ctx.layout
+        end = layout.chunk_starts[1] if len(layout.chunk_ids) > 1 else layout.context_end
+        return FusionPlan(reuse_until=end)
+
+
+@dataclass(slots=True)
+class FullReuse:
+    name: str = "full_reuse"
+
+    def plan(self, ctx: FusionContext) -> FusionPlan:
+        return FusionPlan()
+
+
+@dataclass(slots=True)
+class LegoLink:
+    """EPIC's static attention-sink repair: the first k tokens of every later chunk."""
+
+    k: int = 32
+    name: str = "legolink"
+
+    def plan(self, ctx: FusionContext) -> FusionPlan:
+        layout = ctx.layout
+        chosen: list[int] = []
+        for start, ids in zip(layout.chunk_starts[1:], layout.chunk_ids[1:], strict=True):
+            chosen.extend(range(start, start + min(self.k, len(ids))))
+        return FusionPlan(recompute=chosen)
+
+
+def top_fraction(scores: torch.Tensor, indices: torch.Tensor, ratio: float) -> list[int]:
+    budget = round(ratio * len(indices))
+    if budget <= 0:
+        return []
+    picked = scores.topk(min(budget, len(indices))).indices
+    return sorted(indices[picked].tolist())
+
+
+def value_deviation(ctx: FusionContext, fresh: FreshPass, layer: int) -> torch.Tensor:
+    """Per context token, the squared distance of fresh from placed V at one layer."""
+    idx = ctx.context_indices
+    diff = fresh.v[layer][idx].float() - ctx.placed_v[layer][idx].float()
+    return diff.pow(2).sum(dim=(1, 2))
+
+
+@dataclass(slots=True)
+class CacheBlend:
+    """Recompute the tokens whose KV deviates most at the check layer (CacheBlend)."""
+
+    ratio: float = 0.15
+    check_layer: int = 1
+    name: str = "cacheblend"
+
+    def plan(self, ctx: FusionContext) -> FusionPlan:
+        fresh = run_fresh_pass(ctx.model, ctx.layout, self.check_layer + 1)
+        scores = value_deviation(ctx, fresh, self.check_layer)
+        chosen = top_fraction(scores, ctx.context_indices, self.ratio)
+        return FusionPlan(recompute=chosen, fresh_layers=self.check_layer + 1, fresh=fresh)
+
+
+METHOD_NAMES = ("full_prefill", "prefix_only", "full_reuse", "cacheblend", "legolink")
+
+
+def make_method(name: str, **params: float) -> FusionMethod:
+    if name == "full_prefill":
+        return FullPrefill()
+    if name == "prefix_only":
+        return PrefixOnly()
+    if name == "full_reuse":
+        return FullReuse()
+    if name == "legolink":
+        return LegoLink(k=int(params.get("k", 32)))
+    if name == "cacheblend":
+        return CacheBlend(
+            ratio=float(params.get("ratio", 0.15)),
+            check_layer=int(params.get("check_layer", 1)),
+        )
+    raise ValueError(f"fusion method {name!r} is unknown; use one of {', '.join(METHOD_NAMES)}")

@@ -1,0 +1,109 @@
+"""Fusion methods: exactness at their limits, re-positioning, and engine integration."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from ragcache.blending.chunk_kv import ChunkEncoder, ChunkKV
+from ragcache.blending.fuser import fuse
+from ragcache.blending.methods import METHOD_NAMES, make_method
+from ragcache.blending.placement import reposition
+from ragcache.engine.attention_metadata import contiguous_metadata
+from ragcache.engine.config import EngineConfig
+from ragcache.engine.engine import Engine
+from ragcache.engine.kv_pool import KVPool
+from ragcache.engine.loader import LoadedModel
+from ragcache.engine.sampling_params import SamplingParams
+from ragcache.prompt import PromptLayout
+
+PARAMS = SamplingParams(max_tokens=12, ignore_eos=True, prompt_logprobs=True)
+
+
+def random_layout(num_chunks: int, seed: int = 0) -> PromptLayout:
+    rng = random.Random(seed)
+    root = [rng.randrange(3, 512) for _ in range(11)]
+    chunks = [
+        [rng.randrange(3, 512) for _ in range(rng.randint(20, 45))] for _ in range(num_chunks)
+    ]
+    query = [rng.randrange(3, 512) for _ in range(9)]
+    return PromptLayout(root, chunks, query)
+
+
+def run(loaded: LoadedModel, layout: PromptLayout, method: str, **params: float):
+    encoder = ChunkEncoder(loaded.model, layout.root_ids)
+    chunks = encoder.encode(layout.chunk_ids)
+    fused = fuse(loaded.model, layout, encoder.root, chunks, make_method(method, **params))
+    engine = Engine(loaded, EngineConfig(kv_cache_bytes=8 << 20, block_size=8))
+    seq = engine.add_request(
+        fused.prompt_ids, PARAMS, placed=fused.placed, use_prefix_cache=fused.use_prefix_cache
+    )
+    while engine.has_unfinished():
+        engine.step()
+    query_lp = [seq.prompt_logprobs[i] for i in range(layout.context_end + 1, len(layout))]
+    return seq.output_ids, torch.tensor(query_lp), fused.report
+
+
+def test_cacheblend_full_ratio_reproduces_full_prefill(engine_model: LoadedModel) -> None:
+    layout = random_layout(4)
+    ref_tokens, ref_lp, _ = run(engine_model, layout, "full_prefill")
+    tokens, lp, report = run(engine_model, layout, "cacheblend", ratio=1.0)
+    assert report.recompute_fraction == 1.0
+    assert tokens == ref_tokens
+    assert torch.allclose(lp, ref_lp, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_every_method_is_exact_without_chunk_boundaries(
+    engine_model: LoadedModel, method: str
+) -> None:
+    for num_chunks in (0, 1):
+        layout = random_layout(num_chunks, seed=5)
+        ref_tokens, ref_lp, _ = run(engine_model, layout, "full_prefill")
+        tokens, lp, _ = run(engine_model, layout, method)
+        assert tokens == ref_tokens
+        assert torch.allclose(lp, ref_lp, atol=1e-4)
+
+
+def test_full_reuse_differs_from_prefill_across_chunks(engine_model: LoadedModel) -> None:
+    layout = random_layout(4, seed=2)
+    _, ref_lp, _ = run(engine_model, layout, "full_prefill")
+    _, lp, report = run(engine_model, layout, "full_reuse")
+    assert report.recomputed_tokens == 0
+    assert not torch.allclose(lp, ref_lp, atol=1e-4)
+
+
+def test_recompute_budgets_follow_parameters(engine_model: LoadedModel) -> None:
+    layout = random_layout(4, seed=3)
+    context = layout.context_end - len(layout.root_ids)
+    _, _, blend = run(engine_model, layout, "cacheblend", ratio=0.2)
+    assert blend.recomputed_tokens == round(0.2 * context)
+    _, _, lego = run(engine_model, layout, "legolink", k=8)
+    assert lego.recomputed_tokens == 8 * 3
+
+
+def chunk_kv_at(loaded: LoadedModel, ids: list[int], start: int) -> list[torch.Tensor]:
+    """Keys of a chunk computed alone at positions start, start + 1, ..."""
+    model = loaded.model
+    meta = contiguous_metadata([len(ids)], 8)
+    pool = KVPool(loaded.spec, (len(ids) + 7) // 8, 8, model.dtype)
+    with torch.inference_mode():
+        model(torch.tensor(ids), torch.arange(start, start + len(ids)), meta, pool)
+    slots = torch.arange(len(ids))
+    return [pool.read_slots(layer, slots)[0] for layer in range(loaded.spec.num_layers)]
+
+
+@pytest.mark.parametrize(("source", "target"), [(0, 300), (250, 17), (40, 41)])
+def test_repositioned_keys_equal_keys_computed_at_target(
+    engine_model: LoadedModel, source: int, target: int
+) -> None:
+    ids = random_layout(1, seed=6).chunk_ids[0]
+    cached = chunk_kv_at(engine_model, ids, source)
+    expected = chunk_kv_at(engine_model, ids, target)
+    positions = torch.arange(source, source + len(ids))
+    chunk = ChunkKV(ids, cached, cached, positions)
+    moved = reposition(chunk, target, engine_model.model.inv_freq)
+    for layer in range(engine_model.spec.num_layers):
+        assert (moved[layer] - expected[layer]).abs().max() <= 1e-5
