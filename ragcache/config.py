@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -18,10 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
 from ragcache.blending.config import FusionConfig
 from ragcache.chunkstore.config import ChunkStoreConfig
 from ragcache.engine.config import EngineConfig, ModelConfig
 from ragcache.retriever.config import RetrieverConfig
+from ragcache.service_config import ServiceConfig
 
 ENV_PREFIX = "RAGCACHE_"
 
@@ -54,6 +56,7 @@ class Config:
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
 
     @property
     def data_path(self) -> Path:
@@ -103,8 +106,7 @@ def _apply(obj: Any, values: Mapping[str, Any], where: str, prefix: str = "") ->
         norm = key.replace("-", "_")
         if norm not in names:
             raise ConfigError(
-                f"{where}: unknown config field {prefix + key!r}; "
-                f"known: {', '.join(sorted(names))}"
+                f"{where}: unknown config field {prefix + key!r}; known: {', '.join(sorted(names))}"
             )
         current = getattr(obj, norm)
         if dataclasses.is_dataclass(current):

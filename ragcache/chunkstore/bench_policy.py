@@ -1,4 +1,8 @@
-"""Replacement policies on a Zipf trace of chunk requests: hit rate and saved prefill.
+"""Replacement policies on Zipf traces of chunk requests: hit rate and saved prefill.
+
+Two trace shapes, each on several seeds: "zipf" keeps one popularity ranking for the
+whole trace; "shift" draws a new ranking halfway through, so yesterday's hot chunks
+go cold.
 
     python -m ragcache.chunkstore.bench_policy [--out eval/reports/bench_policy.json]
 """
@@ -17,7 +21,11 @@ SMOLLM2_KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 2
 
 
 def make_trace(
-    num_chunks: int, num_requests: int, zipf_s: float, min_tokens: int, max_tokens: int,
+    num_chunks: int,
+    num_requests: int,
+    zipf_s: float,
+    min_tokens: int,
+    max_tokens: int,
     seed: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -30,9 +38,32 @@ def make_trace(
     return lengths.astype(np.int64), requests
 
 
+def make_shift_trace(
+    num_chunks: int,
+    num_requests: int,
+    zipf_s: float,
+    min_tokens: int,
+    max_tokens: int,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    half = num_requests // 2
+    lengths, first = make_trace(num_chunks, half, zipf_s, min_tokens, max_tokens, seed)
+    _, second = make_trace(
+        num_chunks, num_requests - half, zipf_s, min_tokens, max_tokens, seed + 1000
+    )
+    return lengths, np.concatenate([first, second])
+
+
+TRACES = {"zipf": make_trace, "shift": make_shift_trace}
+
+
 def simulate(
-    policy_name: str, lengths: np.ndarray, requests: np.ndarray, capacity: int,
-    cost_model: CostModel, frequency_exponent: float = 1.0,
+    policy_name: str,
+    lengths: np.ndarray,
+    requests: np.ndarray,
+    capacity: int,
+    cost_model: CostModel,
+    frequency_exponent: float = 1.0,
 ) -> dict[str, float]:
     policy = make_policy(policy_name, frequency_exponent)
     sizes = lengths * SMOLLM2_KV_BYTES_PER_TOKEN
@@ -62,8 +93,12 @@ def simulate(
         cached.add(chunk)
         used += size
         policy.on_insert(key, size, costs[chunk], frequency[chunk])
-    return {"hit_rate": hits / len(requests), "saved_prefill_fraction": saved / total,
-            "saved_prefill_s": saved, "total_prefill_s": total}
+    return {
+        "hit_rate": hits / len(requests),
+        "saved_prefill_fraction": saved / total,
+        "saved_prefill_s": saved,
+        "total_prefill_s": total,
+    }
 
 
 def main() -> None:
@@ -73,34 +108,60 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=40000)
     parser.add_argument("--zipf", type=float, default=1.1)
     parser.add_argument("--capacity-fraction", type=float, default=0.2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--shapes", nargs="+", default=list(TRACES), choices=list(TRACES))
     args = parser.parse_args()
     cost_model = CostModel()
-    lengths, requests = make_trace(args.chunks, args.requests, args.zipf, 64, 2048, args.seed)
-    working_set = int(lengths.sum()) * SMOLLM2_KV_BYTES_PER_TOKEN
-    capacity = int(working_set * args.capacity_fraction)
-    results = {name: simulate(name, lengths, requests, capacity, cost_model) for name in POLICIES}
-    results["pgdsf-f2"] = simulate("pgdsf", lengths, requests, capacity, cost_model, 2.0)
-    print(f"{args.chunks} chunks, {args.requests} requests, Zipf({args.zipf}), "
-          f"capacity {capacity / 2**30:.2f} GiB = {args.capacity_fraction:.0%} of "
-          f"{working_set / 2**30:.2f} GiB, seed {args.seed}")
-    print(f"{'policy':<8}{'hit rate':>10}{'saved prefill':>16}")
-    for name, result in results.items():
-        print(f"{name:<8}{result['hit_rate']:>10.3f}{result['saved_prefill_fraction']:>16.3f}")
-    lru = results["lru"]["saved_prefill_fraction"]
-    margin = results["pgdsf"]["saved_prefill_fraction"] - lru
-    margin_f2 = results["pgdsf-f2"]["saved_prefill_fraction"] - lru
-    print(f"PGDSF - LRU saved prefill: {100 * margin:+.1f} points "
-          f"(frequency**2: {100 * margin_f2:+.1f})")
+    names = [*POLICIES, "pgdsf-f2"]
+    runs = []
+    print(
+        f"{args.chunks} chunks, {args.requests} requests, Zipf({args.zipf}), capacity "
+        f"{args.capacity_fraction:.0%} of the working set; saved prefill fraction"
+    )
+    print(
+        f"{'trace':<7}{'seed':>5}" + "".join(f"{name:>10}" for name in names) + f"{'PGDSF-LRU':>11}"
+    )
+    for shape in args.shapes:
+        for seed in args.seeds:
+            lengths, requests = TRACES[shape](args.chunks, args.requests, args.zipf, 64, 2048, seed)
+            working_set = int(lengths.sum()) * SMOLLM2_KV_BYTES_PER_TOKEN
+            capacity = int(working_set * args.capacity_fraction)
+            results = {
+                name: simulate(name, lengths, requests, capacity, cost_model) for name in POLICIES
+            }
+            results["pgdsf-f2"] = simulate("pgdsf", lengths, requests, capacity, cost_model, 2.0)
+            saved = {name: results[name]["saved_prefill_fraction"] for name in names}
+            margin = 100 * (saved["pgdsf"] - saved["lru"])
+            print(
+                f"{shape:<7}{seed:>5}"
+                + "".join(f"{saved[name]:>10.3f}" for name in names)
+                + f"{margin:>+11.1f}"
+            )
+            runs.append(
+                {
+                    "shape": shape,
+                    "seed": seed,
+                    "capacity_bytes": capacity,
+                    "working_set_bytes": working_set,
+                    "results": results,
+                    "pgdsf_minus_lru_saved_points": margin,
+                    "lfu_minus_lru_saved_points": 100 * (saved["lfu"] - saved["lru"]),
+                }
+            )
     report = {
-        "trace": {"chunks": args.chunks, "requests": args.requests, "zipf_s": args.zipf,
-                  "tokens": [64, 2048], "seed": args.seed, "capacity_bytes": capacity,
-                  "working_set_bytes": working_set},
-        "cost_model": {"per_token": cost_model.per_token,
-                       "per_token_pair": cost_model.per_token_pair, "fixed": cost_model.fixed},
-        "results": results,
-        "pgdsf_minus_lru_saved_points": 100 * margin,
-        "pgdsf_f2_minus_lru_saved_points": 100 * margin_f2,
+        "trace": {
+            "chunks": args.chunks,
+            "requests": args.requests,
+            "zipf_s": args.zipf,
+            "tokens": [64, 2048],
+            "capacity_fraction": args.capacity_fraction,
+        },
+        "cost_model": {
+            "per_token": cost_model.per_token,
+            "per_token_pair": cost_model.per_token_pair,
+            "fixed": cost_model.fixed,
+        },
+        "runs": runs,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,8 @@
 """Codecs turn one layer's K and V into bytes and back; a registry by name.
 
+A codec decodes into a tensor the caller allocated, so a reader can fill one output
+buffer straight from a view of the stored record.
+
 raw keeps the stored dtype and is exact. int8 quantises symmetrically per token and
 per head with an fp32 scale ``s = max|x| / 127`` over head_dim, so every element
 decodes within ``s / 2 = max|x| / 254`` of its value, plus the rounding of the
@@ -33,22 +36,31 @@ def tensor_to_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.numpy())
 
 
-def tensor_from_bytes(
-    data: memoryview | bytes, dtype: torch.dtype, shape: tuple[int, ...]
-) -> torch.Tensor:
+def _raw_decode_into(data: memoryview | bytes, out: torch.Tensor) -> None:
     """One copy out of ``data`` (which may be a read-only view of an LMDB map)."""
+    target = out.view(torch.uint8).numpy().reshape(-1)
     source = np.frombuffer(data, dtype=np.uint8)
-    target = torch.empty(source.size, dtype=torch.uint8)
-    target.numpy()[:] = source
-    return target.view(dtype).reshape(shape)
+    if source.size != target.size:
+        raise ValueError(f"{source.size} stored bytes for a tensor of {target.size} bytes")
+    np.copyto(target, source)
 
 
 @dataclass(slots=True, frozen=True)
 class Codec:
     name: str
     encode: Callable[[torch.Tensor], bytes | memoryview]
-    decode: Callable[[memoryview | bytes, torch.dtype, tuple[int, ...]], torch.Tensor]
+    decode_into: Callable[[memoryview | bytes, torch.Tensor], None]
     encoded_size: Callable[[tuple[int, ...], torch.dtype], int]
+    stores_raw_bytes: bool = False
+    """True when the encoded bytes are the tensor's own bytes, so a reader may copy a
+    whole layer (K then V) in one go."""
+
+    def decode(
+        self, data: memoryview | bytes, dtype: torch.dtype, shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        out = torch.empty(shape, dtype=dtype)
+        self.decode_into(data, out)
+        return out
 
 
 def _raw_size(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -63,17 +75,16 @@ def _int8_encode(tensor: torch.Tensor) -> bytes:
     scale = values.abs().amax(dim=-1, keepdim=True) / 127.0
     safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     quantised = torch.round(values / safe_scale).clamp_(-127, 127).to(torch.int8)
-    return bytes(tensor_to_bytes(quantised)) + bytes(tensor_to_bytes(scale.contiguous()))
+    return b"".join((tensor_to_bytes(quantised), tensor_to_bytes(scale.contiguous())))
 
 
-def _int8_decode(
-    data: memoryview | bytes, dtype: torch.dtype, shape: tuple[int, ...]
-) -> torch.Tensor:
-    count = int(np.prod(shape))
+def _int8_decode_into(data: memoryview | bytes, out: torch.Tensor) -> None:
+    shape = tuple(out.shape)
+    count = out.numel()
     view = memoryview(data)
     quantised = np.frombuffer(view[:count], dtype=np.int8).reshape(shape)
     scale = np.frombuffer(view[count:], dtype=np.float32).reshape((*shape[:-1], 1))
-    return torch.from_numpy(quantised.astype(np.float32) * scale).to(dtype)
+    out.copy_(torch.from_numpy(quantised.astype(np.float32) * scale))
 
 
 def _int8_size(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -82,8 +93,8 @@ def _int8_size(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 
 
 CODECS: dict[str, Codec] = {
-    "raw": Codec("raw", tensor_to_bytes, tensor_from_bytes, _raw_size),
-    "int8": Codec("int8", _int8_encode, _int8_decode, _int8_size),
+    "raw": Codec("raw", tensor_to_bytes, _raw_decode_into, _raw_size, stores_raw_bytes=True),
+    "int8": Codec("int8", _int8_encode, _int8_decode_into, _int8_size),
 }
 
 

@@ -30,10 +30,10 @@ class ChunkStoreConfig:
         default=126, metadata={"help": "most concurrent LMDB read transactions"}
     )
     disk_verify: str = field(
-        default="once",
+        default="always",
         metadata={
-            "help": "checksum reads from LMDB: once (first read of a record per process) "
-            "or always (every read)"
+            "help": "checksum reads from LMDB: always (every read) or once (first read of "
+            "a record per process)"
         },
     )
     write_through: bool = field(

@@ -21,16 +21,21 @@ from ragcache.chunkstore.entry import (
     ChunkEntry,
     CorruptEntryError,
     EntryHeader,
+    LayerDecoder,
     LayerKV,
     decode_header,
-    decode_layer,
+    decode_layers,
     encode_record,
     entry_from_header,
 )
 from ragcache.chunkstore.tiers import PreparedEntry, Tier
 
 T = TypeVar("T")
-VERIFY_MODES = ("once", "always")
+_Decoded = tuple[list[tuple[int, LayerKV]], CorruptEntryError | None]
+VERIFY_MODES = ("always", "once")
+# Looking up a record costs tens of microseconds; a few layers per lookup keep the
+# stream fine-grained without paying it once per layer.
+LAYERS_PER_TRANSACTION = 4
 
 
 class _SharedLock:
@@ -169,8 +174,9 @@ class LMDBTier(Tier):
 
         def decode(record: memoryview) -> ChunkEntry:
             header = decode_header(record)
-            layers = [decode_layer(record, header, i, verify) for i in range(header.num_layers)]
-            return entry_from_header(header, layers)
+            return entry_from_header(
+                header, decode_layers(record, header, range(header.num_layers), verify)
+            )
 
         entry = self._with_record(key, decode)
         if entry is not None:
@@ -180,7 +186,7 @@ class LMDBTier(Tier):
     def iter_layers(
         self, key: str, layers: Iterable[int], header: EntryHeader | None = None
     ) -> Iterator[tuple[int, LayerKV]]:
-        """Reads one layer per short transaction, so a consumer can work on layer 0
+        """Reads a few layers per short transaction, so a consumer can work on layer 0
         while the rest is still on disk and no transaction outlives a ``yield``."""
         header = header or self.read_header(key)
         if header is None:
@@ -190,16 +196,29 @@ class LMDBTier(Tier):
         for layer in wanted:
             if not 0 <= layer < header.num_layers:
                 raise IndexError(f"entry {key} has {header.num_layers} layers, not {layer}")
+        decoder = LayerDecoder(header, len(wanted))
+        step = LAYERS_PER_TRANSACTION
+        for first in range(0, len(wanted), step):
+            group = list(enumerate(wanted))[first : first + step]
 
-            def decode(record: memoryview, layer: int = layer) -> LayerKV:
+            def decode(record: memoryview, group: list[tuple[int, int]] = group) -> _Decoded:
                 if len(record) != header.record_bytes:
                     raise CorruptEntryError(f"entry {key} changed size while being read")
-                return decode_layer(record, header, layer, verify)
+                decoded: list[tuple[int, LayerKV]] = []
+                try:
+                    for slot, layer in group:
+                        decoded.append((layer, decoder.decode(record, layer, slot, verify)))
+                except CorruptEntryError as failure:
+                    return decoded, failure
+                return decoded, None
 
-            kv = self._with_record(key, decode)
-            if kv is None:
+            found = self._with_record(key, decode)
+            if found is None:
                 raise KeyError(f"entry {key} left the disk tier while being read")
-            yield layer, kv
+            decoded, error = found
+            yield from decoded
+            if error is not None:
+                raise error
         if verify and sorted(wanted) == list(range(header.num_layers)):
             self._verified.add(key)
 

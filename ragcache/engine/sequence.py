@@ -107,7 +107,7 @@ class Sequence:
     @property
     def cacheable(self) -> bool:
         """Placed KV is not the exact KV of its tokens, so it must not enter the prefix cache."""
-        return self.placed is None
+        return self.placed is None and self.use_prefix_cache
 
     def slot(self, index: int, block_size: int) -> int:
         return self.block_table[index // block_size] * block_size + index % block_size

@@ -6,7 +6,11 @@ import sys
 import textwrap
 
 import lmdb
+import pytest
+import torch
+import xxhash
 
+from ragcache.chunkstore.entry import FORMAT_VERSION, CorruptEntryError, decode_header
 from tests.chunkstore.helpers import CONTEXT, assert_same_layers, make_entry, make_store
 
 WRITER = textwrap.dedent(
@@ -47,7 +51,10 @@ def test_restart_finds_every_entry_and_rebuilds_the_tree(tmp_path):
         """
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
         cwd=os.getcwd(),
     )
     report = json.loads(result.stdout)
@@ -164,4 +171,75 @@ def test_map_grows_when_full(tmp_path):
     for entry in entries:
         assert_same_layers(store.get(entry.key, entry.token_ids, promote=False), entry)
     assert CONTEXT.tenant == "tenant-a"
+    store.close()
+
+
+def _flip_byte_in_layer(layer):
+    def change(value):
+        header = decode_header(bytes(value))
+        start, end = header.layer_span(layer)
+        value[(start + end) // 2] ^= 0x01
+        return value
+
+    return change
+
+
+def test_records_carry_xxh3_checksums_of_each_layer(tmp_path):
+    store = make_store(tmp_path / "db", host_bytes=0)
+    entry = make_entry(3, num_layers=4)
+    store.put(entry)
+    with store.tiers[-1].env.begin() as txn:
+        record = txn.get(entry.key.encode())
+    header = decode_header(record)
+    assert header.version == FORMAT_VERSION == 2
+    for layer in range(header.num_layers):
+        start, end = header.layer_span(layer)
+        assert header.layer_checksums[layer] == xxhash.xxh3_128_hexdigest(record[start:end])
+    store.close()
+
+
+def test_every_read_verifies_by_default(tmp_path):
+    """A record read cleanly once is still checked on the next read."""
+    directory = tmp_path / "db"
+    store = make_store(directory, host_bytes=0)
+    entry = make_entry(4, num_layers=4)
+    store.put(entry)
+    assert_same_layers(store.get(entry.key, entry.token_ids, promote=False), entry)
+    assert store.config.disk_verify == "always"
+    env = store.tiers[-1].env
+    with env.begin(write=True) as txn:
+        value = _flip_byte_in_layer(2)(bytearray(txn.get(entry.key.encode())))
+        txn.put(entry.key.encode(), bytes(value))
+    assert store.get(entry.key, entry.token_ids, promote=False) is None
+    assert store.stats()["corruptions"] == 1
+    store.close()
+
+
+def test_stream_hands_out_layers_before_the_flipped_one(tmp_path):
+    directory = tmp_path / "db"
+    store = make_store(directory, host_bytes=0)
+    entry = make_entry(5, num_layers=7)
+    store.put(entry)
+    store.close()
+    _rewrite_raw(directory, entry.key, _flip_byte_in_layer(5))
+    store = make_store(directory, host_bytes=0)
+    seen = []
+    with pytest.raises(CorruptEntryError, match="layer 5 fails its checksum"):
+        for layer, (k, v) in store.get_layers(entry.key, entry.token_ids):
+            assert torch.equal(k, entry.layers[layer][0]) and torch.equal(v, entry.layers[layer][1])
+            seen.append(layer)
+    assert seen == [0, 1, 2, 3, 4]
+    store.close()
+
+
+def test_records_of_an_older_format_are_dropped(tmp_path):
+    directory = tmp_path / "db"
+    store = make_store(directory, host_bytes=0)
+    entry = make_entry(6)
+    store.put(entry)
+    store.close()
+    version_one = (1).to_bytes(4, "little")
+    _rewrite_raw(directory, entry.key, lambda value: value[:4] + version_one + value[8:])
+    store = make_store(directory, host_bytes=0)
+    assert store.stats()["corruptions"] == 1 and not store.contains(entry.key)
     store.close()

@@ -1,0 +1,96 @@
+"""Routes of corpora, their documents and the ingest jobs that fill them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from ragcache.api.deps import get_server_config, get_service
+from ragcache.api.schemas import CreateCorpusRequest
+from ragcache.config import ServerConfig
+from ragcache.service import RagCache
+from ragcache.service_errors import InvalidInputError, PayloadTooLargeError
+
+router = APIRouter()
+
+
+@router.post("/v1/corpora", status_code=201)
+def create_corpus(
+    body: CreateCorpusRequest, service: RagCache = Depends(get_service)
+) -> dict[str, Any]:
+    return asdict(service.create_corpus(body.name, body.description))
+
+
+@router.get("/v1/corpora")
+def list_corpora(service: RagCache = Depends(get_service)) -> dict[str, Any]:
+    return {"data": [asdict(info) for info in service.list_corpora()]}
+
+
+@router.get("/v1/corpora/{name}")
+def get_corpus(name: str, service: RagCache = Depends(get_service)) -> dict[str, Any]:
+    info = asdict(service.get_corpus(name))
+    info["documents"] = [
+        {k: v for k, v in asdict(doc).items() if k != "chunk_ids"}
+        for doc in service.list_documents(name)
+    ]
+    return info
+
+
+@router.delete("/v1/corpora/{name}")
+def delete_corpus(name: str, service: RagCache = Depends(get_service)) -> dict[str, Any]:
+    service.delete_corpus(name)
+    return {"deleted": name}
+
+
+def _too_large(limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(
+        f"upload is larger than server.max_upload_bytes={limit} bytes", "files"
+    )
+
+
+@router.post("/v1/corpora/{name}/documents", status_code=202)
+async def upload_documents(
+    name: str,
+    request: Request,
+    service: RagCache = Depends(get_service),
+    server: ServerConfig = Depends(get_server_config),
+) -> dict[str, Any]:
+    """Multipart upload of one or more files; ingestion runs as a background job."""
+    await run_in_threadpool(service.get_corpus, name)
+    limit = server.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise InvalidInputError("send the files as multipart/form-data", "files")
+    form = await request.form()
+    files: list[tuple[bytes, str]] = []
+    total = 0
+    for _, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            data = await value.read()
+            total += len(data)
+            if total > limit:
+                raise _too_large(limit)
+            files.append((data, value.filename or "upload"))
+    if not files:
+        raise InvalidInputError("the upload holds no files; send them as form files", "files")
+    job = await run_in_threadpool(service.submit_ingest, files, name)
+    return job.to_dict()
+
+
+@router.delete("/v1/corpora/{name}/documents/{doc_id}")
+def delete_document(
+    name: str, doc_id: str, service: RagCache = Depends(get_service)
+) -> dict[str, Any]:
+    service.delete_document(name, doc_id)
+    return {"deleted": doc_id, "corpus": name}
+
+
+@router.get("/v1/jobs/{job_id}")
+def get_job(job_id: str, service: RagCache = Depends(get_service)) -> dict[str, Any]:
+    return service.jobs.get(job_id).to_dict()

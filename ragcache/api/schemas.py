@@ -1,0 +1,52 @@
+"""Request bodies of the native routes; unknown fields are refused, not ignored."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ragcache.engine.sampling_params import SamplingParams
+
+
+class CreateCorpusRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64)
+    description: str = ""
+
+
+class RetrieveRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    query: str = Field(min_length=1)
+    corpus: str
+    k: int | None = None
+
+
+class QueryRequest(RetrieveRequest):
+    method: str | None = None
+    recompute_ratio: float | None = None
+    check_layer: int | None = None
+    legolink_k: int | None = None
+    max_tokens: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    stream: bool = False
+
+    def method_params(self) -> dict[str, float]:
+        params = {
+            "recompute_ratio": self.recompute_ratio,
+            "check_layer": self.check_layer,
+            "legolink_k": self.legolink_k,
+        }
+        return {name: value for name, value in params.items() if value is not None}
+
+    def sampling(self, default_max_tokens: int) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=self.max_tokens if self.max_tokens is not None else default_max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            stop=list(self.stop),
+        )

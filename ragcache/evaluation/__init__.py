@@ -1,0 +1,1 @@
+"""Quality-vs-latency evaluation of fusion methods (importable; `ragcache eval` runs it)."""

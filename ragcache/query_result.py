@@ -1,0 +1,49 @@
+"""What a RAG query hands back: the answer, its sources, where its KV came from, timings."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class SourceChunk:
+    chunk_id: int
+    doc_id: str
+    text: str
+    score: float
+    char_start: int
+    char_end: int
+    source: str
+    cache_tier: str | None = None  # where its KV came from; None when computed now
+
+
+@dataclass(slots=True)
+class CacheUsage:
+    """Context tokens by where their KV came from, and what fusion recomputed."""
+
+    method: str
+    tokens_by_tier: dict[str, int] = field(default_factory=dict)
+    computed_tokens: int = 0
+    reused_tokens: int = 0
+    recomputed_tokens: int = 0
+    engine_cached_tokens: int = 0
+
+    @property
+    def cached_tokens(self) -> int:
+        """Context tokens whose KV came from the chunk cache."""
+        return sum(self.tokens_by_tier.values())
+
+
+@dataclass(slots=True)
+class QueryResult:
+    answer: str
+    finish_reason: str | None
+    sources: list[SourceChunk]
+    cache: CacheUsage
+    timings: dict[str, float | None]
+    prompt_tokens: int
+    completion_tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
