@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,13 +282,15 @@ class RagCache:
             self._prepare, text, corpus, k, method, method_params or {}, sampling
         )
         fused = prepared.fused
-        salt = "" if fused.use_prefix_cache else uuid.uuid4().hex
         submitted = time.perf_counter()
         first: float | None = None
         last = None
         try:
             async for out in self.async_engine.stream(
-                fused.prompt_ids, prepared.sampling, placed=fused.placed, cache_salt=salt
+                fused.prompt_ids,
+                prepared.sampling,
+                placed=fused.placed,
+                use_prefix_cache=fused.use_prefix_cache,
             ):
                 if out.finish_reason == "error":
                     raise PromptTooLongError(out.error or "the engine refused the prompt", "k")

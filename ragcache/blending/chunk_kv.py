@@ -40,7 +40,18 @@ class ChunkEncoder:
         self.model = model
         self.root_ids = list(root_ids)
         self.block_size = block_size
-        self.root = self._encode_batch([[]], include_root=True)[0] if root_ids else None
+        if root_ids:
+            self.root = self._encode_batch([[]], include_root=True)[0]
+        else:
+            empty = [
+                torch.empty(0, model.spec.num_kv_heads, model.spec.head_dim, dtype=model.dtype)
+            ]
+            self.root = ChunkKV(
+                [],
+                empty * model.spec.num_layers,
+                empty * model.spec.num_layers,
+                torch.empty(0, dtype=torch.long),
+            )
 
     def _root_blocks(self) -> int:
         return (len(self.root_ids) + self.block_size - 1) // self.block_size

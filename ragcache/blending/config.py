@@ -10,7 +10,7 @@ class FusionConfig:
     method: str = field(
         default="cacheblend",
         metadata={
-            "help": "full_prefill, prefix_only, full_reuse, cacheblend, legolink, cachefocus"
+            "help": "full_prefill, prefix_only, full_reuse, cacheblend, legolink"
         },
     )
     recompute_ratio: float = field(

@@ -81,7 +81,10 @@ def fuse(
         time.perf_counter() - began,
         params or {},
     )
-    placed = PlacedKV([k.contiguous() for k in ks], [v.contiguous() for v in vs], recompute)
+    exact = plan.exact_prefix if plan.exact_prefix is not None else len(layout.root_ids)
+    placed = PlacedKV(
+        [k.contiguous() for k in ks], [v.contiguous() for v in vs], recompute, exact
+    )
     return FusedRequest(prompt_ids, placed, True, report)
 
 

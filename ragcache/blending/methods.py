@@ -37,6 +37,7 @@ class FusionPlan:
     recompute: list[int] = field(default_factory=list)
     fresh_layers: int = 0
     fresh: FreshPass | None = None
+    exact_prefix: int | None = None
 
 
 class FusionMethod(Protocol):
@@ -62,7 +63,7 @@ class PrefixOnly:
     def plan(self, ctx: FusionContext) -> FusionPlan:
         layout = ctx.layout
         end = layout.chunk_starts[1] if len(layout.chunk_ids) > 1 else layout.context_end
-        return FusionPlan(reuse_until=end)
+        return FusionPlan(reuse_until=end, exact_prefix=end)
 
 
 @dataclass(slots=True)

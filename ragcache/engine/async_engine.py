@@ -30,6 +30,7 @@ class _Submit:
     request_id: str
     placed: PlacedKV | None
     cache_salt: str
+    use_prefix_cache: bool
     deliver: Callable[[RequestOutput | BaseException], None]
 
 
@@ -76,6 +77,7 @@ class AsyncEngine:
         request_id: str | None = None,
         placed: PlacedKV | None = None,
         cache_salt: str = "",
+        use_prefix_cache: bool = True,
     ) -> AsyncIterator[RequestOutput]:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
@@ -84,7 +86,9 @@ class AsyncEngine:
         def deliver(item: RequestOutput | BaseException) -> None:
             loop.call_soon_threadsafe(outputs.put_nowait, item)
 
-        self._commands.put(_Submit(prompt, params, rid, placed, cache_salt, deliver))
+        self._commands.put(
+            _Submit(prompt, params, rid, placed, cache_salt, use_prefix_cache, deliver)
+        )
         self._wake.set()
         finished = False
         try:
@@ -132,6 +136,7 @@ class AsyncEngine:
                         command.request_id,
                         command.placed,
                         command.cache_salt,
+                        command.use_prefix_cache,
                     )
                     self._sinks[command.request_id] = command.deliver
                 except Exception as exc:

@@ -128,9 +128,9 @@ class BlockManager:
 
     def register_full_blocks(self, seq: Sequence, num_computed: int) -> None:
         """Publish the hashes of blocks whose every token's KV is now computed."""
-        if not self.enable_prefix_caching or not seq.cacheable:
+        if not self.enable_prefix_caching:
             return
-        full = min(num_computed, len(seq)) // self.block_size
+        full = min(num_computed, len(seq), seq.cacheable_tokens) // self.block_size
         while seq.num_registered_blocks < full:
             b = seq.num_registered_blocks
             tokens = seq.token_ids[b * self.block_size : (b + 1) * self.block_size]

@@ -27,11 +27,14 @@ class PlacedKV:
     ``k`` and ``v`` are per-layer tensors [num_tokens, Hkv, D] (keys rotated to the slots
     they occupy). ``recompute`` lists prompt indices below ``num_tokens`` that the engine
     must still compute; every index at or above ``num_tokens`` is computed anyway.
+    ``exact_prefix`` counts the leading tokens whose KV equals a full prefill's (the root
+    prompt, an exact tree path): only those may enter the engine's prefix cache.
     """
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     recompute: list[int] = field(default_factory=list)
+    exact_prefix: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -105,9 +108,11 @@ class Sequence:
         return self.plan[self.num_planned_done :]
 
     @property
-    def cacheable(self) -> bool:
-        """Placed KV is not the exact KV of its tokens, so it must not enter the prefix cache."""
-        return self.placed is None and self.use_prefix_cache
+    def cacheable_tokens(self) -> int:
+        """Leading tokens whose KV is exact and may enter the prefix cache."""
+        if not self.use_prefix_cache:
+            return 0
+        return len(self.token_ids) if self.placed is None else self.placed.exact_prefix
 
     def slot(self, index: int, block_size: int) -> int:
         return self.block_table[index // block_size] * block_size + index % block_size

@@ -1,0 +1,356 @@
+"""Throughput of the engine's own forward pass against transformers on the same weights.
+
+    python -m ragcache.engine.bench_model --out eval/reports/bench_model.json
+
+Both implementations load SmolLM2 from the same converted folder in the same dtype and
+run interleaved in one process: prefill tokens/s at several prompt lengths (last-token
+logits only on both sides), and batch-1 greedy decode tokens/s. Peak memory and load
+times are measured in fresh subprocesses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ragcache.engine.attention_metadata import AttentionMetadata, contiguous_metadata
+from ragcache.engine.config import ModelConfig
+from ragcache.engine.kv_pool import KVPool
+from ragcache.engine.loader import LoadedModel, convert_gguf, load_model, locate_embedded_gguf
+from ragcache.engine.model import LlamaModel
+
+MUSIQUE = Path("/work/shared/data/musique_dev.json")
+BLOCK_SIZE = 16
+PREFIX_PROBE_LENGTH = 6000
+
+
+@dataclass(slots=True)
+class Row:
+    dtype: str
+    metric: str
+    tokens: int
+    ours_tokens_per_s: float
+    transformers_tokens_per_s: float
+    ratio: float = field(init=False)
+    ours_seconds: list[float] = field(default_factory=list)
+    transformers_seconds: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.ratio = self.ours_tokens_per_s / self.transformers_tokens_per_s
+
+
+def corpus_token_ids(tokenizer: Any, length: int) -> list[int]:
+    """``length`` token ids of real MuSiQue passages (as many records as it takes)."""
+    ids: list[int] = []
+    for record in json.loads(MUSIQUE.read_text()):
+        text = "\n\n".join(f"{c['title']}\n{c['text']}".strip() for c in record["ctxs"])
+        ids.extend(tokenizer(text)["input_ids"])
+        if len(ids) >= length:
+            return ids[:length]
+    raise ValueError(f"the corpus holds fewer than {length} tokens")
+
+
+def pool_for(model: LlamaModel, tokens: int) -> KVPool:
+    return KVPool(model.spec, (tokens + BLOCK_SIZE - 1) // BLOCK_SIZE, BLOCK_SIZE, model.dtype)
+
+
+def ours_prefill(model: LlamaModel, pool: KVPool, ids: torch.Tensor) -> torch.Tensor:
+    meta = contiguous_metadata([ids.shape[0]], BLOCK_SIZE)
+    hidden = model(ids, torch.arange(ids.shape[0]), meta, pool)
+    return model.compute_logits(hidden[-1:])
+
+
+def ours_greedy(model: LlamaModel, pool: KVPool, ids: torch.Tensor, new_tokens: int) -> list[int]:
+    """Prefill, then one token per step over the paged pool, with no host sync per step."""
+    prompt_len = ids.shape[0]
+    token = ours_prefill(model, pool, ids).argmax(-1)
+    generated = [token]
+    slot = torch.tensor([prompt_len])
+    meta = AttentionMetadata(
+        slot_mapping=slot,
+        query_slots=torch.zeros(1, dtype=torch.int32),
+        query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
+        seq_lens=torch.zeros(1, dtype=torch.int32),
+        block_tables=torch.arange(pool.num_blocks, dtype=torch.int32)[None, :],
+        max_query_len=1,
+        fresh=False,
+    )
+    for _ in range(new_tokens - 1):
+        meta.query_slots.copy_(slot)
+        meta.seq_lens.copy_(slot + 1)
+        token = model.compute_logits(model(token, slot, meta, pool)).argmax(-1)
+        generated.append(token)
+        slot += 1
+    return torch.cat(generated).tolist()
+
+
+def transformers_prefill(reference: Any, ids: torch.Tensor) -> torch.Tensor:
+    return reference(ids[None], use_cache=True, logits_to_keep=1).logits[0].float()
+
+
+def transformers_greedy(reference: Any, ids: torch.Tensor, new_tokens: int) -> list[int]:
+    out = reference.generate(
+        ids[None],
+        attention_mask=torch.ones(1, ids.shape[0], dtype=torch.long),
+        do_sample=False,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        pad_token_id=reference.generation_config.pad_token_id or 0,
+    )
+    return out[0, ids.shape[0] :].tolist()
+
+
+def timed(run: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def interleaved(ours: Callable[[], Any], theirs: Callable[[], Any], repeats: int):
+    """Seconds of each implementation, alternating, after one untimed warm-up each."""
+    ours()
+    theirs()
+    ours_s, theirs_s = [], []
+    for _ in range(repeats):
+        ours_s.append(timed(ours))
+        theirs_s.append(timed(theirs))
+    return ours_s, theirs_s
+
+
+def bench_prefill(
+    loaded: LoadedModel, reference: Any, dtype_name: str, length: int, repeats: int
+) -> Row:
+    ids = torch.tensor(corpus_token_ids(loaded.tokenizer, length))
+    pool = pool_for(loaded.model, length)
+    ours_s, theirs_s = interleaved(
+        lambda: ours_prefill(loaded.model, pool, ids),
+        lambda: transformers_prefill(reference, ids),
+        repeats,
+    )
+    return Row(
+        dtype_name,
+        "prefill",
+        length,
+        length / statistics.median(ours_s),
+        length / statistics.median(theirs_s),
+        ours_seconds=ours_s,
+        transformers_seconds=theirs_s,
+    )
+
+
+def bench_decode(
+    loaded: LoadedModel,
+    reference: Any,
+    dtype_name: str,
+    prompt_len: int,
+    new_tokens: int,
+    repeats: int,
+) -> tuple[Row, bool]:
+    """Decode tokens/s from (time for new_tokens) - (time for 1 token), both end to end."""
+    ids = torch.tensor(corpus_token_ids(loaded.tokenizer, prompt_len))
+    pool = pool_for(loaded.model, prompt_len + new_tokens)
+    ours_full, theirs_full = interleaved(
+        lambda: ours_greedy(loaded.model, pool, ids, new_tokens),
+        lambda: transformers_greedy(reference, ids, new_tokens),
+        repeats,
+    )
+    ours_one, theirs_one = interleaved(
+        lambda: ours_greedy(loaded.model, pool, ids, 1),
+        lambda: transformers_greedy(reference, ids, 1),
+        repeats,
+    )
+    steps = new_tokens - 1
+    ours_decode = statistics.median(ours_full) - statistics.median(ours_one)
+    theirs_decode = statistics.median(theirs_full) - statistics.median(theirs_one)
+    same_tokens = ours_greedy(loaded.model, pool, ids, new_tokens) == transformers_greedy(
+        reference, ids, new_tokens
+    )
+    row = Row(
+        dtype_name,
+        "decode_b1",
+        new_tokens,
+        steps / ours_decode,
+        steps / theirs_decode,
+        ours_seconds=ours_full,
+        transformers_seconds=theirs_full,
+    )
+    return row, same_tokens
+
+
+# ---- fresh-process probes ---------------------------------------------------------------
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def probe_memory(dtype_name: str, implementation: str) -> dict[str, float]:
+    """Peak RSS after loading, then after one 6000-token prefill (this process only)."""
+    if implementation == "transformers":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        source = convert_gguf(locate_embedded_gguf(), Path(ModelConfig().cache_dir).expanduser())
+        reference = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype_name))
+        ids = torch.tensor(
+            corpus_token_ids(AutoTokenizer.from_pretrained(source), PREFIX_PROBE_LENGTH)
+        )
+        after_load = peak_rss_mib()
+        with torch.inference_mode():
+            transformers_prefill(reference.eval(), ids)
+    else:
+        loaded = load_model(ModelConfig(dtype=dtype_name, device="cpu"))
+        ids = torch.tensor(corpus_token_ids(loaded.tokenizer, PREFIX_PROBE_LENGTH))
+        after_load = peak_rss_mib()
+        with torch.inference_mode():
+            ours_prefill(loaded.model, pool_for(loaded.model, PREFIX_PROBE_LENGTH), ids)
+    return {"peak_rss_after_load_mib": after_load, "peak_rss_after_prefill_mib": peak_rss_mib()}
+
+
+def probe_load(dtype_name: str, cache_dir: str) -> dict[str, float]:
+    start = time.perf_counter()
+    load_model(ModelConfig(dtype=dtype_name, device="cpu", cache_dir=cache_dir))
+    return {"load_seconds": time.perf_counter() - start}
+
+
+def run_probe(*args: str) -> dict[str, float]:
+    command = [sys.executable, "-m", "ragcache.engine.bench_model", "--probe", *args]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_process_costs(dtype_name: str) -> dict[str, Any]:
+    memory = {impl: run_probe("memory", dtype_name, impl) for impl in ("ours", "transformers")}
+    with tempfile.TemporaryDirectory(prefix="ragcache-bench-cache-") as cache_dir:
+        cold = run_probe("load", dtype_name, cache_dir)["load_seconds"]
+        warm = run_probe("load", dtype_name, cache_dir)["load_seconds"]
+    return {
+        "dtype": dtype_name,
+        "memory_6000_prefill": memory,
+        "cold_load_seconds": cold,
+        "warm_load_seconds": warm,
+    }
+
+
+# ---- report -----------------------------------------------------------------------------
+
+
+def print_table(rows: list[Row], costs: list[dict[str, Any]]) -> None:
+    print(
+        f"{'dtype':9} {'metric':10} {'tokens':>6} {'ours tok/s':>11} {'hf tok/s':>10} {'ratio':>6}"
+    )
+    for r in rows:
+        print(
+            f"{r.dtype:9} {r.metric:10} {r.tokens:6d} {r.ours_tokens_per_s:11.1f} "
+            f"{r.transformers_tokens_per_s:10.1f} {r.ratio:6.2f}"
+        )
+    for c in costs:
+        mem = c["memory_6000_prefill"]
+        print(
+            f"{c['dtype']}: peak RSS load+6000 prefill ours "
+            f"{mem['ours']['peak_rss_after_prefill_mib']:.0f} MiB, transformers "
+            f"{mem['transformers']['peak_rss_after_prefill_mib']:.0f} MiB; "
+            f"cold load {c['cold_load_seconds']:.1f} s, warm load {c['warm_load_seconds']:.1f} s"
+        )
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs every point, rewriting ``args.out`` after each so a long run leaves results."""
+    from transformers import AutoModelForCausalLM
+
+    rows: list[Row] = []
+    report: dict[str, Any] = {
+        "command": " ".join(["python -m ragcache.engine.bench_model", *sys.argv[1:]]),
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "load_average_at_start": list(os.getloadavg()),
+        },
+        "settings": {
+            "block_size": BLOCK_SIZE,
+            "repeats": args.repeats,
+            "decode_prompt_tokens": args.decode_prompt,
+            "decode_new_tokens": args.decode_tokens,
+        },
+        "rows": [],
+        "greedy_tokens_identical": {},
+        "process_costs": [],
+    }
+    for dtype_name in args.dtypes:
+        loaded = load_model(ModelConfig(dtype=dtype_name, device="cpu"))
+        reference = AutoModelForCausalLM.from_pretrained(loaded.source, dtype=loaded.dtype).eval()
+        with torch.inference_mode():
+            for length in args.prefill_lengths:
+                repeats = args.repeats if length <= 2048 else max(1, args.repeats - 1)
+                rows.append(bench_prefill(loaded, reference, dtype_name, length, repeats))
+                print(rows[-1].metric, dtype_name, length, f"{rows[-1].ratio:.2f}", flush=True)
+                write_report(args.out, report, rows)
+            row, same = bench_decode(
+                loaded, reference, dtype_name, args.decode_prompt, args.decode_tokens, args.repeats
+            )
+            rows.append(row)
+            report["greedy_tokens_identical"][dtype_name] = same
+            print(row.metric, dtype_name, f"{row.ratio:.2f}", flush=True)
+            write_report(args.out, report, rows)
+        del loaded, reference
+    if args.process_costs:
+        for dtype_name in args.dtypes:
+            report["process_costs"].append(bench_process_costs(dtype_name))
+            write_report(args.out, report, rows)
+    print_table(rows, report["process_costs"])
+    report["machine"]["load_average_at_end"] = list(os.getloadavg())
+    write_report(args.out, report, rows)
+    return report
+
+
+def write_report(path: Path, report: dict[str, Any], rows: list[Row]) -> None:
+    report["rows"] = [asdict(r) for r in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("eval/reports/bench_model.json"))
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--prefill-lengths", nargs="+", type=int, default=[512, 2048, 6000])
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per point (median)")
+    parser.add_argument("--decode-prompt", type=int, default=512)
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument(
+        "--no-process-costs",
+        dest="process_costs",
+        action="store_false",
+        help="skip the subprocess memory and load-time probes",
+    )
+    parser.add_argument("--probe", nargs="+", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.probe:
+        kind, *rest = args.probe
+        result = probe_memory(*rest) if kind == "memory" else probe_load(*rest)
+        print(json.dumps(result))
+        return
+    run_benchmark(args)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
