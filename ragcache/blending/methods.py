@@ -119,7 +119,14 @@ class CacheBlend:
         return FusionPlan(recompute=chosen, fresh_layers=self.check_layer + 1, fresh=fresh)
 
 
-METHOD_NAMES = ("full_prefill", "prefix_only", "full_reuse", "cacheblend", "legolink")
+METHOD_NAMES = (
+    "full_prefill",
+    "prefix_only",
+    "full_reuse",
+    "cacheblend",
+    "legolink",
+    "sinkblend",
+)
 
 
 def make_method(name: str, **params: float) -> FusionMethod:
@@ -136,4 +143,62 @@ def make_method(name: str, **params: float) -> FusionMethod:
             ratio=float(params.get("ratio", 0.15)),
             check_layer=int(params.get("check_layer", 1)),
         )
+    if name == "sinkblend":
+        return SinkAwareBlend(
+            ratio=float(params.get("ratio", 0.15)),
+            check_layer=int(params.get("check_layer", 1)),
+            sink_tokens=int(params.get("sink_tokens", 8)),
+            query_weight=float(params.get("query_weight", 0.0)),
+        )
     raise ValueError(f"fusion method {name!r} is unknown; use one of {', '.join(METHOD_NAMES)}")
+
+
+def query_attention(ctx: FusionContext, fresh: FreshPass, layer: int) -> torch.Tensor:
+    """Mean attention of the query tokens to each context token at one layer (fresh keys)."""
+    q = fresh.query_q[layer].float()  # [nq, Hq, D]
+    k = fresh.k[layer].float()  # [n, Hkv, D]
+    group = q.shape[1] // k.shape[1]
+    keys = k.repeat_interleave(group, dim=1)  # [n, Hq, D]
+    scores = torch.einsum("qhd,nhd->hqn", q, keys) * q.shape[-1] ** -0.5
+    probs = torch.softmax(scores, dim=-1)
+    return probs.mean(dim=(0, 1))[ctx.context_indices]
+
+
+@dataclass(slots=True)
+class SinkAwareBlend:
+    """Our selection: chunk heads first, then what the query reads that has drifted.
+
+    Each chunk after the first was cached as if it opened the prompt, so its leading
+    tokens carry attention-sink keys that divert attention in the fused prompt; they
+    are repaired unconditionally (a small fixed share of the budget). The rest of the
+    budget goes to the tokens with the largest value deviation at the check layer,
+    optionally weighted by how much the query attends to them there.
+    """
+
+    ratio: float = 0.15
+    check_layer: int = 1
+    sink_tokens: int = 8
+    query_weight: float = 0.0
+    name: str = "sinkblend"
+
+    def plan(self, ctx: FusionContext) -> FusionPlan:
+        layout = ctx.layout
+        fresh = run_fresh_pass(ctx.model, layout, self.check_layer + 1)
+        context = ctx.context_indices
+        budget = round(self.ratio * len(context))
+        heads: list[int] = []
+        for start, ids in zip(layout.chunk_starts[1:], layout.chunk_ids[1:], strict=True):
+            heads.extend(range(start, start + min(self.sink_tokens, len(ids))))
+        heads = heads[:budget]
+        scores = value_deviation(ctx, fresh, self.check_layer)
+        if self.query_weight > 0:
+            attention = query_attention(ctx, fresh, self.check_layer)
+            scores = scores * (attention / attention.mean()).pow(self.query_weight)
+        offset = len(layout.root_ids)
+        taken = torch.zeros(len(context), dtype=torch.bool)
+        taken[[h - offset for h in heads]] = True
+        scores = scores.masked_fill(taken, float("-inf"))
+        rest = budget - len(heads)
+        extra = scores.topk(rest).indices if rest > 0 else torch.empty(0, dtype=torch.long)
+        chosen = sorted(heads + context[extra].tolist())
+        return FusionPlan(recompute=chosen, fresh_layers=self.check_layer + 1, fresh=fresh)

@@ -52,7 +52,12 @@ class Engine:
             self.config.max_num_batched_tokens,
             make_policy(self.config.scheduling_policy),
             on_admit=self._plan,
+            on_preempt=self._swap_out if self.config.preemption_mode == "swap" else None,
         )
+        if self.config.preemption_mode not in ("recompute", "swap"):
+            raise ValueError(
+                f"engine.preemption_mode={self.config.preemption_mode!r}; use recompute or swap"
+            )
         self.sampler = Sampler()
         self.requests: dict[str, Sequence] = {}
         self.eos_ids = set(self.spec.eos_token_ids)
@@ -60,6 +65,7 @@ class Engine:
             self.eos_ids.add(int(self.tokenizer.eos_token_id))
         self.max_model_len = min(self.spec.max_position, num_blocks * self.config.block_size)
         self.num_steps = 0
+        self.num_swapped_out = 0
         self.num_generated_tokens = 0
         self.num_prompt_tokens_computed = 0
 
@@ -113,7 +119,46 @@ class Engine:
         if any(not 0 <= i < placed.num_tokens for i in placed.recompute):
             raise InvalidRequestError("placed.recompute indices must lie below its token count")
 
+    def _swap_out(self, seq: Sequence) -> None:
+        """Copy a decoding sequence's KV to host memory before its blocks are freed."""
+        if seq.in_prefill or not seq.block_table:
+            return
+        computed = len(seq) - 1
+        bs = self.pool.block_size
+        slots = torch.tensor([seq.slot(i, bs) for i in range(computed)], device=self.pool.device)
+        pin = self.pool.device.type == "cuda"
+        ks, vs = [], []
+        for layer in range(self.spec.num_layers):
+            k, v = self.pool.read_slots(layer, slots)
+            ks.append(k.to("cpu").pin_memory() if pin else k.clone())
+            vs.append(v.to("cpu").pin_memory() if pin else v.clone())
+        seq.swapped = (ks, vs)
+        self.num_swapped_out += 1
+
+    def _swap_in(self, seq: Sequence) -> None:
+        assert seq.swapped is not None
+        ks, vs = seq.swapped
+        start = seq.num_cached_tokens
+        computed = ks[0].shape[0]
+        bs = self.pool.block_size
+        slots = torch.tensor(
+            [seq.slot(i, bs) for i in range(start, computed)], device=self.pool.device
+        )
+        for layer in range(self.spec.num_layers):
+            self.pool.write_slots(
+                layer,
+                slots,
+                ks[layer][start:].to(self.pool.device),
+                vs[layer][start:].to(self.pool.device),
+            )
+        seq.swapped = None
+        seq.plan = list(range(computed, len(seq)))
+        seq.num_planned_done = 0
+
     def _plan(self, seq: Sequence) -> None:
+        if seq.swapped is not None:
+            self._swap_in(seq)
+            return
         start = seq.num_cached_tokens
         if seq.placed is None:
             seq.plan = list(range(start, len(seq)))
@@ -248,6 +293,7 @@ class Engine:
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_swapped_out": self.num_swapped_out,
             "num_steps": self.num_steps,
             "num_generated_tokens": self.num_generated_tokens,
         }

@@ -2,8 +2,9 @@
 
 Every step takes decodes first (one token each), then continues or admits prefills
 until the step's token budget is spent. When a decode finds no free block, the
-lowest-priority running sequence is preempted: its blocks are freed and it is
-recomputed later, which gives the same output because its tokens are kept.
+lowest-priority running sequence is preempted: its blocks are freed and, later, its
+KV is either recomputed from its kept tokens or copied back from host memory where
+it was swapped; both give the same output.
 
 Policies order the candidates: FCFS by arrival; the skip-join multi-level feedback
 queue (FastServe) starts a request at the level its prompt length earns, demotes it
@@ -101,12 +102,14 @@ class Scheduler:
         max_num_batched_tokens: int,
         policy: FCFSPolicy | SkipJoinMLFQPolicy,
         on_admit: Callable[[Sequence], None] | None = None,
+        on_preempt: Callable[[Sequence], None] | None = None,
     ) -> None:
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.policy = policy
         self.on_admit = on_admit
+        self.on_preempt = on_preempt
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -126,6 +129,8 @@ class Scheduler:
             self.waiting.remove(seq)
 
     def _preempt(self, seq: Sequence) -> None:
+        if self.on_preempt is not None:
+            self.on_preempt(seq)
         self.running.remove(seq)
         self.blocks.free(seq)
         seq.reset_for_recompute()

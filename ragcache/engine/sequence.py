@@ -83,6 +83,7 @@ class Sequence:
         self.queue_level = 0
         self.steps_at_level = 0
         self.num_preemptions = 0
+        self.swapped: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -135,3 +135,16 @@ def test_thousand_requests_with_cancellations_leave_no_leak(engine_model: Loaded
     assert all(block.ref_count == 0 for block in manager.blocks)
     assert manager.num_cached_free_blocks > 0
     assert not engine.requests
+
+
+def test_swap_preemption_resumes_with_identical_output(engine_model: LoadedModel) -> None:
+    prompts = random_prompts(6, seed=8, low=30, high=60)
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    reference = make_engine(engine_model, enable_prefix_caching=False)
+    expected = [reference.generate([p], params)[0].token_ids for p in prompts]
+    per_block = engine_model.spec.kv_bytes_per_token * 8 * 4
+    engine = make_engine(engine_model, kv_cache_bytes=per_block * 24, preemption_mode="swap")
+    outputs = engine.generate(prompts, params)
+    assert engine.num_swapped_out > 0
+    assert [o.token_ids for o in outputs] == expected
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
