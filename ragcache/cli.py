@@ -1,4 +1,4 @@
-"""The ``ragcache`` command: serve | ingest | query | cache | bench.
+"""The ``ragcache`` command: serve | ingest | query | cache | eval | bench.
 
 Every command takes ``--config FILE`` and any config field as ``--section.field VALUE``
 (``ragcache serve --help`` lists them all).
@@ -59,8 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--json", action="store_true", help="print the whole result as JSON")
     cache = add("cache", "show or clear the chunk cache")
     cache.add_argument("action", choices=("stats", "clear"))
+    evaluate = commands.add_parser(
+        "eval", help="quality-vs-latency sweep of fusion methods", add_help=False
+    )
+    evaluate.add_argument("rest", nargs=argparse.REMAINDER)
     bench = commands.add_parser("bench", help="benchmarks", add_help=False)
-    bench.add_argument("target", choices=("model",), help="what to benchmark")
+    bench.add_argument("target", choices=tuple(BENCHMARKS), help="what to benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
@@ -179,20 +183,30 @@ def _serve(args: argparse.Namespace, config: Config) -> None:
     uvicorn.run(app, host=server.host, port=server.port, log_level=config.log_level)
 
 
-def _bench(args: argparse.Namespace) -> None:
+BENCHMARKS = {
+    "model": "ragcache.engine.bench_model",
+    "engine": "ragcache.engine.bench_engine",
+    "policy": "ragcache.chunkstore.bench_policy",
+    "tiers": "ragcache.chunkstore.bench_tiers",
+    "recall": "ragcache.retriever.bench_recall",
+}
+
+
+def _delegate(module_name: str, rest: list[str]) -> int:
     try:
-        module = importlib.import_module("ragcache.engine.bench_model")
+        module = importlib.import_module(module_name)
     except ImportError as error:
-        raise SystemExit(f"ragcache bench model is not available: {error}") from None
-    module.main(list(args.rest))
+        raise SystemExit(f"{module_name} is not available: {error}") from None
+    return int(module.main(rest) or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = _parser().parse_known_args(argv)
     if args.command == "bench":
-        _bench(args)
-        return 0
+        return _delegate(BENCHMARKS[args.target], list(args.rest))
+    if args.command == "eval":
+        return _delegate("ragcache.evaluation.run_fusion", list(args.rest))
     try:
         config = load_config(args.config, _config_flags(extra))
         logging.basicConfig(level=config.log_level.upper())

@@ -101,7 +101,7 @@ def simulate(
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="eval/reports/bench_policy.json")
     parser.add_argument("--chunks", type=int, default=2000)
@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument("--capacity-fraction", type=float, default=0.2)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--shapes", nargs="+", default=list(TRACES), choices=list(TRACES))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cost_model = CostModel()
     names = [*POLICIES, "pgdsf-f2"]
     runs = []

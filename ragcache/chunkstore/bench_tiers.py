@@ -48,12 +48,12 @@ def make_chunk() -> ChunkEntry:
     return ChunkEntry(chunk_key(context, [], tokens), tokens, tokens, layers, [], context)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="eval/reports/bench_tiers.json")
     parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--runs", type=int, default=5, help="report the median over runs")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     entry = make_chunk()
     nbytes = entry.nbytes
     flat = np.frombuffer(np.random.bytes(nbytes), dtype=np.uint8)

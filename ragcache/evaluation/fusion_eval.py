@@ -19,6 +19,7 @@ from typing import Any
 from ragcache.blending.chunk_kv import ChunkEncoder, ChunkKV
 from ragcache.blending.fuser import FusedRequest, fuse
 from ragcache.blending.methods import make_method
+from ragcache.chunkstore.codecs import CODECS, get_codec
 from ragcache.engine.engine import Engine
 from ragcache.engine.sampling_params import SamplingParams
 from ragcache.evaluation.metrics import (
@@ -36,6 +37,7 @@ class Setting:
     label: str
     method: str
     params: dict[str, float] = field(default_factory=dict)
+    codec: str = "raw"
 
 
 def default_sweep() -> list[Setting]:
@@ -52,16 +54,35 @@ def default_sweep() -> list[Setting]:
 
 
 def parse_settings(specs: Iterable[str]) -> list[Setting]:
-    """'cacheblend:ratio=0.15,check_layer=1' -> Setting; a bare name takes defaults."""
+    """'cacheblend:ratio=0.15,check_layer=1' -> Setting; a bare name takes defaults.
+
+    ``codec=int8`` stores the chunks' KV through that codec before fusing them.
+    """
     out = []
     for spec in specs:
         name, _, rest = spec.partition(":")
-        params = {}
+        params: dict[str, float] = {}
+        codec = "raw"
         for pair in filter(None, rest.split(",")):
             key, _, value = pair.partition("=")
-            params[key] = float(value)
+            if key == "codec":
+                codec = value
+            else:
+                params[key] = float(value)
         label = name + "".join(f"-{v:g}" for v in params.values())
-        out.append(Setting(label, name, params))
+        label += "" if codec == "raw" else f"-{codec}"
+        out.append(Setting(label, name, params, codec))
+    return out
+
+
+def through_codec(chunks: list[ChunkKV], codec_name: str) -> list[ChunkKV]:
+    """The chunks as a store with that codec would hand them back."""
+    codec = get_codec(codec_name)
+    out = []
+    for chunk in chunks:
+        k = [codec.decode(codec.encode(t), t.dtype, tuple(t.shape)) for t in chunk.k]
+        v = [codec.decode(codec.encode(t), t.dtype, tuple(t.shape)) for t in chunk.v]
+        out.append(ChunkKV(chunk.token_ids, k, v, chunk.positions))
     return out
 
 
@@ -136,7 +157,8 @@ class FusionEvaluator:
         start = len(layout)
         outcomes = []
         for setting in settings:
-            fused = self._fuse(layout, chunks, setting)
+            stored = chunks if setting.codec == "raw" else through_codec(chunks, setting.codec)
+            fused = self._fuse(layout, stored, setting)
             prepare = fused.report.prepare_s
             ids, _, ttft = self._run(fused, [], greedy)
             _, logprobs, _ = self._run(fused, ref_ids, scoring)
@@ -178,6 +200,7 @@ def summarize(outcomes: list[Outcome]) -> dict[str, dict[str, float]]:
             "ttft_s": statistics.median(r.ttft_s for r in rows),
             "recompute_fraction": statistics.fmean(r.recompute_fraction for r in rows),
         }
+    _codec_agreement(by_setting, summary)
     full = summary.get("full_prefill")
     reuse = summary.get("full_reuse")
     for row in summary.values():
@@ -186,6 +209,25 @@ def summarize(outcomes: list[Outcome]) -> dict[str, dict[str, float]]:
         if full and reuse:
             row["gap_closed"] = gap_closed(row["nll"], reuse["nll"], full["nll"])
     return summary
+
+
+def _codec_agreement(
+    by_setting: dict[str, list[Outcome]], summary: dict[str, dict[str, float]]
+) -> None:
+    """For a '<setting>-<codec>' row, agreement with the same setting on raw KV."""
+    for label, rows in by_setting.items():
+        base_label, _, codec = label.rpartition("-")
+        if codec not in CODECS or codec == "raw" or base_label not in by_setting:
+            continue
+        base = {r.example: r.answer_ids for r in by_setting[base_label]}
+        pairs = [(r.answer_ids, base[r.example]) for r in rows if r.example in base]
+        if pairs:
+            summary[label]["first_token_vs_raw"] = statistics.fmean(
+                prefix_agreement(a, b, 1) for a, b in pairs
+            )
+            summary[label]["agree16_vs_raw"] = statistics.fmean(
+                prefix_agreement(a, b, 16) for a, b in pairs
+            )
 
 
 def load_outcomes(path: Path) -> list[Outcome]:

@@ -1,0 +1,76 @@
+"""Answer and fidelity metrics on hand-made cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from ragcache.evaluation.fusion_eval import Outcome, parse_settings, summarize
+from ragcache.evaluation.metrics import (
+    exact_match,
+    f1_score,
+    gap_closed,
+    mean_nll,
+    normalize_answer,
+    prefix_agreement,
+)
+
+
+def test_normalisation_drops_case_punctuation_articles_and_spaces() -> None:
+    assert normalize_answer("  The  Eiffel-Tower, in Paris! ") == "eiffeltower in paris"
+    assert normalize_answer("An apple a day") == "apple day"
+
+
+def test_exact_match_takes_the_best_gold() -> None:
+    assert exact_match("the Beatles", ["Rolling Stones", "Beatles"]) == 1.0
+    assert exact_match("Beatles band", ["Beatles"]) == 0.0
+
+
+def test_f1_counts_token_overlap() -> None:
+    assert f1_score("John Smith", ["John Smith"]) == 1.0
+    assert f1_score("Smith", ["John Smith"]) == pytest.approx(2 * 1.0 * 0.5 / 1.5)
+    assert f1_score("nothing here", ["John Smith"]) == 0.0
+    assert f1_score("", [""]) == 1.0
+    assert f1_score("x", []) == 0.0
+
+
+def test_prefix_agreement_compares_the_leading_tokens() -> None:
+    assert prefix_agreement([1, 2, 3, 9], [1, 2, 3, 4], 3) == 1.0
+    assert prefix_agreement([1, 2, 3, 9], [1, 2, 3, 4], 4) == 0.0
+    assert prefix_agreement([1, 2], [1, 2], 16) == 1.0
+
+
+def test_nll_and_gap_closed() -> None:
+    assert mean_nll([-1.0, -3.0]) == 2.0
+    assert gap_closed(method_nll=1.5, reuse_nll=2.0, prefill_nll=1.0) == 0.5
+    assert gap_closed(method_nll=1.0, reuse_nll=2.0, prefill_nll=1.0) == 1.0
+    assert math.isnan(gap_closed(1.0, 1.0, 1.0))
+
+
+def outcome(example: int, setting: str, nll: float, ids: list[int], ttft: float) -> Outcome:
+    return Outcome(example, setting, ttft, 0.0, 0.5, ids, "", nll, 1.0, 1.0, 0.0, 0.0)
+
+
+def test_summary_reports_gap_speedup_and_codec_agreement() -> None:
+    rows = [
+        outcome(0, "full_prefill", 1.0, [5, 6], 10.0),
+        outcome(0, "full_reuse", 3.0, [5, 7], 1.0),
+        outcome(0, "cacheblend-0.15", 2.0, [5, 6], 4.0),
+        outcome(0, "full_reuse-int8", 3.1, [5, 8], 1.0),
+    ]
+    summary = summarize(rows)
+    assert summary["cacheblend-0.15"]["gap_closed"] == pytest.approx(0.5)
+    assert summary["full_reuse"]["speedup"] == pytest.approx(10.0)
+    assert summary["full_reuse-int8"]["first_token_vs_raw"] == 1.0
+    assert summary["full_reuse-int8"]["agree16_vs_raw"] == 0.0
+
+
+def test_settings_parse_parameters_and_codec() -> None:
+    blend, reuse = parse_settings(["cacheblend:ratio=0.3,check_layer=2", "full_reuse:codec=int8"])
+    assert (blend.method, blend.params, blend.label) == (
+        "cacheblend",
+        {"ratio": 0.3, "check_layer": 2.0},
+        "cacheblend-0.3-2",
+    )
+    assert (reuse.codec, reuse.label) == ("int8", "full_reuse-int8")
