@@ -43,7 +43,13 @@ class ServerConfig:
         default="",
         metadata={"help": "comma-separated key=tenant pairs; empty means no auth, loopback only"},
     )
-    admin_keys: str = field(default="", metadata={"help": "comma-separated admin API keys"})
+    admin_keys: str = field(
+        default="",
+        metadata={"help": "comma-separated admin API keys (key or key=tenant); any key works too"},
+    )
+    max_n: int = field(
+        default=8, metadata={"help": "most choices (n) one OpenAI-style request may ask for"}
+    )
 
 
 @dataclass(slots=True)

@@ -8,10 +8,14 @@ loop thread between decoding steps, never beside them.
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
+import hashlib
 import re
+import threading
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,7 @@ from ragcache.data_manifest import Manifest, open_manifest
 from ragcache.engine.async_engine import AsyncEngine
 from ragcache.engine.engine import Engine
 from ragcache.engine.loader import LoadedModel, load_model
+from ragcache.engine.outputs import RequestOutput
 from ragcache.engine.sampling_params import InvalidRequestError, SamplingParams
 from ragcache.ingest import (
     FileSource,
@@ -45,6 +50,7 @@ from ragcache.retriever.embedder import Embedder, SentenceTransformerEmbedder
 from ragcache.retriever.retriever import Retriever
 from ragcache.service_config import KV_PRECOMPUTE_MODES
 from ragcache.service_errors import (
+    ConflictError,
     InvalidInputError,
     InvalidParameterError,
     NotFoundError,
@@ -53,6 +59,15 @@ from ragcache.service_errors import (
 )
 
 _PARAM_IN_MESSAGE = re.compile(r"sampling parameter (\w+)=")
+# Stored names of a tenant's corpora start with a digest of the tenant id, so they stay
+# valid corpus names whatever the tenant id is; the default tenant may not use the form.
+_TENANT_CORPUS_PREFIX = re.compile(r"^t[0-9a-f]{8}--")
+
+
+def tenant_corpus_prefix(tenant: str) -> str:
+    if not tenant:
+        return ""
+    return "t" + hashlib.blake2b(tenant.encode(), digest_size=4).hexdigest() + "--"
 
 
 @dataclass(slots=True)
@@ -63,6 +78,58 @@ class PreparedQuery:
     usage: CacheUsage
     sampling: SamplingParams
     timings: dict[str, float | None]
+    received: float = 0.0
+    cached_spans: list[tuple[int, int]] = field(default_factory=list)
+    length_param: str = "k"
+
+    def cached_tokens(self, engine_cached: int) -> int:
+        """Prompt tokens whose KV came from a cache: the engine's prefix cache, then the
+        chunk-cache hits that lie after it (never counted twice)."""
+        after = sum(max(0, end - max(start, engine_cached)) for start, end in self.cached_spans)
+        return engine_cached + after
+
+
+@dataclass(slots=True, frozen=True)
+class GenerationRecord:
+    """One finished generation, as handed to ``RagCache.observers``."""
+
+    tenant: str
+    queue_s: float  # arrival at the service -> submission to the engine
+    ttft_s: float | None
+    e2e_s: float
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    recompute_fraction: float | None  # None for prompts without chunks
+
+
+@dataclass(slots=True)
+class IngestTotals:
+    documents: int = 0
+    chunks: int = 0
+    jobs_running: int = 0
+
+
+class TenantJobs:
+    """The ingest jobs of one tenant's corpora, shown under their public names."""
+
+    def __init__(self, runner: JobRunner, prefix: str) -> None:
+        self.runner = runner
+        self.prefix = prefix
+
+    def submit(self, kind: str, corpus: str, work: Callable[[Progress], dict[str, Any]]) -> Job:
+        return self.runner.submit(kind, corpus, work)
+
+    def get(self, job_id: str) -> Job:
+        job = self.runner.get(job_id)
+        owned = (
+            job.corpus.startswith(self.prefix)
+            if self.prefix
+            else not _TENANT_CORPUS_PREFIX.match(job.corpus)
+        )
+        if not owned:
+            raise NotFoundError(f"job {job_id!r} does not exist (or is too old to be kept)", "id")
+        return dataclasses.replace(job, corpus=job.corpus[len(self.prefix) :])
 
 
 class RagCache:
@@ -118,11 +185,50 @@ class RagCache:
         self.ingestor = Ingestor(
             self.corpora, self.chunker, self.embedder, precompute, self.prompts.separator_ids
         )
-        self.jobs = JobRunner(service.job_history)
+        self.jobs: JobRunner | TenantJobs = JobRunner(service.job_history)
+        self.tenant = ""
+        self.observers: list[Callable[[GenerationRecord], None]] = []
+        self.ingest_totals = IngestTotals()
+        self._views: dict[str, RagCache] = {}
+        self._views_lock = threading.Lock()
+
+    def for_tenant(self, tenant: str) -> RagCache:
+        """This service as one tenant sees it: its own corpora, jobs, chunk-cache keys and
+        engine prefix-cache salt. Views share every component; close only the parent."""
+        if tenant == self.tenant:
+            return self
+        if self.tenant:
+            raise RuntimeError("for_tenant is called on the parent service, not on a view")
+        with self._views_lock:
+            view = self._views.get(tenant)
+            if view is None:
+                view = copy.copy(self)
+                view.tenant = tenant
+                context = dataclasses.replace(self.chunk_cache.tree.context, tenant=tenant)
+                view.chunk_cache = ChunkCache(
+                    self.chunk_cache.store, context, self.prompts.root_ids
+                )
+                precompute = (
+                    view._precompute_kv if self.config.service.kv_precompute == "eager" else None
+                )
+                view.ingestor = Ingestor(
+                    self.corpora,
+                    self.chunker,
+                    self.embedder,
+                    precompute,
+                    self.prompts.separator_ids,
+                )
+                assert isinstance(self.jobs, JobRunner)
+                view.jobs = TenantJobs(self.jobs, tenant_corpus_prefix(tenant))
+                self._views[tenant] = view
+        return view
 
     def close(self) -> None:
+        assert isinstance(self.jobs, JobRunner), "close the parent service, not a tenant view"
         self.jobs.shutdown()
         self.async_engine.shutdown()
+        for view in self._views.values():
+            view.chunk_cache.tree.close()
         self.chunk_cache.close()
         self.corpora.close()
 
@@ -134,20 +240,57 @@ class RagCache:
 
     # ---- corpora and documents -------------------------------------------------------
 
+    def _owns(self, stored_name: str) -> bool:
+        prefix = tenant_corpus_prefix(self.tenant)
+        if prefix:
+            return stored_name.startswith(prefix)
+        return not _TENANT_CORPUS_PREFIX.match(stored_name)
+
+    def _public(self, info: CorpusInfo) -> CorpusInfo:
+        prefix = tenant_corpus_prefix(self.tenant)
+        return dataclasses.replace(info, name=info.name[len(prefix) :])
+
+    def _stored_name(self, name: str, *, must_exist: bool = True) -> str:
+        """The stored name of this tenant's corpus ``name``; unknown names raise 404
+        without naming other tenants' corpora."""
+        prefix = tenant_corpus_prefix(self.tenant)
+        if not isinstance(name, str) or not name or _TENANT_CORPUS_PREFIX.match(name):
+            raise InvalidParameterError(f"corpus name {name!r} is invalid", "corpus")
+        stored = prefix + name
+        if must_exist and stored not in {c.name for c in self.corpora.list()}:
+            known = ", ".join(c.name for c in self.list_corpora()) or "none yet"
+            raise NotFoundError(f"corpus {name!r} does not exist (corpora: {known})", "corpus")
+        return stored
+
     def create_corpus(self, name: str, description: str = "") -> CorpusInfo:
-        return self.corpora.create(name, description)
+        prefix = tenant_corpus_prefix(self.tenant)
+        if isinstance(name, str) and _TENANT_CORPUS_PREFIX.match(name):
+            raise InvalidParameterError(
+                f"corpus name {name!r} is invalid: names of the form t<8 hex digits>-- "
+                "are reserved for tenant namespaces",
+                "name",
+            )
+        if prefix and isinstance(name, str) and len(name) > 64 - len(prefix):
+            raise InvalidParameterError(
+                f"corpus name {name!r} is too long; use at most {64 - len(prefix)} characters",
+                "name",
+            )
+        stored = self._stored_name(name, must_exist=False)
+        if stored in {c.name for c in self.corpora.list()}:
+            raise ConflictError(f"corpus {name!r} already exists", "name")
+        return self._public(self.corpora.create(stored, description))
 
     def list_corpora(self) -> list[CorpusInfo]:
-        return self.corpora.list()
+        return [self._public(c) for c in self.corpora.list() if self._owns(c.name)]
 
     def get_corpus(self, name: str) -> CorpusInfo:
-        return self.corpora.get(name)
+        return self._public(self.corpora.get(self._stored_name(name)))
 
     def delete_corpus(self, name: str) -> None:
-        self.corpora.delete(name)
+        self.corpora.delete(self._stored_name(name))
 
     def list_documents(self, corpus: str) -> list[DocumentRecord]:
-        return self.corpora.documents(corpus)
+        return self.corpora.documents(self._stored_name(corpus))
 
     def ingest(
         self,
@@ -159,17 +302,30 @@ class RagCache:
     ) -> IngestResult:
         """Adds files (paths, folders or (bytes, filename) pairs) to a corpus."""
         documents = parse_documents(read_sources(sources))
-        if create and corpus not in {c.name for c in self.corpora.list()}:
-            self.corpora.create(corpus)
-        return self.ingestor.ingest(corpus, documents, progress)
+        if create and corpus not in {c.name for c in self.list_corpora()}:
+            self.create_corpus(corpus)
+        result = self.ingestor.ingest(self._stored_name(corpus), documents, progress)
+        self._count_ingested(result)
+        result.corpus = corpus
+        return result
+
+    def _count_ingested(self, result: IngestResult) -> None:
+        totals = self.ingest_totals
+        totals.documents += len(result.added) + len(result.replaced)
+        totals.chunks += result.chunks_added
 
     def submit_ingest(self, sources: Sequence[FileSource], corpus: str) -> Job:
         """Validates the files now and ingests them in the background; returns the job."""
-        self.corpora.get(corpus)
+        stored = self._stored_name(corpus)
         documents = parse_documents(read_sources(sources))
 
         def work(progress: Progress) -> dict[str, Any]:
-            result = self.ingestor.ingest(corpus, documents, progress)
+            self.ingest_totals.jobs_running += 1
+            try:
+                result = self.ingestor.ingest(stored, documents, progress)
+            finally:
+                self.ingest_totals.jobs_running -= 1
+            self._count_ingested(result)
             return {
                 "added": result.added,
                 "replaced": result.replaced,
@@ -179,12 +335,13 @@ class RagCache:
                 "seconds": result.seconds,
             }
 
-        return self.jobs.submit("ingest", corpus, work)
+        return self.jobs.submit("ingest", stored, work)
 
     def delete_document(self, corpus: str, doc_id: str) -> None:
+        stored = self._stored_name(corpus)
         with self.corpora.write_lock:
-            change = self.corpora.begin_change(corpus)
-            record = self.corpora.document(corpus, doc_id)
+            change = self.corpora.begin_change(stored)
+            record = self.corpora.document(stored, doc_id)
             if record is None:
                 raise NotFoundError(f"document {doc_id!r} is not in corpus {corpus!r}", "doc_id")
             change.removed.append(record)
@@ -216,7 +373,14 @@ class RagCache:
     # ---- retrieval and queries ---------------------------------------------------------
 
     def retrieve(self, text: str, corpus: str, k: int | None = None) -> list[SourceChunk]:
-        return self._retrieve(text, corpus, self._check_k(k))[0]
+        return self._retrieve(text, self._stored_name(corpus), self._check_k(k))[0]
+
+    def embed(self, texts: Sequence[str]) -> tuple[list[list[float]], int]:
+        """Embedding vectors of ``texts`` from the retriever's embedder, and the number of
+        tokens they hold (counted with the served model's tokenizer)."""
+        vectors = self.embedder.embed(list(texts))
+        tokens = sum(len(self.prompts.encode(text)) for text in texts)
+        return vectors.tolist(), tokens
 
     def _check_k(self, k: int | None) -> int:
         k = self.config.retriever.top_k if k is None else k
@@ -277,28 +441,51 @@ class RagCache:
         sampling: SamplingParams | None = None,
     ) -> AsyncIterator[str | QueryResult]:
         """Answer text pieces as they decode, then the QueryResult."""
-        began = time.perf_counter()
         prepared = await asyncio.to_thread(
-            self._prepare, text, corpus, k, method, method_params or {}, sampling
+            self.prepare_corpus, text, corpus, k, method, method_params or {}, sampling
         )
+        last: RequestOutput | None = None
+        async for out in self.generate(prepared):
+            last = out
+            if out.new_text:
+                yield out.new_text
+        assert last is not None
+        yield QueryResult(
+            last.text,
+            last.finish_reason,
+            prepared.sources,
+            prepared.usage,
+            prepared.timings,
+            len(prepared.fused.prompt_ids),
+            len(last.token_ids),
+        )
+
+    async def generate(
+        self, prepared: PreparedQuery, sampling: SamplingParams | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Engine outputs of a prepared prompt as they decode (``sampling`` overrides the
+        prepared one, e.g. another seed per choice). Fills the prepared usage and timings
+        and tells the observers once it finishes."""
         fused = prepared.fused
         submitted = time.perf_counter()
         first: float | None = None
-        last = None
+        last: RequestOutput | None = None
         try:
             async for out in self.async_engine.stream(
                 fused.prompt_ids,
-                prepared.sampling,
+                sampling or prepared.sampling,
                 placed=fused.placed,
+                cache_salt=self.tenant,
                 use_prefix_cache=fused.use_prefix_cache,
             ):
                 if out.finish_reason == "error":
-                    raise PromptTooLongError(out.error or "the engine refused the prompt", "k")
+                    raise PromptTooLongError(
+                        out.error or "the engine refused the prompt", prepared.length_param
+                    )
                 if first is None and out.token_ids:
                     first = time.perf_counter()
                 last = out
-                if out.new_text:
-                    yield out.new_text
+                yield out
         except InvalidRequestError as error:
             raise InvalidInputError(str(error)) from None
         finished = time.perf_counter()
@@ -307,17 +494,21 @@ class RagCache:
         timings = prepared.timings
         timings["prefill"] = None if first is None else first - submitted
         timings["decode"] = None if first is None else finished - first
-        timings["ttft"] = None if first is None else first - began
-        timings["total"] = finished - began
-        yield QueryResult(
-            last.text,
-            last.finish_reason,
-            prepared.sources,
-            prepared.usage,
-            timings,
+        timings["ttft"] = None if first is None else first - prepared.received
+        timings["total"] = finished - prepared.received
+        report = fused.report
+        record = GenerationRecord(
+            self.tenant,
+            submitted - prepared.received,
+            timings["ttft"],
+            finished - prepared.received,
             len(fused.prompt_ids),
             len(last.token_ids),
+            prepared.cached_tokens(last.num_cached_tokens),
+            report.recompute_fraction if report.context_tokens else None,
         )
+        for observer in list(self.observers):
+            observer(record)
 
     def _sampling(self, sampling: SamplingParams | None) -> SamplingParams:
         sampling = sampling or SamplingParams(max_tokens=self.config.service.max_tokens)
@@ -363,7 +554,7 @@ class RagCache:
         used = {"ratio": ratio, "check_layer": check_layer, "k": legolink_k}
         return make_method(name, **used), used
 
-    def _prepare(
+    def prepare_corpus(
         self,
         text: str,
         corpus: str,
@@ -372,47 +563,149 @@ class RagCache:
         method_params: dict[str, float],
         sampling: SamplingParams | None,
     ) -> PreparedQuery:
+        """A RAG prompt over the ``k`` chunks of ``corpus`` that best match ``text``."""
+        received = time.perf_counter()
         sampling = self._sampling(sampling)
         method, params = self._method(method_name, method_params)
         k = self._check_k(k)
-        began = time.perf_counter()
-        sources, records = self._retrieve(text, corpus, k)
-        retrieved = time.perf_counter()
+        sources, records = self._retrieve(text, self._stored_name(corpus), k)
         chunks = [record.token_ids + self.prompts.separator_ids for record in records]
-        layout = self.prompts.layout(chunks, text)
+        hint = f"{len(chunks)} retrieved chunks and the question", "lower k or shorten the question"
+        prepared = self._prepare_chunks(chunks, text, sources, method, params, sampling, "k", hint)
+        prepared.timings["retrieval"] = prepared.received - received
+        prepared.received = received
+        return prepared
+
+    def prepare_documents(
+        self,
+        documents: Sequence[str],
+        question: str,
+        method_name: str | None = None,
+        method_params: dict[str, float] | None = None,
+        sampling: SamplingParams | None = None,
+        param: str = "documents",
+    ) -> PreparedQuery:
+        """A RAG prompt over documents the caller retrieved: each text is one chunk, its
+        KV cached by content (under this tenant), then fused before the question."""
+        sampling = self._sampling(sampling)
+        method, params = self._method(method_name, method_params or {})
+        limit = self.config.service.max_k
+        if not 1 <= len(documents) <= limit:
+            raise InvalidParameterError(
+                f"{param} holds {len(documents)} documents; send 1 to {limit}", param
+            )
+        for number, text in enumerate(documents):
+            if not isinstance(text, str) or not text.strip():
+                raise InvalidInputError(
+                    f"{param}[{number}] is empty; every document must be non-empty text", param
+                )
+        chunks = [self.prompts.chunk_ids(text) for text in documents]
+        sources = [
+            SourceChunk(number, f"{param}[{number}]", text, 0.0, 0, len(text), "request")
+            for number, text in enumerate(documents)
+        ]
+        hint = f"{len(chunks)} documents and the question", "send fewer or shorter documents"
+        prepared = self._prepare_chunks(
+            chunks, question, sources, method, params, sampling, param, hint
+        )
+        prepared.timings["retrieval"] = 0.0
+        return prepared
+
+    def prepare_prompt(
+        self, prompt_ids: list[int], sampling: SamplingParams | None = None, param: str = "prompt"
+    ) -> PreparedQuery:
+        """A plain prompt, without chunks: the engine's prefix cache alone applies."""
+        received = time.perf_counter()
+        sampling = self._sampling(sampling)
+        if not prompt_ids:
+            raise InvalidInputError(f"{param} is empty; send at least one token", param)
+        limit = self.engine.max_model_len
+        if len(prompt_ids) >= limit:
+            raise PromptTooLongError(
+                f"the prompt has {len(prompt_ids)} tokens; this model and KV pool accept at "
+                f"most {limit - 1}: shorten it",
+                param,
+            )
+        report = FusionReport("none", 0, 0, 0, 0.0)
+        fused = FusedRequest(list(prompt_ids), None, True, report)
+        return PreparedQuery(
+            list(prompt_ids), fused, [], CacheUsage("none"), sampling, {}, received, [], param
+        )
+
+    def chat_prompt_ids(self, messages: Sequence[tuple[str, str]]) -> list[int]:
+        """Token ids of (role, content) messages through the model's chat template, ending
+        with the assistant's turn; a plain "Role: content" layout without a template."""
+        tokenizer = self.loaded.tokenizer
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(
+                [{"role": role, "content": content} for role, content in messages],
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+        else:
+            turns = [f"{role.capitalize()}: {content}" for role, content in messages]
+            text = "\n\n".join([*turns, "Assistant:"])
+        return self.prompts.encode(text)
+
+    def _prepare_chunks(
+        self,
+        chunks: list[list[int]],
+        question: str,
+        sources: list[SourceChunk],
+        method: Any,
+        params: dict[str, float],
+        sampling: SamplingParams,
+        length_param: str,
+        hint: tuple[str, str],
+    ) -> PreparedQuery:
+        received = time.perf_counter()
+        layout = self.prompts.layout(chunks, question)
         limit = self.engine.max_model_len
         if len(layout) >= limit:
+            what, remedy = hint
             raise PromptTooLongError(
-                f"the prompt has {len(layout)} tokens ({len(chunks)} retrieved chunks and "
-                f"the question); this model and KV pool accept at most {limit - 1}: "
-                "lower k or shorten the question",
-                "k",
+                f"the prompt has {len(layout)} tokens ({what}); this model and KV pool "
+                f"accept at most {limit - 1}: {remedy}",
+                length_param,
             )
         usage = CacheUsage(method.name)
+        spans: list[tuple[int, int]] = []
         if method.name == "full_prefill":
             context = layout.context_end - len(layout.root_ids)
             report = FusionReport(method.name, context, 0, context, 0.0, params)
             fused = FusedRequest(layout.prompt_ids, None, False, report)
-            fetched = computed = retrieved
+            fetched = computed = received
         else:
             cached = self._fetch(chunks)
             fetched = time.perf_counter()
-            for source, hit, ids in zip(sources, cached, chunks, strict=True):
+            for source, hit, ids, start in zip(
+                sources, cached, chunks, layout.chunk_starts, strict=True
+            ):
                 if hit is not None:
                     source.cache_tier = hit[1]
                     usage.tokens_by_tier[hit[1]] = usage.tokens_by_tier.get(hit[1], 0) + len(ids)
+                    spans.append((start, start + len(ids)))
                 else:
                     usage.computed_tokens += len(ids)
             fused, computed = self._fuse(layout, chunks, cached, method, params)
         usage.reused_tokens = fused.report.reused_tokens
         usage.recomputed_tokens = fused.report.recomputed_tokens
         timings: dict[str, float | None] = {
-            "retrieval": retrieved - began,
-            "cache_fetch": fetched - retrieved,
+            "cache_fetch": fetched - received,
             "kv_compute": computed - fetched,
             "fusion": fused.report.prepare_s,
         }
-        return PreparedQuery(layout.prompt_ids, fused, sources, usage, sampling, timings)
+        return PreparedQuery(
+            layout.prompt_ids,
+            fused,
+            sources,
+            usage,
+            sampling,
+            timings,
+            received,
+            spans,
+            length_param,
+        )
 
     def _fetch(self, chunks: list[list[int]]) -> list[tuple[ChunkKV, str] | None]:
         if self.config.service.kv_precompute == "off":

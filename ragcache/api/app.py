@@ -7,9 +7,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
-from ragcache.api import corpora, query, system
-from ragcache.api.auth import parse_api_keys, require_api_key
+from ragcache.api import corpora, metrics, openai_routes, query, system
+from ragcache.api.auth import AccessKeys, require_admin_key, require_api_key
 from ragcache.api.errors import install_error_handlers
+from ragcache.api.metrics import ServiceMetrics
 from ragcache.config import ServerConfig
 from ragcache.service import RagCache
 
@@ -17,21 +18,35 @@ from ragcache.service import RagCache
 def create_app(
     service: RagCache, server: ServerConfig | None = None, close_service: bool = False
 ) -> FastAPI:
-    """An app serving ``service``; with ``close_service`` it closes it on shutdown."""
+    """An app serving ``service``; with ``close_service`` it closes it on shutdown.
+
+    Tenant routes (corpora, queries, OpenAI-compatible routes) take any API key and see
+    only the key's tenant; cache routes and /metrics take admin keys.
+    """
     server = server or service.config.server
+    service_metrics = ServiceMetrics(service)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        if close_service:
-            service.close()
+        service.observers.append(service_metrics.observe)
+        try:
+            yield
+        finally:
+            service.observers.remove(service_metrics.observe)
+            if close_service:
+                service.close()
 
     app = FastAPI(title="ragcache", version="0.1.0", lifespan=lifespan)
     app.state.service = service
     app.state.server_config = server
+    app.state.metrics = service_metrics
     install_error_handlers(app)
-    guarded = [Depends(require_api_key(parse_api_keys(server.api_keys)))]
+    keys = AccessKeys(server.api_keys, server.admin_keys)
+    tenant = [Depends(require_api_key(keys))]
+    admin = [Depends(require_admin_key(keys))]
     app.include_router(system.health_router)
-    for router in (corpora.router, query.router, system.router):
-        app.include_router(router, dependencies=guarded)
+    for router in (corpora.router, query.router, openai_routes.router):
+        app.include_router(router, dependencies=tenant)
+    for router in (system.router, metrics.router):
+        app.include_router(router, dependencies=admin)
     return app

@@ -9,7 +9,9 @@ from ragcache.service import RagCache
 
 
 def get_service(request: Request) -> RagCache:
-    return request.app.state.service
+    """The service as the caller's tenant sees it (set by the API-key check)."""
+    service: RagCache = request.app.state.service
+    return service.for_tenant(getattr(request.state, "tenant", ""))
 
 
 def get_server_config(request: Request) -> ServerConfig:

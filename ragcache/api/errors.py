@@ -1,4 +1,8 @@
-"""Every error leaves the API as ``{"error": {"message", "type", "param"}}``."""
+"""Every error leaves the API as ``{"error": {"message", "type", "param", "code"}}``.
+
+On the OpenAI-compatible routes a malformed or invalid request is a 400, as OpenAI
+answers it; the native routes keep 422 for bodies that parse but do not validate.
+"""
 
 from __future__ import annotations
 
@@ -9,31 +13,58 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from ragcache.service_errors import ServiceError
+from ragcache.service_errors import PromptTooLongError, ServiceError
 
 log = logging.getLogger(__name__)
 
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")
 
-def error_response(status: int, message: str, kind: str, param: str | None) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"message": message, "type": kind, "param": param}}, status_code=status
-    )
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith(OPENAI_PATHS)
+
+
+def error_body(message: str, kind: str, param: str | None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_code(error: ServiceError) -> str | None:
+    if isinstance(error, PromptTooLongError):
+        return "context_length_exceeded"
+    return getattr(error, "code", None)
+
+
+def error_response(
+    status: int, message: str, kind: str, param: str | None, code: str | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(message, kind, param, code), status_code=status)
+
+
+def _status_for(request: Request, status: int) -> int:
+    return 400 if status == 422 and is_openai_path(request.url.path) else status
 
 
 async def _service_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, ServiceError)
-    return error_response(error.status, error.message, error.kind, error.param)
+    status = _status_for(request, error.status)
+    return error_response(status, error.message, error.kind, error.param, error_code(error))
 
 
 async def _validation_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
     first = error.errors()[0] if error.errors() else {}
+    if first.get("type") == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "")
+        message = f"the request body is not valid JSON: {detail}".rstrip(": ")
+        return error_response(400, message, "invalid_request_error", None, "invalid_json")
     location = [str(part) for part in first.get("loc", ())]
     if location and location[0] in ("body", "query", "path", "header"):
         location = location[1:]
     param = ".".join(location) or None
-    message = f"{param}: {first.get('msg', 'invalid value')}" if param else "invalid request"
-    return error_response(422, message, "invalid_request_error", param)
+    reason = first.get("msg", "invalid value")
+    message = f"{param}: {reason}" if param else f"invalid request body: {reason}"
+    status = _status_for(request, 422)
+    return error_response(status, message, "invalid_request_error", param, first.get("type"))
 
 
 async def _http_error(request: Request, error: Exception) -> JSONResponse:

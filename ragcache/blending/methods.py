@@ -126,6 +126,7 @@ METHOD_NAMES = (
     "cacheblend",
     "legolink",
     "sinkblend",
+    "gradual",
 )
 
 
@@ -149,6 +150,16 @@ def make_method(name: str, **params: float) -> FusionMethod:
             check_layer=int(params.get("check_layer", 1)),
             sink_tokens=int(params.get("sink_tokens", 8)),
             query_weight=float(params.get("query_weight", 0.0)),
+        )
+    if name == "gradual":
+        from ragcache.blending.gradual import GradualBlend
+
+        return GradualBlend(
+            ratio=float(params.get("ratio", 0.15)),
+            first_check=int(params.get("check_layer", 1)),
+            last_check=int(params.get("last_check", 3)),
+            widen=float(params.get("widen", 3.0)),
+            query_weight=float(params.get("query_weight", 1.0)),
         )
     raise ValueError(f"fusion method {name!r} is unknown; use one of {', '.join(METHOD_NAMES)}")
 

@@ -7,43 +7,51 @@ from dataclasses import dataclass
 
 import torch
 
-from ragcache.engine.attention_metadata import contiguous_metadata
+from ragcache.engine.attention_metadata import AttentionMetadata, contiguous_metadata
 from ragcache.engine.kv_pool import KVPool
-from ragcache.engine.model import LlamaModel
+from ragcache.engine.model import LlamaModel, RopeState
 from ragcache.prompt import PromptLayout
+
+BLOCK_SIZE = 16
 
 
 @dataclass(slots=True)
 class FreshPass:
-    """Per computed layer: K (rotated) and V of every prompt token, and query-token q."""
+    """Per computed layer: K (rotated) and V of every prompt token, and query-token q.
+
+    ``pool``, ``meta``, ``rope`` and ``hidden`` let a caller continue deeper layers on a
+    subset of the tokens (gradual filtering); the pool has room for ``pool_layers``.
+    """
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     query_q: list[torch.Tensor]
     hidden: torch.Tensor
+    pool: KVPool
+    meta: AttentionMetadata
+    rope: RopeState
 
 
 @torch.inference_mode()
-def run_fresh_pass(model: LlamaModel, layout: PromptLayout, num_layers: int) -> FreshPass:
+def run_fresh_pass(
+    model: LlamaModel, layout: PromptLayout, num_layers: int, pool_layers: int | None = None
+) -> FreshPass:
     ids = torch.tensor(layout.prompt_ids, dtype=torch.long, device=model.device)
     n = len(ids)
-    block_size = 16
-    spec = dataclasses.replace(model.spec, num_layers=num_layers)
-    pool = KVPool(spec, (n + block_size - 1) // block_size, block_size, model.dtype, model.device)
-    meta = contiguous_metadata([n], block_size, model.device)
+    spec = dataclasses.replace(model.spec, num_layers=max(num_layers, pool_layers or 0))
+    pool = KVPool(spec, (n + BLOCK_SIZE - 1) // BLOCK_SIZE, BLOCK_SIZE, model.dtype, model.device)
+    meta = contiguous_metadata([n], BLOCK_SIZE, model.device)
     query_q: list[torch.Tensor] = []
     start = layout.context_end
 
     def keep_query(layer: int, q: torch.Tensor, k_pre: torch.Tensor, v: torch.Tensor) -> None:
         query_q.append(q[start:].clone())
 
-    positions = torch.arange(n, device=model.device)
-    hidden = model.run_layers(
-        model.embed(ids), model.rope(positions), meta, pool, range(num_layers), keep_query
-    )
+    rope = model.rope(torch.arange(n, device=model.device))
+    hidden = model.run_layers(model.embed(ids), rope, meta, pool, range(num_layers), keep_query)
     ks, vs = [], []
     for layer in range(num_layers):
         k, v = pool.layer(layer)
         ks.append(k.reshape(-1, *k.shape[2:])[:n].clone())
         vs.append(v.reshape(-1, *v.shape[2:])[:n].clone())
-    return FreshPass(ks, vs, query_q, hidden)
+    return FreshPass(ks, vs, query_q, hidden, pool, meta, rope)

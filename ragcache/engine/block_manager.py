@@ -80,8 +80,12 @@ class BlockManager:
         block.ref_count += 1
 
     def match_prefix(self, seq: Sequence) -> list[int]:
-        """Blocks holding the longest cached prefix of the prompt (never the whole prompt)."""
-        if not self.enable_prefix_caching or not seq.use_prefix_cache:
+        """Blocks holding the longest cached prefix of the prompt (never the whole prompt).
+
+        A request asking for prompt logprobs matches nothing: cached tokens are not
+        recomputed, so their logprobs would be missing.
+        """
+        if not self.enable_prefix_caching or not seq.use_prefix_cache or seq.params.prompt_logprobs:
             return []
         limit = (seq.num_prompt_tokens - 1) // self.block_size
         matched: list[int] = []

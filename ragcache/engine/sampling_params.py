@@ -42,7 +42,11 @@ class SamplingParams:
             ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "in [-2, 2]"),
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "in [-2, 2]"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "in [0, 20]"),
-            ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
+            (
+                "stop",
+                isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
+                "a list of non-empty strings",
+            ),
         ]
         for name, ok, accepted in checks:
             if not ok:

@@ -1,0 +1,111 @@
+"""Gradual filtering: score every token at a shallow layer, then only candidates deeper.
+
+CacheBlend's deviation at layer 1 sees one layer of the missing cross-chunk
+attention; deviations keep growing with depth. Continuing the fresh computation for
+a shrinking candidate set (e.g. 3r tokens at layer 2, 2r at layer 3, keep r) scores
+tokens where the deviation has developed, at a fraction of a deep full pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ragcache.blending.methods import FusionContext, FusionPlan, value_deviation
+from ragcache.blending.selection_pass import FreshPass, run_fresh_pass
+
+
+def attention_to_context(
+    query_q: torch.Tensor, keys: torch.Tensor, context: torch.Tensor
+) -> torch.Tensor:
+    """Mean attention of query tokens [nq, Hq, D] over keys [n, Hkv, D], at context indices."""
+    group = query_q.shape[1] // keys.shape[1]
+    expanded = keys.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,nhd->hqn", query_q.float(), expanded) * query_q.shape[-1] ** -0.5
+    return torch.softmax(scores, dim=-1).mean(dim=(0, 1))[context]
+
+
+def weighted(scores: torch.Tensor, attention: torch.Tensor | None, power: float) -> torch.Tensor:
+    if attention is None or power == 0:
+        return scores
+    return scores * (attention / attention.mean().clamp_min(1e-12)).pow(power)
+
+
+@dataclass(slots=True)
+class GradualBlend:
+    ratio: float = 0.15
+    first_check: int = 1
+    last_check: int = 3
+    widen: float = 3.0
+    query_weight: float = 1.0
+    name: str = "gradual"
+
+    def plan(self, ctx: FusionContext) -> FusionPlan:
+        layout = ctx.layout
+        last_check = min(self.last_check, ctx.model.spec.num_layers - 1)
+        fresh = run_fresh_pass(ctx.model, layout, self.first_check + 1, last_check + 1)
+        context = ctx.context_indices
+        budget = round(self.ratio * len(context))
+        if budget <= 0:
+            return FusionPlan(fresh_layers=self.first_check + 1, fresh=fresh)
+        attention = attention_to_context(
+            fresh.query_q[self.first_check], fresh.k[self.first_check], context
+        )
+        scores = weighted(
+            value_deviation(ctx, fresh, self.first_check), attention, self.query_weight
+        )
+        steps = last_check - self.first_check
+        keep = min(len(context), round(budget * self.widen))
+        candidates = context[scores.topk(keep).indices].sort().values
+        for depth in range(1, steps + 1):
+            layer = self.first_check + depth
+            candidates = self._deeper(ctx, fresh, layer, candidates, budget, depth / steps)
+        return FusionPlan(
+            recompute=candidates.tolist(), fresh_layers=self.first_check + 1, fresh=fresh
+        )
+
+    @torch.inference_mode()
+    def _deeper(
+        self,
+        ctx: FusionContext,
+        fresh: FreshPass,
+        layer: int,
+        candidates: torch.Tensor,
+        budget: int,
+        progress: float,
+    ) -> torch.Tensor:
+        """Compute candidates (and the query) at ``layer`` and keep the most deviating."""
+        layout = ctx.layout
+        n = len(layout)
+        query = torch.arange(layout.context_end, n)
+        tokens = torch.cat([candidates, query])
+        pool = fresh.pool
+        slots = fresh.meta.slot_mapping
+        context_end = layout.context_end
+        pool.write_slots(layer, slots[:context_end], ctx.placed_k[layer], ctx.placed_v[layer])
+        captured: dict[str, torch.Tensor] = {}
+
+        def keep(index: int, q: torch.Tensor, k_pre: torch.Tensor, v: torch.Tensor) -> None:
+            captured["q"] = q
+            captured["v"] = v
+
+        hidden = fresh.hidden[tokens]
+        fresh.hidden[tokens] = ctx.model.run_layers(
+            hidden,
+            fresh.rope.subset(tokens),
+            fresh.meta.subset(tokens),
+            pool,
+            range(layer, layer + 1),
+            keep,
+        )
+        count = len(candidates)
+        v_new = captured["v"][:count].float()
+        deviation = (v_new - ctx.placed_v[layer][candidates].float()).pow(2).sum(dim=(1, 2))
+        k_layer, _ = pool.layer(layer)
+        keys = k_layer.reshape(-1, *k_layer.shape[2:])[slots[:n]]
+        attention = attention_to_context(captured["q"][count:], keys, candidates)
+        scores = weighted(deviation, attention, self.query_weight)
+        target = max(budget, round(len(candidates) - (len(candidates) - budget) * progress))
+        kept = scores.topk(min(target, count)).indices
+        return candidates[kept].sort().values

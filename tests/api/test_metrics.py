@@ -1,0 +1,72 @@
+"""Prometheus /metrics: the text parses, and its counters move as requests run."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ragcache.api.app import create_app
+from ragcache.service import RagCache
+from tests.api.live_server import running_server, tiny_service
+from tests.service_helpers import SAMPLES
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RagCache]:
+    with tiny_service(tmp_path_factory.mktemp("metrics") / "data") as rag:
+        yield rag
+
+
+@pytest.fixture(scope="module")
+def base_url(service: RagCache) -> Iterator[str]:
+    with running_server(create_app(service)) as url:
+        yield url
+
+
+def scrape(base_url: str) -> dict[str, float]:
+    """Every sample as 'name{label=value}' -> value."""
+    text = httpx.get(f"{base_url}/metrics", timeout=60).text
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
+
+
+def test_metrics_parse_and_move_with_requests(base_url: str, service: RagCache) -> None:
+    before = scrape(base_url)
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
+        assert f"ragcache:{name}{{}}" in before
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+    model = client.models.list().data[0].id
+    for _ in range(2):
+        client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "Which city?"}],
+            max_tokens=3,
+            extra_body={"documents": ["Paris is in France.", "Rome is in Italy."]},
+        )
+    service.ingest([SAMPLES / "gettysburg_address.md"], "metrics", create=True)
+    after = scrape(base_url)
+
+    def moved(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert moved("ragcache:e2e_request_latency_seconds_count{}") == 2
+    assert moved("ragcache:time_to_first_token_seconds_count{}") == 2
+    assert moved("ragcache:request_queue_time_seconds_count{}") == 2
+    assert moved("ragcache:recompute_fraction_count{}") == 2
+    assert moved("ragcache:prompt_tokens_total{}") > 0
+    assert moved("ragcache:generation_tokens_total{}") >= 2
+    assert moved("ragcache:cached_prompt_tokens_total{}") > 0
+    assert moved("ragcache:chunk_cache_hits_total{tier=host}") >= 2
+    assert moved("ragcache:chunk_cache_misses_total{}") >= 2
+    assert after["ragcache:chunk_cache_bytes{tier=host}"] > 0
+    assert moved("ragcache:documents_ingested_total{}") == 1
+    assert moved("ragcache:chunks_ingested_total{}") >= 1
+    assert after["ragcache:ingest_jobs_running{}"] == 0
