@@ -36,7 +36,11 @@ class EngineConfig:
         default=True, metadata={"help": "reuse KV blocks of identical prompt prefixes"}
     )
     scheduling_policy: str = field(
-        default="fcfs", metadata={"help": "fcfs or mlfq (skip-join multi-level feedback queue)"}
+        default="fcfs",
+        metadata={
+            "help": "fcfs, mlfq (skip-join multi-level feedback queue) or cache_aware "
+            "(most reused KV per computed token first, with a waiting bound)"
+        },
     )
     preemption_mode: str = field(
         default="recompute", metadata={"help": "recompute or swap (to host memory)"}

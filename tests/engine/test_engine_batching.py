@@ -148,3 +148,22 @@ def test_swap_preemption_resumes_with_identical_output(engine_model: LoadedModel
     assert engine.num_swapped_out > 0
     assert [o.token_ids for o in outputs] == expected
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_cache_aware_policy_runs_mostly_cached_requests_first(engine_model: LoadedModel) -> None:
+    spec = engine_model.spec
+    cold = random_prompts(1, seed=9, low=80, high=80)[0]
+    warm = random_prompts(1, seed=10, low=80, high=80)[0]
+    k = [torch.zeros(70, spec.num_kv_heads, spec.head_dim) for _ in range(spec.num_layers)]
+    placed = PlacedKV(k, [t.clone() for t in k], recompute=[])
+    engine = make_engine(
+        engine_model, scheduling_policy="cache_aware", max_num_seqs=1, enable_prefix_caching=False
+    )
+    first = engine.add_request(cold, GREEDY)
+    second = engine.add_request(warm, GREEDY, placed=placed)
+    engine.step()
+    assert second.num_planned_done > 0 and first.num_planned_done == 0
+    while engine.has_unfinished():
+        engine.step()
+    fcfs = make_engine(engine_model, enable_prefix_caching=False)
+    assert first.output_ids == fcfs.generate([cold], GREEDY)[0].token_ids
