@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ragcache.kernels.paged_attention import SequencePlan, plan_paged_attention
+
 
 @dataclass(slots=True)
 class AttentionMetadata:
@@ -22,6 +24,19 @@ class AttentionMetadata:
     block_tables: torch.Tensor
     max_query_len: int
     fresh: bool = False
+    plans: list[SequencePlan] | None = None
+
+    def cpu_plans(self, block_size: int) -> list[SequencePlan]:
+        """Per-sequence attention work, resolved on the first layer and reused by the rest."""
+        if self.plans is None:
+            self.plans = plan_paged_attention(
+                self.block_tables,
+                self.seq_lens,
+                self.query_start_loc,
+                self.query_slots,
+                block_size,
+            )
+        return self.plans
 
     @property
     def num_seqs(self) -> int:

@@ -20,7 +20,7 @@ from ragcache.engine.attention_metadata import AttentionMetadata
 from ragcache.engine.kv_pool import KVPool
 from ragcache.engine.spec import ModelSpec
 from ragcache.kernels import dispatch
-from ragcache.kernels.paged_attention import causal_attention_ref
+from ragcache.kernels.paged_attention import causal_attention_ref, paged_attention_planned
 from ragcache.kernels.rope import apply_rope_ref, rope_cos_sin, rope_inv_freq
 
 LayerHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -92,6 +92,9 @@ class Attention(nn.Module):
         dispatch.write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
         if meta.fresh and not q.is_cuda:
             out = self._fresh_attention(q, k, v, meta)
+        elif not dispatch.use_triton(q):
+            plans = meta.cpu_plans(k_cache.shape[1])
+            out = paged_attention_planned(q, k_cache, v_cache, plans, self.scale)
         else:
             out = dispatch.paged_attention(
                 q,

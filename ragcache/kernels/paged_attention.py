@@ -8,6 +8,9 @@ caller may compute any subset of a sequence's tokens against the cached rest.
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -63,6 +66,77 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, causal: boo
     return out.squeeze(0).transpose(0, 1)
 
 
+@dataclass(slots=True)
+class SequencePlan:
+    """Where one sequence's queries and KV are: the same for every layer of a forward."""
+
+    query_start: int
+    query_end: int
+    seq_len: int
+    kv_start: int | None
+    kv_slots: torch.Tensor | None
+    mask: torch.Tensor | None
+
+
+def plan_paged_attention(
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    query_slots: torch.Tensor,
+    block_size: int,
+) -> list[SequencePlan]:
+    """Resolve block tables and causal masks once, so each layer only slices and attends."""
+    plans = []
+    starts = query_start_loc.tolist()
+    tables = block_tables.tolist()
+    for i, seq_len in enumerate(seq_lens.tolist()):
+        a, b = starts[i], starts[i + 1]
+        if a == b:
+            continue
+        num_blocks = (seq_len + block_size - 1) // block_size
+        row = tables[i][:num_blocks]
+        contiguous = all(y - x == 1 for x, y in itertools.pairwise(row))
+        kv_start = row[0] * block_size if contiguous else None
+        kv_slots = None if contiguous else sequence_slots(block_tables[i], seq_len, block_size)
+        slots = query_slots[a:b]
+        last_only = b - a == 1 and int(slots[0]) == seq_len - 1
+        mask = None
+        if not last_only:
+            mask = torch.arange(seq_len, device=slots.device)[None, :] <= slots[:, None]
+        plans.append(SequencePlan(a, b, seq_len, kv_start, kv_slots, mask))
+    return plans
+
+
+def _sequence_kv(cache: torch.Tensor, plan: SequencePlan) -> torch.Tensor:
+    flat = cache.view(-1, *cache.shape[2:])
+    if plan.kv_start is not None:
+        return flat[plan.kv_start : plan.kv_start + plan.seq_len]
+    assert plan.kv_slots is not None
+    return flat.index_select(0, plan.kv_slots)
+
+
+def paged_attention_planned(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    plans: list[SequencePlan],
+    scale: float,
+) -> torch.Tensor:
+    """paged_attention_ref with the per-sequence work already resolved."""
+    if len(plans) == 1 and plans[0].query_end - plans[0].query_start == q.shape[0]:
+        plan = plans[0]
+        return _attend(
+            q, _sequence_kv(k_cache, plan), _sequence_kv(v_cache, plan), plan.mask, False, scale
+        )
+    out = torch.empty_like(q)
+    for plan in plans:
+        a, b = plan.query_start, plan.query_end
+        k = _sequence_kv(k_cache, plan)
+        v = _sequence_kv(v_cache, plan)
+        out[a:b] = _attend(q[a:b], k, v, plan.mask, False, scale)
+    return out
+
+
 def paged_attention_ref(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -79,22 +153,10 @@ def paged_attention_ref(
     is each sequence's KV length (its queries' KV already written); ``query_slots`` [T]
     is each query token's slot in its sequence.
     """
-    out = torch.empty_like(q)
-    starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
-    for i, seq_len in enumerate(lens):
-        a, b = starts[i], starts[i + 1]
-        if a == b:
-            continue
-        k = gather_kv(k_cache, block_tables[i], seq_len)
-        v = gather_kv(v_cache, block_tables[i], seq_len)
-        slots = query_slots[a:b]
-        if b - a == 1 and int(slots[0]) == seq_len - 1:
-            out[a:b] = _attend(q[a:b], k, v, None, False, scale)
-            continue
-        mask = torch.arange(seq_len, device=q.device)[None, :] <= slots[:, None]
-        out[a:b] = _attend(q[a:b], k, v, mask, False, scale)
-    return out
+    plans = plan_paged_attention(
+        block_tables, seq_lens, query_start_loc, query_slots, k_cache.shape[1]
+    )
+    return paged_attention_planned(q, k_cache, v_cache, plans, scale)
 
 
 def paged_decode_attention_ref(
