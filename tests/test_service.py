@@ -75,7 +75,7 @@ def test_ingest_query_delete_round_trip(tmp_path: Path) -> None:
         answer = rag.query(QUESTION, "sample")
         assert answer.sources and answer.sources[0].source.endswith("gettysburg_address.md")
         assert answer.completion_tokens >= 1 and answer.finish_reason in ("stop", "length")
-        assert answer.cache.method == "cacheblend"
+        assert answer.cache.method == "gradual"
         assert answer.cache.tokens_by_tier and answer.cache.computed_tokens == 0
         assert answer.cache.recomputed_tokens > 0
         assert set(answer.timings) >= {"retrieval", "cache_fetch", "fusion", "decode", "ttft"}
@@ -98,7 +98,14 @@ def test_reingesting_the_same_files_adds_nothing(rag: RagCache) -> None:
 
 
 def test_every_fusion_method_answers(rag: RagCache) -> None:
-    for method in ("full_prefill", "prefix_only", "full_reuse", "cacheblend", "legolink"):
+    for method in (
+        "full_prefill",
+        "prefix_only",
+        "full_reuse",
+        "cacheblend",
+        "legolink",
+        "gradual",
+    ):
         result = rag.query(QUESTION, "docs", method=method, k=2)
         assert result.cache.method == method and result.completion_tokens >= 1
     full = rag.query(QUESTION, "docs", method="full_prefill", k=2)
