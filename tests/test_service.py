@@ -75,7 +75,7 @@ def test_ingest_query_delete_round_trip(tmp_path: Path) -> None:
         answer = rag.query(QUESTION, "sample")
         assert answer.sources and answer.sources[0].source.endswith("gettysburg_address.md")
         assert answer.completion_tokens >= 1 and answer.finish_reason in ("stop", "length")
-        assert answer.cache.method == "gradual"
+        assert answer.cache.method == "cacheblend"
         assert answer.cache.tokens_by_tier and answer.cache.computed_tokens == 0
         assert answer.cache.recomputed_tokens > 0
         assert set(answer.timings) >= {"retrieval", "cache_fetch", "fusion", "decode", "ttft"}

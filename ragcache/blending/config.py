@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 @dataclass(slots=True)
 class FusionConfig:
     method: str = field(
-        default="gradual",
+        default="cacheblend",
         metadata={
             "help": "full_prefill, prefix_only, full_reuse, cacheblend, legolink, "
             "gradual (query-weighted gradual filtering), sinkblend"
