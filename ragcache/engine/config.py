@@ -13,7 +13,10 @@ class ModelConfig:
     )
     dtype: str = field(
         default="auto",
-        metadata={"help": "compute dtype: auto (bf16 on CPU, fp16/bf16 on GPU), float32, ..."},
+        metadata={
+            "help": "compute dtype: auto (float32 on CPUs without native bf16, bf16 on GPU), "
+            "float32, bfloat16, float16"
+        },
     )
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N]"})
     cache_dir: str = field(
