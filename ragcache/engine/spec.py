@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -70,6 +73,15 @@ class ModelSpec:
         eos = config.eos_token_id
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         qkv_bias = model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
+        window = getattr(config, "sliding_window", None)
+        if window and getattr(config, "use_sliding_window", True) and window < int(
+            config.max_position_embeddings
+        ):
+            log.warning(
+                "sliding-window attention (%d tokens) is not implemented: prompts longer "
+                "than the window attend to every earlier token",
+                window,
+            )
         return cls(
             model_type=model_type,
             vocab_size=config.vocab_size,
