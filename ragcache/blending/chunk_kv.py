@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ragcache.engine.attention_metadata import AttentionMetadata
+from ragcache.engine.attention_metadata import contiguous_metadata
 from ragcache.engine.kv_pool import KVPool
 from ragcache.engine.model import LlamaModel
 
@@ -53,49 +53,21 @@ class ChunkEncoder:
                 torch.empty(0, dtype=torch.long),
             )
 
-    def _root_blocks(self) -> int:
-        return (len(self.root_ids) + self.block_size - 1) // self.block_size
-
     @torch.inference_mode()
     def _encode_batch(self, chunks: list[list[int]], include_root: bool = False) -> list[ChunkKV]:
         model, bs = self.model, self.block_size
         root_len = len(self.root_ids)
         spec = model.spec
         lengths = [root_len + len(c) for c in chunks]
-        blocks_per_seq = [(n + bs - 1) // bs for n in lengths]
-        pool = KVPool(spec, max(1, sum(blocks_per_seq)), bs, model.dtype, model.device)
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_slots: list[int] = []
-        starts = [0]
-        tables = torch.zeros(len(chunks), max(blocks_per_seq), dtype=torch.int32)
-        first_block = 0
-        bases: list[int] = []
-        for row, chunk in enumerate(chunks):
-            tables[row, : blocks_per_seq[row]] = torch.arange(
-                first_block, first_block + blocks_per_seq[row], dtype=torch.int32
-            )
-            base = first_block * bs
-            bases.append(base)
-            # The root is recomputed per chunk: bit-identical to its own prefill, and far
-            # cheaper than the chunk itself.
-            ids.extend(self.root_ids + chunk)
-            positions.extend(range(lengths[row]))
-            slots.extend(range(base, base + lengths[row]))
-            query_slots.extend(range(lengths[row]))
-            starts.append(starts[-1] + lengths[row])
-            first_block += blocks_per_seq[row]
         device = model.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-            query_slots=torch.tensor(query_slots, dtype=torch.int32, device=device),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-            seq_lens=torch.tensor(lengths, dtype=torch.int32, device=device),
-            block_tables=tables.to(device),
-            max_query_len=max(lengths),
-            fresh=True,
-        )
+        meta = contiguous_metadata(lengths, bs, device)
+        num_blocks = int(meta.block_tables.max()) + 1
+        pool = KVPool(spec, num_blocks, bs, model.dtype, device)
+        bases = (meta.block_tables[:, 0].to(torch.long) * bs).tolist()
+        # The root is recomputed per chunk: bit-identical to its own prefill, and far
+        # cheaper than the chunk itself.
+        ids = [t for chunk in chunks for t in (*self.root_ids, *chunk)]
+        positions = [p for n in lengths for p in range(n)]
         model(
             torch.tensor(ids, dtype=torch.long, device=device),
             torch.tensor(positions, dtype=torch.long, device=device),
