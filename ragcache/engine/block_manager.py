@@ -102,6 +102,7 @@ class BlockManager:
 
     def can_allocate(self, seq: Sequence, reserve: int = 0) -> bool:
         matched = self.match_prefix(seq)
+        seq.prefix_match = matched
         reusable_free = sum(1 for b in matched if self.blocks[b].ref_count == 0)
         needed = self.blocks_needed(len(seq)) - len(matched)
         return needed + reusable_free + reserve <= self.num_free_blocks
@@ -109,7 +110,9 @@ class BlockManager:
     def allocate(self, seq: Sequence) -> None:
         """Give a waiting sequence blocks for all its tokens, sharing a cached prefix."""
         assert not seq.block_table, "sequence already holds blocks"
-        matched = self.match_prefix(seq)
+        # can_allocate just hashed the prompt; nothing changed the cache in between.
+        matched = seq.prefix_match if seq.prefix_match is not None else self.match_prefix(seq)
+        seq.prefix_match = None
         self.prefix_queries += 1
         for block_id in matched:
             self._share(block_id)

@@ -73,6 +73,7 @@ class Sequence:
         self.num_cached_tokens = 0
         self.num_registered_blocks = 0
         self.block_hashes: list[bytes] = []
+        self.prefix_match: list[int] | None = None
         self.logprobs: list[TokenLogprob] = []
         self.prompt_logprobs: dict[int, float] = {}
         self.finish_reason: str | None = None
