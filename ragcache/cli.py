@@ -202,11 +202,12 @@ def _delegate(module_name: str, rest: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # eval and bench hand every later argument, options included, to their own parsers.
+    if argv[:1] == ["eval"]:
+        return _delegate("ragcache.evaluation.run_eval", argv[1:])
+    if argv[:1] == ["bench"] and len(argv) > 1 and argv[1] in BENCHMARKS:
+        return _delegate(BENCHMARKS[argv[1]], argv[2:])
     args, extra = _parser().parse_known_args(argv)
-    if args.command == "bench":
-        return _delegate(BENCHMARKS[args.target], list(args.rest))
-    if args.command == "eval":
-        return _delegate("ragcache.evaluation.run_fusion", list(args.rest))
     try:
         config = load_config(args.config, _config_flags(extra))
         logging.basicConfig(level=config.log_level.upper())

@@ -2,13 +2,16 @@
 
 Per example: the chunks are encoded once (as if already in the host tier), full
 prefill gives the reference greedy answer, then every setting is timed to its first
-token and scored by the teacher-forced NLL of the reference answer, 16-token
-agreement, first-token agreement, and F1/EM against the gold answers.
+token and to its last, and scored by the teacher-forced NLL of the reference answer,
+16-token agreement, first-token agreement, and F1/EM/containment against the gold
+answers. The `transformers` setting runs the same prompt through plain transformers
+generate, the baseline a reader would otherwise use.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from collections.abc import Iterable
@@ -18,11 +21,14 @@ from typing import Any
 
 from ragcache.blending.chunk_kv import ChunkEncoder, ChunkKV
 from ragcache.blending.fuser import FusedRequest, fuse
-from ragcache.blending.methods import make_method
+from ragcache.blending.methods import METHOD_NAMES, make_method
 from ragcache.chunkstore.codecs import CODECS, get_codec
 from ragcache.engine.engine import Engine
 from ragcache.engine.sampling_params import SamplingParams
+from ragcache.evaluation.examples import passage_text
+from ragcache.evaluation.hf_baseline import BASELINE_LABEL, TransformersBaseline
 from ragcache.evaluation.metrics import (
+    answer_contains,
     exact_match,
     f1_score,
     gap_closed,
@@ -50,6 +56,7 @@ def default_sweep() -> list[Setting]:
         sweep.append(Setting(f"cacheblend-{ratio}", "cacheblend", {"ratio": ratio}))
     for k in (8, 16, 32, 64):
         sweep.append(Setting(f"legolink-{k}", "legolink", {"k": k}))
+    sweep.append(Setting("gradual-0.15", "gradual", {"ratio": 0.15}))
     return sweep
 
 
@@ -61,14 +68,26 @@ def parse_settings(specs: Iterable[str]) -> list[Setting]:
     out = []
     for spec in specs:
         name, _, rest = spec.partition(":")
+        if name not in METHOD_NAMES and name != BASELINE_LABEL:
+            known = ", ".join((*METHOD_NAMES, BASELINE_LABEL))
+            raise ValueError(f"setting {spec!r}: unknown method {name!r}; use one of {known}")
         params: dict[str, float] = {}
         codec = "raw"
         for pair in filter(None, rest.split(",")):
             key, _, value = pair.partition("=")
+            if not value:
+                raise ValueError(f"setting {spec!r}: {pair!r} is not key=value")
             if key == "codec":
+                if value not in CODECS:
+                    raise ValueError(
+                        f"setting {spec!r}: codec {value!r} is not one of {sorted(CODECS)}"
+                    )
                 codec = value
             else:
-                params[key] = float(value)
+                try:
+                    params[key] = float(value)
+                except ValueError:
+                    raise ValueError(f"setting {spec!r}: {key}={value!r} is not a number") from None
         label = name + "".join(f"-{v:g}" for v in params.values())
         label += "" if codec == "raw" else f"-{codec}"
         out.append(Setting(label, name, params, codec))
@@ -100,6 +119,20 @@ class Outcome:
     first_token: float
     f1: float
     em: float
+    contains: float = float("nan")
+    e2e_s: float = float("nan")
+    recomputed_tokens: int = 0
+    prompt_tokens: int = 0
+    group: str = ""
+
+
+@dataclass(slots=True)
+class _Run:
+    answer_ids: list[int]
+    prompt_logprobs: dict[int, float]
+    ttft_s: float
+    e2e_s: float
+    token_logprobs: list[float]
 
 
 class FusionEvaluator:
@@ -108,23 +141,20 @@ class FusionEvaluator:
         engine: Engine,
         builder: PromptBuilder,
         max_new_tokens: int = 16,
+        baseline: TransformersBaseline | None = None,
     ) -> None:
         self.engine = engine
         self.model = engine.model
         self.builder = builder
         self.max_new_tokens = max_new_tokens
+        self.baseline = baseline
         self.encoder = ChunkEncoder(self.model, builder.root_ids)
 
     def layout(self, item: dict[str, Any], passages: int) -> PromptLayout:
-        chunks = [
-            self.builder.chunk_ids(f"{ctx['title']}\n{ctx['text']}")
-            for ctx in item["ctxs"][:passages]
-        ]
+        chunks = [self.builder.chunk_ids(passage_text(ctx)) for ctx in item["ctxs"][:passages]]
         return self.builder.layout(chunks, item["question"])
 
-    def _run(
-        self, fused: FusedRequest, extra_ids: list[int], params: SamplingParams
-    ) -> tuple[list[int], dict[int, float], float]:
+    def _run(self, fused: FusedRequest, extra_ids: list[int], params: SamplingParams) -> _Run:
         began = time.perf_counter()
         seq = self.engine.add_request(
             fused.prompt_ids + extra_ids,
@@ -136,7 +166,14 @@ class FusionEvaluator:
         while self.engine.has_unfinished():
             if self.engine.step() and first is None:
                 first = time.perf_counter()
-        return seq.output_ids, seq.prompt_logprobs, (first or time.perf_counter()) - began
+        finished = time.perf_counter()
+        return _Run(
+            seq.output_ids,
+            seq.prompt_logprobs,
+            (first or finished) - began,
+            finished - began,
+            [entry.logprob for entry in seq.logprobs],
+        )
 
     def _fuse(self, layout: PromptLayout, chunks: list[ChunkKV], setting: Setting):
         method = make_method(setting.method, **setting.params)
@@ -147,59 +184,111 @@ class FusionEvaluator:
     ) -> list[Outcome]:
         layout = self.layout(item, passages)
         chunks = self.encoder.encode(layout.chunk_ids)
-        greedy = SamplingParams(max_tokens=self.max_new_tokens, ignore_eos=False)
+        greedy = SamplingParams(max_tokens=self.max_new_tokens, ignore_eos=False, logprobs=0)
         scoring = SamplingParams(max_tokens=1, prompt_logprobs=True)
         reference = self._fuse(layout, chunks, Setting("full_prefill", "full_prefill"))
-        ref_ids, _, _ = self._run(reference, [], greedy)
-        if ref_ids and ref_ids[-1] in self.engine.eos_ids:
-            ref_ids = ref_ids[:-1]
+        reference_run = self._run(reference, [], greedy)
+        ref_ids = _strip_eos(reference_run.answer_ids, self.engine.eos_ids)
         ref_ids = ref_ids or [(self.engine.eos_ids and min(self.engine.eos_ids)) or 0]
         start = len(layout)
+        context_tokens = len(layout) - len(layout.root_ids)
+        group = _group_of(item)
         outcomes = []
         for setting in settings:
+            if setting.method == BASELINE_LABEL:
+                outcomes.append(self._baseline(index, item, reference.prompt_ids, ref_ids, group))
+                continue
             stored = chunks if setting.codec == "raw" else through_codec(chunks, setting.codec)
             fused = self._fuse(layout, stored, setting)
             prepare = fused.report.prepare_s
-            ids, _, ttft = self._run(fused, [], greedy)
-            _, logprobs, _ = self._run(fused, ref_ids, scoring)
-            answer_lp = [logprobs[i] for i in range(start, start + len(ref_ids))]
-            text = self.engine.tokenizer.decode(ids, skip_special_tokens=True).strip()
-            clean = [t for t in ids if t not in self.engine.eos_ids]
+            reuse_reference = setting.method == "full_prefill" and setting.codec == "raw"
+            run = reference_run if reuse_reference else self._run(fused, [], greedy)
+            if run.answer_ids[: len(ref_ids)] == ref_ids:
+                # Its greedy answer is the reference: the logprobs it sampled are the NLL's.
+                answer_lp = run.token_logprobs[: len(ref_ids)]
+            else:
+                scored = self._run(fused, ref_ids, scoring)
+                answer_lp = [scored.prompt_logprobs[i] for i in range(start, start + len(ref_ids))]
+            fraction = fused.report.recompute_fraction
             outcomes.append(
-                Outcome(
-                    example=index,
-                    setting=setting.label,
-                    ttft_s=ttft + prepare,
-                    prepare_s=prepare,
-                    recompute_fraction=fused.report.recompute_fraction,
-                    answer_ids=ids,
-                    answer=text,
-                    nll=mean_nll(answer_lp),
-                    agree16=prefix_agreement(clean, ref_ids, 16),
-                    first_token=prefix_agreement(clean, ref_ids, 1),
-                    f1=f1_score(text, item.get("answers", [])),
-                    em=exact_match(text, item.get("answers", [])),
-                )
+                self._outcome(index, item, setting.label, run.answer_ids, answer_lp, ref_ids)
+                | {
+                    "ttft_s": run.ttft_s + prepare,
+                    "e2e_s": run.e2e_s + prepare,
+                    "prepare_s": prepare,
+                    "recompute_fraction": fraction,
+                    "recomputed_tokens": round(fraction * context_tokens),
+                    "prompt_tokens": len(layout),
+                    "group": group,
+                }
             )
-        return outcomes
+        return [Outcome(**fields) for fields in outcomes]
+
+    def _baseline(
+        self,
+        index: int,
+        item: dict[str, Any],
+        prompt_ids: list[int],
+        ref_ids: list[int],
+        group: str,
+    ) -> dict[str, Any]:
+        if self.baseline is None:
+            raise ValueError("the transformers setting needs a TransformersBaseline")
+        run = self.baseline.run(prompt_ids, ref_ids, self.max_new_tokens)
+        return self._outcome(
+            index, item, BASELINE_LABEL, run.answer_ids, run.reference_logprobs, ref_ids
+        ) | {
+            "ttft_s": run.ttft_s,
+            "e2e_s": run.e2e_s,
+            "prepare_s": 0.0,
+            "recompute_fraction": 1.0,
+            "recomputed_tokens": len(prompt_ids),
+            "prompt_tokens": len(prompt_ids),
+            "group": group,
+        }
+
+    def _outcome(
+        self,
+        index: int,
+        item: dict[str, Any],
+        label: str,
+        ids: list[int],
+        answer_lp: list[float],
+        ref_ids: list[int],
+    ) -> dict[str, Any]:
+        text = self.engine.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        clean = _strip_eos(ids, self.engine.eos_ids)
+        golds = item.get("answers", [])
+        return {
+            "example": index,
+            "setting": label,
+            "answer_ids": ids,
+            "answer": text,
+            "nll": mean_nll(answer_lp),
+            "agree16": prefix_agreement(clean, ref_ids, 16),
+            "first_token": prefix_agreement(clean, ref_ids, 1),
+            "f1": f1_score(text, golds),
+            "em": exact_match(text, golds),
+            "contains": answer_contains(text, golds),
+        }
+
+
+def _strip_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
+    return [t for t in ids if t not in eos_ids]
+
+
+def _group_of(item: dict[str, Any]) -> str:
+    """The needle suite's kind and depth of an example; empty for other data."""
+    needle = item.get("needle")
+    return f"{needle['kind']}@{needle['depth']:g}" if needle else ""
 
 
 def summarize(outcomes: list[Outcome]) -> dict[str, dict[str, float]]:
+    """Per setting: mean quality, median latencies, and ratios against full prefill."""
     by_setting: dict[str, list[Outcome]] = {}
     for outcome in outcomes:
         by_setting.setdefault(outcome.setting, []).append(outcome)
-    summary = {}
-    for label, rows in by_setting.items():
-        summary[label] = {
-            "examples": len(rows),
-            "nll": statistics.fmean(r.nll for r in rows),
-            "agree16": statistics.fmean(r.agree16 for r in rows),
-            "first_token": statistics.fmean(r.first_token for r in rows),
-            "f1": statistics.fmean(r.f1 for r in rows),
-            "em": statistics.fmean(r.em for r in rows),
-            "ttft_s": statistics.median(r.ttft_s for r in rows),
-            "recompute_fraction": statistics.fmean(r.recompute_fraction for r in rows),
-        }
+    summary = {label: _aggregate(rows) for label, rows in by_setting.items()}
     _codec_agreement(by_setting, summary)
     full = summary.get("full_prefill")
     reuse = summary.get("full_reuse")
@@ -209,6 +298,40 @@ def summarize(outcomes: list[Outcome]) -> dict[str, dict[str, float]]:
         if full and reuse:
             row["gap_closed"] = gap_closed(row["nll"], reuse["nll"], full["nll"])
     return summary
+
+
+def summarize_groups(outcomes: list[Outcome]) -> dict[str, dict[str, dict[str, float]]]:
+    """summarize() within each group (the needle suite's kind@depth)."""
+    groups: dict[str, list[Outcome]] = {}
+    for outcome in outcomes:
+        if outcome.group:
+            groups.setdefault(outcome.group, []).append(outcome)
+    return {group: summarize(rows) for group, rows in sorted(groups.items())}
+
+
+def _aggregate(rows: list[Outcome]) -> dict[str, float]:
+    def mean(name: str) -> float:
+        values = [getattr(r, name) for r in rows if not math.isnan(getattr(r, name))]
+        return statistics.fmean(values) if values else float("nan")
+
+    def median(name: str) -> float:
+        values = [getattr(r, name) for r in rows if not math.isnan(getattr(r, name))]
+        return statistics.median(values) if values else float("nan")
+
+    return {
+        "examples": len(rows),
+        "nll": mean("nll"),
+        "agree16": mean("agree16"),
+        "first_token": mean("first_token"),
+        "f1": mean("f1"),
+        "em": mean("em"),
+        "contains": mean("contains"),
+        "ttft_s": median("ttft_s"),
+        "ttft_mean_s": mean("ttft_s"),
+        "e2e_s": median("e2e_s"),
+        "recompute_fraction": mean("recompute_fraction"),
+        "recomputed_tokens": mean("recomputed_tokens"),
+    }
 
 
 def _codec_agreement(

@@ -21,6 +21,12 @@ def exact_match(prediction: str, golds: list[str]) -> float:
     return float(any(norm == normalize_answer(g) for g in golds))
 
 
+def answer_contains(prediction: str, golds: list[str]) -> float:
+    """1.0 when a normalised gold answer appears, word-aligned, in the normalised prediction."""
+    norm = f" {normalize_answer(prediction)} "
+    return float(any(f" {normalize_answer(g)} " in norm for g in golds if normalize_answer(g)))
+
+
 def _f1(prediction: str, gold: str) -> float:
     pred_tokens = normalize_answer(prediction).split()
     gold_tokens = normalize_answer(gold).split()

@@ -8,6 +8,7 @@ import pytest
 
 from ragcache.evaluation.fusion_eval import Outcome, parse_settings, summarize
 from ragcache.evaluation.metrics import (
+    answer_contains,
     exact_match,
     f1_score,
     gap_closed,
@@ -74,3 +75,37 @@ def test_settings_parse_parameters_and_codec() -> None:
         "cacheblend-0.3-2",
     )
     assert (reuse.codec, reuse.label) == ("int8", "full_reuse-int8")
+
+
+def test_answer_contains_is_word_aligned_after_normalisation() -> None:
+    assert answer_contains("The code is 4721.", ["4721"]) == 1.0
+    assert answer_contains("It was the Beatles, surely", ["beatles"]) == 1.0
+    assert answer_contains("47210", ["4721"]) == 0.0
+    assert answer_contains("anything", [""]) == 0.0
+
+
+def test_summary_skips_missing_values_and_takes_medians_of_latency() -> None:
+    rows = [
+        outcome(0, "full_prefill", 1.0, [5], 10.0),
+        outcome(1, "full_prefill", 1.0, [5], 30.0),
+        outcome(2, "full_prefill", 1.0, [5], 20.0),
+    ]
+    summary = summarize(rows)["full_prefill"]
+    assert summary["ttft_s"] == 20.0
+    assert summary["ttft_mean_s"] == 20.0
+    assert math.isnan(summary["contains"])  # old rows carry no containment figure
+    assert summary["examples"] == 3
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        ("cachefold", "unknown method"),
+        ("cacheblend:ratio", "is not key=value"),
+        ("cacheblend:ratio=high", "is not a number"),
+        ("full_reuse:codec=zip", "codec 'zip'"),
+    ],
+)
+def test_bad_settings_name_the_problem(spec: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        parse_settings([spec])

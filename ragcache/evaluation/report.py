@@ -1,0 +1,131 @@
+"""Eval outputs: the Markdown table, the JSON payload and the quality-vs-TTFT Pareto plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ragcache.evaluation.hf_baseline import BASELINE_LABEL
+
+COLUMNS = (
+    ("recompute_fraction", "recomputed"),
+    ("nll", "NLL"),
+    ("gap_closed", "gap closed"),
+    ("agree16", "16-tok agree"),
+    ("first_token", "first tok"),
+    ("f1", "F1"),
+    ("em", "EM"),
+    ("contains", "contains"),
+    ("ttft_s", "TTFT s (p50)"),
+    ("e2e_s", "e2e s (p50)"),
+    ("speedup", "TTFT speed-up"),
+)
+
+
+def _cell(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.3f}"
+
+
+def format_table(summary: dict[str, dict[str, float]]) -> str:
+    header = "| setting | " + " | ".join(title for _, title in COLUMNS) + " |"
+    lines = [header, "|---|" + "---:|" * len(COLUMNS)]
+    for label, row in summary.items():
+        cells = [_cell(row.get(key)) for key, _ in COLUMNS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_groups(groups: dict[str, dict[str, dict[str, float]]], metric: str) -> str:
+    """One row per setting, one column per group (e.g. needle kind@depth)."""
+    names = list(groups)
+    settings = list(dict.fromkeys(s for summary in groups.values() for s in summary))
+    lines = [
+        f"| setting | {' | '.join(names)} |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for setting in settings:
+        cells = [_cell(groups[g].get(setting, {}).get(metric)) for g in names]
+        lines.append(f"| {setting} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, title: str, command: str, sections: list[tuple[str, str]]) -> None:
+    body = [f"# {title}", "", "Command:", "", f"    {command}", ""]
+    for heading, text in sections:
+        body += [f"## {heading}", "", text, ""]
+    path.write_text("\n".join(body))
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.write_text(json.dumps(payload, indent=2, allow_nan=True))
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both lower x and higher y."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        dominated = any(
+            (ox <= x and oy >= y) and (ox < x or oy > y)
+            for j, (ox, oy) in enumerate(points)
+            if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def pareto_plot(
+    path: Path, summary: dict[str, dict[str, float]], title: str, metrics: tuple[str, ...]
+) -> bool:
+    """Quality vs p50 TTFT, one point per setting, one panel per quality metric.
+
+    Returns False (and writes nothing) when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib import ticker
+    except ImportError:
+        return False
+    labels = [k for k, row in summary.items() if not math.isnan(row.get("ttft_s", math.nan))]
+    figure, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 5), squeeze=False)
+    for axis, metric in zip(axes[0], metrics, strict=True):
+        shown = [k for k in labels if not math.isnan(summary[k].get(metric, math.nan))]
+        points = [(summary[k]["ttft_s"], summary[k][metric]) for k in shown]
+        front = pareto_front(points)
+        axis.step(
+            [points[i][0] for i in front],
+            [points[i][1] for i in front],
+            where="post",
+            color="0.6",
+            linestyle="--",
+            zorder=1,
+            label="Pareto front",
+        )
+        for label, (x, y) in zip(shown, points, strict=True):
+            marker, size, color = "o", 40, "tab:blue"
+            if label == "full_prefill":
+                marker, size, color = "*", 220, "tab:red"
+            elif label == BASELINE_LABEL:
+                marker, size, color = "s", 80, "tab:gray"
+            axis.scatter(x, y, marker=marker, s=size, color=color, zorder=2)
+            axis.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        axis.set_xscale("log")
+        axis.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        axis.xaxis.set_minor_formatter(ticker.NullFormatter())
+        axis.set_xlabel("TTFT, median over examples (s, log scale)")
+        axis.set_ylabel(metric)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(loc="lower right", fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
