@@ -56,13 +56,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--url", help="base URL of a running server (default: start one)")
     parser.add_argument("--api-key", help="bearer key for a server with server.api_keys")
     parser.add_argument("--data", type=Path, default=Path("../shared/data/musique_dev.json"))
-    parser.add_argument("--questions", type=int, default=8, help="MuSiQue questions (corpus)")
+    parser.add_argument("--questions", type=int, default=6, help="MuSiQue questions (corpus)")
     parser.add_argument("--corpus", default="musique-serve", help="corpus name on the server")
     parser.add_argument(
         "--rates", help="comma-separated arrival rates in req/s (default: calibrated)"
     )
     parser.add_argument("--requests", type=int, default=40, help="most requests per phase")
-    parser.add_argument("--duration", type=float, default=100.0, help="arrival window (s)")
+    parser.add_argument("--duration", type=float, default=90.0, help="arrival window (s)")
     parser.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of questions")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-k", type=int, default=3, help="chunks retrieved per request")

@@ -27,17 +27,18 @@ def _tiers(shares: dict[str, float]) -> str:
 
 def phase_table(rates: list[dict[str, Any]]) -> list[str]:
     lines = [
-        "| rate (req/s) | mode | sent | done | errors | req/s done | TTFT p50 (ms) "
+        "| rate (req/s) | mode | sent | done | errors | req/s sent | req/s done | TTFT p50 (ms) "
         "| TTFT p99 (ms) | TPOT p50 (ms) | E2E p50 (ms) | chunks by tier | recompute "
         "| sustained |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for entry in rates:
         for mode in ("on", "off"):
             p = entry[mode]
             lines.append(
                 f"| {entry['rate']:.3f} | {mode} | {p['sent']} | {p['completed']} "
-                f"| {p['errors']} | {_num(p['completed_rate'])} | {_ms(p['ttft_p50_s'])} "
+                f"| {p['errors']} | {_num(p['offered_rate'])} | {_num(p['completed_rate'])} "
+                f"| {_ms(p['ttft_p50_s'])} "
                 f"| {_ms(p['ttft_p99_s'])} | {_ms(p['tpot_p50_s'])} | {_ms(p['e2e_p50_s'])} "
                 f"| {_tiers(p['chunk_share_by_tier'])} | {_num(p['recompute_fraction'], 2)} "
                 f"| {'yes' if p['sustained'] else 'no'} |"
@@ -131,7 +132,9 @@ def setup_lines(report: dict[str, Any]) -> list[str]:
         "",
         f"TTFT is measured by the client, from sending the request to the first answer-text "
         f"event; TPOT = (last token time - first token time) / (tokens - 1); E2E to the result "
-        f"event. Chunks by tier: share of retrieved chunks whose KV came from each tier "
+        f"event. Req/s sent and done: requests per second over the span of send times and "
+        f"answers per second over the span of finish times. Chunks by tier: share of "
+        f"retrieved chunks whose KV came from each tier "
         f"(`computed`: computed for the request). Recompute: context tokens computed for the "
         f"request / context tokens. A rate is *sustained* when no request failed, answers "
         f"completed at >= {SUSTAIN_FRACTION:.0%} of the rate requests were sent at (both over "
