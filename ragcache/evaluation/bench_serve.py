@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "-m", "ragcache.evaluation.bench_serve", *argv])
     try:
         report = run_benchmark(args, server_flags, command)
-    except (RuntimeError, ValueError) as error:
+    except (RuntimeError, ValueError, httpx.HTTPError) as error:
         print(f"bench serve: {error}", file=sys.stderr)
         return 2
     for line in table_lines(report):

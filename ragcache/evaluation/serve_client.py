@@ -142,6 +142,8 @@ async def _request(
         sample.error = f"no complete answer within {timeout_s:g} s"
     except httpx.HTTPError as error:
         sample.error = f"{type(error).__name__}: {error}"
+    except (ValueError, KeyError, TypeError) as error:
+        sample.error = f"malformed response: {type(error).__name__}: {error}"
     return sample
 
 
