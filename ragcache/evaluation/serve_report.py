@@ -78,6 +78,16 @@ def verdict_line(report: dict[str, Any]) -> str:
     )
 
 
+def ratio_range_line(rates: list[dict[str, Any]]) -> str:
+    ratios = [entry["ttft_p50_ratio"] for entry in rates if entry["ttft_p50_ratio"] is not None]
+    if not ratios:
+        return "No rate gave a p50 TTFT in both modes."
+    return (
+        f"Across the {len(rates)} rates run, p50 TTFT is {_times(min(ratios))} to "
+        f"{_times(max(ratios))} lower with chunk caching on."
+    )
+
+
 def table_lines(report: dict[str, Any]) -> list[str]:
     return [
         *phase_table(report["rates"]),
@@ -85,6 +95,7 @@ def table_lines(report: dict[str, Any]) -> list[str]:
         *ratio_table(report["rates"]),
         "",
         verdict_line(report),
+        ratio_range_line(report["rates"]),
     ]
 
 
