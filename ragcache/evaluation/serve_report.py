@@ -82,6 +82,8 @@ def ratio_range_line(rates: list[dict[str, Any]]) -> str:
     ratios = [entry["ttft_p50_ratio"] for entry in rates if entry["ttft_p50_ratio"] is not None]
     if not ratios:
         return "No rate gave a p50 TTFT in both modes."
+    if len(ratios) == 1:
+        return f"p50 TTFT is {_times(ratios[0])} lower with chunk caching on."
     return (
         f"Across the {len(rates)} rates run, p50 TTFT is {_times(min(ratios))} to "
         f"{_times(max(ratios))} lower with chunk caching on."
