@@ -189,6 +189,7 @@ BENCHMARKS = {
     "policy": "ragcache.chunkstore.bench_policy",
     "tiers": "ragcache.chunkstore.bench_tiers",
     "recall": "ragcache.retriever.bench_recall",
+    "serve": "ragcache.evaluation.bench_serve",
 }
 
 
