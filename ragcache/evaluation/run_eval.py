@@ -208,7 +208,8 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         append_outcomes(results, outcomes)
         done.extend(outcomes)
     chosen = set(order)
-    kept: list[Outcome] = [o for o in done if o.example in chosen]
+    labels = {s.label for s in settings}
+    kept: list[Outcome] = [o for o in done if o.example in chosen and o.setting in labels]
     summary = summarize(kept)
     groups = summarize_groups(kept)
     payload = {
