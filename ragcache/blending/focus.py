@@ -1,12 +1,16 @@
 """CacheFocus: score the retrieved chunks by the query's attention, prune, re-place the rest.
 
 1. Relevance. Only the query tokens run through the first ``layers`` layers, attending
-   to the root and every chunk's cached KV placed in the prompt, and to themselves. A
-   chunk's relevance is the share of the query's attention mass that lands on its
-   tokens: softmax weights averaged over heads and query tokens, summed over the
-   chunk's tokens (not divided by its length, so it is the attention the query actually
-   spends there), averaged over the scored layers. The chunks' scores, the root's share
-   and the query's own share sum to one.
+   to the root, to every chunk's cached KV and to themselves. A chunk's relevance is
+   the share of the query's attention mass that lands on its tokens: softmax weights
+   averaged over heads and query tokens, summed over the chunk's tokens (not divided
+   by its length, so it is the attention the query actually spends there), averaged
+   over the scored layers. The chunks' scores, the root's share and the query's own
+   share sum to one. For this pass every chunk sits where it was cached, right after
+   the root (all chunks share those positions), and the query follows the longest:
+   at their prompt offsets the score would measure distance, not content (on SmolLM2
+   the last of ten passages draws ~40% of the attention and the scores rise with
+   position), and a context longer than the window could not be scored at all.
 2. Pruning. The ``ceil(keep * chunks)`` most relevant chunks are kept, never fewer than
    one; a kept set must also fit in the model's window with the root and the query, so
    a chunk that does not fit gives way to less relevant ones that do. A context longer
@@ -83,39 +87,20 @@ class Focus:
     relevance: Relevance | None
 
 
-def scoring_starts(layout: PromptLayout, room: int) -> tuple[list[int], int]:
-    """Chunk start positions for the relevance pass, and the query's first position.
-
-    The prompt's own offsets when the context fits in ``room`` tokens; otherwise
-    consecutive groups of chunks that each fit, every group starting right after the
-    root, so that every distance from the query stays inside the window.
-    """
-    root = len(layout.root_ids)
-    if layout.context_end - root <= room:
-        return list(layout.chunk_starts), layout.context_end
-    starts: list[int] = []
-    offset = widest = 0
-    for ids in layout.chunk_ids:
-        if offset and offset + len(ids) > room:
-            offset = 0
-        starts.append(root + offset)
-        offset += len(ids)
-        widest = max(widest, offset)
-    return starts, root + widest
-
-
 def chunk_relevance(
     model: LlamaModel,
     layout: PromptLayout,
     root: ChunkKV,
     chunks: list[ChunkKV],
     num_layers: int,
-    room: int,
 ) -> Relevance:
-    """Each chunk's share of the query's attention, averaged over the first layers."""
+    """Each chunk's share of the query's attention, averaged over the first layers, with
+    every chunk placed right after the root (the positions it was cached at)."""
     if not layout.query_ids:
         raise ValueError("cachefocus scores chunks by the query's attention; the query is empty")
-    starts, query_start = scoring_starts(layout, room)
+    root_len = len(layout.root_ids)
+    starts = [root_len] * len(chunks)
+    query_start = root_len + max((len(ids) for ids in layout.chunk_ids), default=0)
     parts = [
         ChunkKV(part.token_ids, part.k[:num_layers], part.v[:num_layers], part.positions)
         for part in (root, *chunks)
@@ -230,7 +215,7 @@ class CacheFocus:
         fits = sum(lengths) <= room
         if self.keep >= 1.0 and fits and self.order == "retrieved":
             return Focus(list(range(len(chunks))), None)
-        relevance = chunk_relevance(model, layout, root, chunks, self.layers, room)
+        relevance = chunk_relevance(model, layout, root, chunks, self.layers)
         scores = relevance.chunks.tolist()
         kept = choose_chunks(scores, lengths, self.keep, room)
         return Focus(allocate(kept, scores, self.order), relevance)

@@ -17,7 +17,7 @@ from ragcache.blending.focus import (
 )
 from ragcache.blending.fuser import FusedRequest, fuse
 from ragcache.blending.methods import make_method
-from ragcache.blending.placement import place_context, reposition
+from ragcache.blending.placement import reposition
 from ragcache.engine.config import EngineConfig
 from ragcache.engine.engine import Engine
 from ragcache.engine.loader import LoadedModel
@@ -26,8 +26,6 @@ from ragcache.evaluation.fusion_eval import parse_settings
 from ragcache.kernels.rope import apply_rope_ref, rope_cos_sin
 from ragcache.prompt import PromptLayout
 from tests.blending.test_fusion import chunk_kv_at, random_layout
-
-ROOM = 4000
 
 
 def encoded(loaded: LoadedModel, layout: PromptLayout) -> tuple[ChunkEncoder, list[ChunkKV]]:
@@ -42,25 +40,26 @@ def focused(
     encoder, chunks = encoded(loaded, layout)
     method = make_method("cachefocus", **params)
     layers = int(params.get("layers", 2))
-    relevance = chunk_relevance(loaded.model, layout, encoder.root, chunks, layers, ROOM)
+    relevance = chunk_relevance(loaded.model, layout, encoder.root, chunks, layers)
     return fuse(loaded.model, layout, encoder.root, chunks, method), relevance.chunks.tolist()
 
 
 def direct_first_layer_shares(loaded: LoadedModel, layout: PromptLayout) -> torch.Tensor:
-    """Layer 0 by hand: each query token's softmax over the placed context and the query
-    tokens up to itself, per head, then averaged over heads and query tokens."""
+    """Layer 0 by hand: each query token's softmax over the cached context (every chunk
+    at the positions it was encoded at, right after the root) and the query tokens up to
+    itself, per head, then averaged over heads and query tokens."""
     model, spec = loaded.model, loaded.spec
     encoder, chunks = encoded(loaded, layout)
-    placed_k, _ = place_context([encoder.root, *chunks], [0, *layout.chunk_starts], model.inv_freq)
+    first = len(layout.root_ids) + max(len(ids) for ids in layout.chunk_ids)
     layer = model.layers[0]
     hidden = layer.input_layernorm(model.embed(torch.tensor(layout.query_ids)))
     q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     with torch.inference_mode():
         q, k, _ = layer.self_attn.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
-    cos, sin = rope_cos_sin(torch.arange(layout.context_end, len(layout)), model.inv_freq)
+    cos, sin = rope_cos_sin(torch.arange(first, first + len(layout.query_ids)), model.inv_freq)
     q = apply_rope_ref(q.reshape(-1, spec.num_heads, spec.head_dim), cos, sin)
     k = apply_rope_ref(k.reshape(-1, spec.num_kv_heads, spec.head_dim), cos, sin)
-    keys = torch.cat([placed_k[0], k])
+    keys = torch.cat([encoder.root.k[0], *(chunk.k[0] for chunk in chunks), k])
     group = spec.num_heads // spec.num_kv_heads
     shares = torch.zeros(len(keys))
     for i in range(len(layout.query_ids)):
@@ -75,7 +74,7 @@ def test_relevance_is_the_querys_attention_share(engine_model: LoadedModel) -> N
     layout = random_layout(4, seed=1)
     encoder, chunks = encoded(engine_model, layout)
     shares = direct_first_layer_shares(engine_model, layout)
-    first = chunk_relevance(engine_model.model, layout, encoder.root, chunks, 1, ROOM)
+    first = chunk_relevance(engine_model.model, layout, encoder.root, chunks, 1)
     expected = torch.stack(
         [
             shares[s : s + len(ids)].sum()
@@ -85,9 +84,19 @@ def test_relevance_is_the_querys_attention_share(engine_model: LoadedModel) -> N
     assert torch.allclose(first.chunks, expected, atol=1e-5)
     assert int(first.chunks.argmax()) == int(expected.argmax())
     assert first.root == pytest.approx(float(shares[: len(layout.root_ids)].sum()), abs=1e-5)
-    two = chunk_relevance(engine_model.model, layout, encoder.root, chunks, 2, ROOM)
+    two = chunk_relevance(engine_model.model, layout, encoder.root, chunks, 2)
     assert two.chunks.shape == (4,) and bool((two.chunks > 0).all())
     assert float(two.chunks.sum()) + two.root + two.query == pytest.approx(1.0, abs=1e-5)
+
+
+def test_relevance_follows_the_chunk_not_its_place(engine_model: LoadedModel) -> None:
+    layout = random_layout(4, seed=9)
+    reversed_layout = PromptLayout(layout.root_ids, layout.chunk_ids[::-1], layout.query_ids)
+    scores = []
+    for each in (layout, reversed_layout):
+        encoder, chunks = encoded(engine_model, each)
+        scores.append(chunk_relevance(engine_model.model, each, encoder.root, chunks, 2).chunks)
+    assert torch.allclose(scores[0], scores[1].flip(0), atol=1e-5)
 
 
 def test_keep_all_as_retrieved_is_full_reuse(engine_model: LoadedModel) -> None:
