@@ -10,7 +10,7 @@
    the root (all chunks share those positions), and the query follows the longest:
    at their prompt offsets the score would measure distance, not content (on SmolLM2
    the last of ten passages draws ~40% of the attention and the scores rise with
-   position), and a context longer than the window could not be scored at all.
+   position), and a context longer than the window would reach past it.
 2. Pruning. The ``ceil(keep * chunks)`` most relevant chunks are kept, never fewer than
    one; a kept set must also fit in the model's window with the root and the query, so
    a chunk that does not fit gives way to less relevant ones that do. A context longer
