@@ -686,14 +686,15 @@ class RagCache:
         received = time.perf_counter()
         layout = self.prompts.layout(chunks, question)
         limit = self.engine.max_model_len
-        shortest = len(layout)
+        shortest, pruned = len(layout), ""
         if isinstance(method, CacheFocus) and chunks:
             # CacheFocus prunes to fit; it needs room for one chunk at least.
             shortest = len(layout.root_ids) + len(layout.query_ids) + min(map(len, chunks))
+            pruned = "even pruned to its shortest chunk, "
         if shortest >= limit:
             what, remedy = hint
             raise PromptTooLongError(
-                f"the prompt has {shortest} tokens ({what}); this model and KV pool "
+                f"{pruned}the prompt has {shortest} tokens ({what}); this model and KV pool "
                 f"accept at most {limit - 1}: {remedy}",
                 length_param,
             )

@@ -219,7 +219,7 @@ def test_cachefocus_prunes_a_too_long_context_to_fit(rag: RagCache) -> None:
         return [out async for out in rag.generate(prepared)][-1].token_ids
 
     assert len(asyncio.run(answer())) >= 1
-    with pytest.raises(PromptTooLongError):
+    with pytest.raises(PromptTooLongError, match="even pruned to its shortest chunk"):
         rag.prepare_documents([" ".join(documents)], QUESTION, "cachefocus")
 
 
