@@ -138,6 +138,11 @@ def _query(args: argparse.Namespace, config: Config) -> None:
     print(
         f"\nmethod {cache.method}; context tokens from cache {cache.tokens_by_tier}, "
         f"computed now {cache.computed_tokens}, recomputed by fusion {cache.recomputed_tokens}"
+        + (
+            f", pruned {cache.pruned_chunks} chunks ({cache.pruned_tokens} tokens)"
+            if cache.pruned_chunks
+            else ""
+        )
         + (f"; ttft {ttft * 1000:.0f} ms" if ttft is not None else "")
     )
 

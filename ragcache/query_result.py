@@ -16,11 +16,16 @@ class SourceChunk:
     char_end: int
     source: str
     cache_tier: str | None = None  # where its KV came from; None when computed now
+    pruned: bool = False  # CacheFocus left it out of the prompt
 
 
 @dataclass(slots=True)
 class CacheUsage:
-    """Context tokens by where their KV came from, and what fusion recomputed."""
+    """Context tokens by where their KV came from, and what fusion recomputed or pruned.
+
+    ``tokens_by_tier`` and ``computed_tokens`` cover every retrieved chunk; the
+    ``pruned_tokens`` of the ``pruned_chunks`` CacheFocus dropped are not in the prompt.
+    """
 
     method: str
     tokens_by_tier: dict[str, int] = field(default_factory=dict)
@@ -28,6 +33,8 @@ class CacheUsage:
     reused_tokens: int = 0
     recomputed_tokens: int = 0
     engine_cached_tokens: int = 0
+    pruned_chunks: int = 0
+    pruned_tokens: int = 0
 
     @property
     def cached_tokens(self) -> int:

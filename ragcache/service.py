@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from ragcache.blending.chunk_kv import ChunkEncoder, ChunkKV
+from ragcache.blending.focus import CacheFocus, FocusParameterError
 from ragcache.blending.fuser import FusedRequest, FusionReport, fuse
-from ragcache.blending.methods import METHOD_NAMES, make_method
+from ragcache.blending.methods import METHOD_NAMES, MethodParam, make_method
 from ragcache.chunk_cache import ChunkCache
 from ragcache.chunkstore.keys import KeyContext
 from ragcache.chunkstore.store import ChunkStore
@@ -62,6 +63,13 @@ _PARAM_IN_MESSAGE = re.compile(r"sampling parameter (\w+)=")
 # Stored names of a tenant's corpora start with a digest of the tenant id, so they stay
 # valid corpus names whatever the tenant id is; the default tenant may not use the form.
 _TENANT_CORPUS_PREFIX = re.compile(r"^t[0-9a-f]{8}--")
+# Request fields of CacheFocus (same names in the fusion config) -> method parameters.
+_FOCUS_FIELDS = {
+    "focus_keep": "keep",
+    "focus_layers": "layers",
+    "focus_order": "order",
+    "focus_base": "base",
+}
 
 
 def tenant_corpus_prefix(tenant: str) -> str:
@@ -437,7 +445,7 @@ class RagCache:
         corpus: str,
         k: int | None = None,
         method: str | None = None,
-        method_params: dict[str, float] | None = None,
+        method_params: dict[str, MethodParam] | None = None,
         sampling: SamplingParams | None = None,
     ) -> AsyncIterator[str | QueryResult]:
         """Answer text pieces as they decode, then the QueryResult."""
@@ -519,7 +527,9 @@ class RagCache:
             param = match.group(1) if match else "stop_token_ids"
             raise InvalidParameterError(str(error), param) from None
 
-    def _method(self, name: str | None, params: dict[str, float]) -> tuple[Any, dict[str, float]]:
+    def _method(
+        self, name: str | None, params: dict[str, MethodParam]
+    ) -> tuple[Any, dict[str, MethodParam]]:
         fusion = self.config.fusion
         name = name or fusion.method
         if name not in METHOD_NAMES:
@@ -527,7 +537,7 @@ class RagCache:
                 f"fusion method {name!r} is unknown; use one of {', '.join(METHOD_NAMES)}",
                 "method",
             )
-        known = {"recompute_ratio", "check_layer", "legolink_k"}
+        known = {"recompute_ratio", "check_layer", "legolink_k", *_FOCUS_FIELDS}
         unknown = set(params) - known
         if unknown:
             raise InvalidParameterError(
@@ -551,8 +561,23 @@ class RagCache:
             raise InvalidParameterError(
                 f"legolink_k={legolink_k!r} must be an integer >= 0", "legolink_k"
             )
-        used = {"ratio": ratio, "check_layer": check_layer, "k": legolink_k}
-        return make_method(name, **used), used
+        used: dict[str, MethodParam] = {"ratio": ratio, "check_layer": check_layer, "k": legolink_k}
+        if name != "cachefocus":
+            return make_method(name, **used), used
+        for field_name, param in _FOCUS_FIELDS.items():
+            used[param] = params.get(field_name, getattr(fusion, field_name))
+        try:
+            method = make_method(name, **used)
+        except FocusParameterError as error:
+            raise InvalidParameterError(str(error), f"focus_{error.param}") from None
+        assert isinstance(method, CacheFocus)
+        if method.layers > layers:
+            raise InvalidParameterError(
+                f"focus_layers={method.layers} exceeds the model's {layers} layers",
+                "focus_layers",
+            )
+        method.max_prompt_tokens = self.engine.max_model_len - 1
+        return method, used
 
     def prepare_corpus(
         self,
@@ -560,7 +585,7 @@ class RagCache:
         corpus: str,
         k: int | None,
         method_name: str | None,
-        method_params: dict[str, float],
+        method_params: dict[str, MethodParam],
         sampling: SamplingParams | None,
     ) -> PreparedQuery:
         """A RAG prompt over the ``k`` chunks of ``corpus`` that best match ``text``."""
@@ -581,7 +606,7 @@ class RagCache:
         documents: Sequence[str],
         question: str,
         method_name: str | None = None,
-        method_params: dict[str, float] | None = None,
+        method_params: dict[str, MethodParam] | None = None,
         sampling: SamplingParams | None = None,
         param: str = "documents",
     ) -> PreparedQuery:
@@ -653,7 +678,7 @@ class RagCache:
         question: str,
         sources: list[SourceChunk],
         method: Any,
-        params: dict[str, float],
+        params: dict[str, MethodParam],
         sampling: SamplingParams,
         length_param: str,
         hint: tuple[str, str],
@@ -661,10 +686,15 @@ class RagCache:
         received = time.perf_counter()
         layout = self.prompts.layout(chunks, question)
         limit = self.engine.max_model_len
-        if len(layout) >= limit:
+        shortest, pruned = len(layout), ""
+        if isinstance(method, CacheFocus) and chunks:
+            # CacheFocus prunes to fit; it needs room for one chunk at least.
+            shortest = len(layout.root_ids) + len(layout.query_ids) + min(map(len, chunks))
+            pruned = "even pruned to its shortest chunk, "
+        if shortest >= limit:
             what, remedy = hint
             raise PromptTooLongError(
-                f"the prompt has {len(layout)} tokens ({what}); this model and KV pool "
+                f"{pruned}the prompt has {shortest} tokens ({what}); this model and KV pool "
                 f"accept at most {limit - 1}: {remedy}",
                 length_param,
             )
@@ -678,25 +708,32 @@ class RagCache:
         else:
             cached = self._fetch(chunks)
             fetched = time.perf_counter()
-            for source, hit, ids, start in zip(
-                sources, cached, chunks, layout.chunk_starts, strict=True
-            ):
+            for source, hit, ids in zip(sources, cached, chunks, strict=True):
                 if hit is not None:
                     source.cache_tier = hit[1]
                     usage.tokens_by_tier[hit[1]] = usage.tokens_by_tier.get(hit[1], 0) + len(ids)
-                    spans.append((start, start + len(ids)))
                 else:
                     usage.computed_tokens += len(ids)
             fused, computed = self._fuse(layout, chunks, cached, method, params)
+            start = len(layout.root_ids)
+            for index in fused.report.chunk_order:
+                end = start + len(chunks[index])
+                if cached[index] is not None:
+                    spans.append((start, end))
+                start = end
+            for index in fused.report.pruned_chunks:
+                sources[index].pruned = True
         usage.reused_tokens = fused.report.reused_tokens
         usage.recomputed_tokens = fused.report.recomputed_tokens
+        usage.pruned_chunks = len(fused.report.pruned_chunks)
+        usage.pruned_tokens = fused.report.pruned_tokens
         timings: dict[str, float | None] = {
             "cache_fetch": fetched - received,
             "kv_compute": computed - fetched,
             "fusion": fused.report.prepare_s,
         }
         return PreparedQuery(
-            layout.prompt_ids,
+            fused.prompt_ids,
             fused,
             sources,
             usage,
@@ -722,7 +759,7 @@ class RagCache:
         chunks: list[list[int]],
         cached: list[tuple[ChunkKV, str] | None],
         method: Any,
-        params: dict[str, float],
+        params: dict[str, MethodParam],
     ) -> tuple[FusedRequest, float]:
         missing = [ids for ids, hit in zip(chunks, cached, strict=True) if hit is None]
         times: list[float] = []

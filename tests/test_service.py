@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -105,6 +106,7 @@ def test_every_fusion_method_answers(rag: RagCache) -> None:
         "cacheblend",
         "legolink",
         "gradual",
+        "cachefocus",
     ):
         result = rag.query(QUESTION, "docs", method=method, k=2)
         assert result.cache.method == method and result.completion_tokens >= 1
@@ -155,6 +157,26 @@ BAD_QUERIES = {
     ),
     "top p": (dict(sampling=SamplingParams(top_p=0.0)), InvalidParameterError, "top_p"),
     "too long": (dict(text="liberty and union " * 2000), PromptTooLongError, "k"),
+    "focus keep": (
+        dict(method="cachefocus", method_params={"focus_keep": 0.0}),
+        InvalidParameterError,
+        "focus_keep",
+    ),
+    "focus order": (
+        dict(method="cachefocus", method_params={"focus_order": "shuffled"}),
+        InvalidParameterError,
+        "focus_order",
+    ),
+    "focus layers": (
+        dict(method="cachefocus", method_params={"focus_layers": 9}),
+        InvalidParameterError,
+        "focus_layers",
+    ),
+    "focus base": (
+        dict(method="cachefocus", method_params={"focus_base": "cachefocus"}),
+        InvalidParameterError,
+        "focus_base",
+    ),
 }
 
 
@@ -167,6 +189,38 @@ def test_bad_queries_name_the_field(rag: RagCache, case: str) -> None:
         rag.query(arguments.pop("text"), arguments.pop("corpus"), **arguments)
     assert caught.value.param == param
     assert corpus_snapshot(rag, "docs") == before
+
+
+def test_cachefocus_reports_the_chunks_it_pruned(rag: RagCache) -> None:
+    params = {"focus_keep": 0.5, "focus_base": "cacheblend", "recompute_ratio": 0.2}
+    focus = rag.query(QUESTION, "docs", k=3, method="cachefocus", method_params=params)
+    reuse = rag.query(QUESTION, "docs", k=3, method="full_reuse")
+    cache = focus.cache
+    assert cache.method == "cachefocus" and cache.pruned_chunks == 1 and cache.pruned_tokens > 0
+    assert [s.chunk_id for s in focus.sources] == [s.chunk_id for s in reuse.sources]
+    assert sum(s.pruned for s in focus.sources) == 1
+    assert focus.prompt_tokens == reuse.prompt_tokens - cache.pruned_tokens
+    assert cache.recomputed_tokens > 0 and cache.reused_tokens > 0
+    assert sum(cache.tokens_by_tier.values()) == sum(reuse.cache.tokens_by_tier.values())
+    assert focus.completion_tokens >= 1
+
+
+def test_cachefocus_prunes_a_too_long_context_to_fit(rag: RagCache) -> None:
+    texts = [path.read_text(encoding="utf-8") for path in sorted(SAMPLES.iterdir())]
+    documents = [f"{texts[i - 1]} {texts[i]}" for i in range(len(texts))]
+    limit = rag.engine.max_model_len
+    with pytest.raises(PromptTooLongError):
+        rag.prepare_documents(documents, QUESTION, "full_reuse")
+    prepared = rag.prepare_documents(documents, QUESTION, "cachefocus")
+    assert len(prepared.prompt_ids) < limit <= len(rag.prompts.encode(" ".join(documents)))
+    assert prepared.usage.pruned_chunks == sum(s.pruned for s in prepared.sources) >= 1
+
+    async def answer() -> list[int]:
+        return [out async for out in rag.generate(prepared)][-1].token_ids
+
+    assert len(asyncio.run(answer())) >= 1
+    with pytest.raises(PromptTooLongError, match="even pruned to its shortest chunk"):
+        rag.prepare_documents([" ".join(documents)], QUESTION, "cachefocus")
 
 
 def test_lazy_mode_computes_chunk_kv_at_the_first_query(tmp_path: Path) -> None:

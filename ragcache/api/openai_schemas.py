@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ragcache.blending.methods import MethodParam
 from ragcache.engine.sampling_params import SamplingParams
 
 
@@ -33,12 +34,20 @@ class RagFields(_Strict):
     recompute_ratio: float | None = None
     check_layer: int | None = None
     legolink_k: int | None = None
+    focus_keep: float | None = None
+    focus_layers: int | None = None
+    focus_order: str | None = None
+    focus_base: str | None = None
 
-    def method_params(self) -> dict[str, float]:
-        params = {
+    def method_params(self) -> dict[str, MethodParam]:
+        params: dict[str, MethodParam | None] = {
             "recompute_ratio": self.recompute_ratio,
             "check_layer": self.check_layer,
             "legolink_k": self.legolink_k,
+            "focus_keep": self.focus_keep,
+            "focus_layers": self.focus_layers,
+            "focus_order": self.focus_order,
+            "focus_base": self.focus_base,
         }
         return {name: value for name, value in params.items() if value is not None}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ragcache.blending.methods import MethodParam
 from ragcache.engine.sampling_params import SamplingParams
 
 
@@ -25,6 +26,10 @@ class QueryRequest(RetrieveRequest):
     recompute_ratio: float | None = None
     check_layer: int | None = None
     legolink_k: int | None = None
+    focus_keep: float | None = None
+    focus_layers: int | None = None
+    focus_order: str | None = None
+    focus_base: str | None = None
     max_tokens: int | None = None
     temperature: float = 0.0
     top_p: float = 1.0
@@ -33,11 +38,15 @@ class QueryRequest(RetrieveRequest):
     stop: list[str] = Field(default_factory=list)
     stream: bool = False
 
-    def method_params(self) -> dict[str, float]:
-        params = {
+    def method_params(self) -> dict[str, MethodParam]:
+        params: dict[str, MethodParam | None] = {
             "recompute_ratio": self.recompute_ratio,
             "check_layer": self.check_layer,
             "legolink_k": self.legolink_k,
+            "focus_keep": self.focus_keep,
+            "focus_layers": self.focus_layers,
+            "focus_order": self.focus_order,
+            "focus_base": self.focus_base,
         }
         return {name: value for name, value in params.items() if value is not None}
 

@@ -11,7 +11,7 @@ class FusionConfig:
         default="cacheblend",
         metadata={
             "help": "full_prefill, prefix_only, full_reuse, cacheblend, legolink, "
-            "gradual (query-weighted gradual filtering), sinkblend"
+            "gradual (query-weighted gradual filtering), sinkblend, cachefocus"
         },
     )
     recompute_ratio: float = field(
@@ -22,4 +22,19 @@ class FusionConfig:
     )
     legolink_k: int = field(
         default=32, metadata={"help": "LegoLink: leading tokens recomputed per chunk"}
+    )
+    focus_keep: float = field(
+        default=1.0,
+        metadata={"help": "cachefocus: share of retrieved chunks kept, by relevance, in (0, 1]"},
+    )
+    focus_layers: int = field(
+        default=2, metadata={"help": "cachefocus: first layers whose query attention scores chunks"}
+    )
+    focus_order: str = field(
+        default="retrieved",
+        metadata={"help": "cachefocus: kept chunks as retrieved, or by relevance (best last)"},
+    )
+    focus_base: str = field(
+        default="full_reuse",
+        metadata={"help": "cachefocus: method that fuses the kept chunks (e.g. cacheblend)"},
     )

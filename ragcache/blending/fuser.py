@@ -6,7 +6,8 @@ import time
 from dataclasses import dataclass, field
 
 from ragcache.blending.chunk_kv import ChunkKV
-from ragcache.blending.methods import FusionContext, FusionMethod
+from ragcache.blending.focus import CacheFocus
+from ragcache.blending.methods import FusionContext, FusionMethod, MethodParam
 from ragcache.blending.placement import place_context
 from ragcache.engine.model import LlamaModel
 from ragcache.engine.sequence import PlacedKV
@@ -15,12 +16,23 @@ from ragcache.prompt import PromptLayout
 
 @dataclass(slots=True)
 class FusionReport:
+    """What fusion did with the retrieved context.
+
+    ``context_tokens`` counts every retrieved chunk's tokens: the ones in the prompt are
+    reused or recomputed, the ones CacheFocus pruned (``pruned_tokens``, chunks
+    ``pruned_chunks``) are neither. ``chunk_order`` lists the retrieved indices of the
+    chunks in the prompt, in prompt order.
+    """
+
     method: str
     context_tokens: int
     reused_tokens: int
     recomputed_tokens: int
     prepare_s: float
-    params: dict[str, float] = field(default_factory=dict)
+    params: dict[str, MethodParam] = field(default_factory=dict)
+    chunk_order: list[int] = field(default_factory=list)
+    pruned_chunks: list[int] = field(default_factory=list)
+    pruned_tokens: int = 0
 
     @property
     def recompute_fraction(self) -> float:
@@ -42,9 +54,13 @@ def fuse(
     root: ChunkKV,
     chunks: list[ChunkKV],
     method: FusionMethod,
-    params: dict[str, float] | None = None,
+    params: dict[str, MethodParam] | None = None,
 ) -> FusedRequest:
-    """Place the root and chunks at their offsets and let ``method`` choose the repair."""
+    """Place the root and chunks at their offsets and let ``method`` choose the repair.
+
+    CacheFocus first drops and reorders chunks; the prompt is then built from the kept
+    ones, so ``prompt_ids`` may be shorter than the layout's.
+    """
     began = time.perf_counter()
     if len(chunks) != len(layout.chunk_ids):
         raise ValueError(f"layout has {len(layout.chunk_ids)} chunks, {len(chunks)} KV given")
@@ -52,18 +68,37 @@ def fuse(
         if chunk.token_ids != ids:
             raise ValueError("a chunk's cached token ids differ from the prompt's chunk ids")
     context = layout.context_end - len(layout.root_ids)
+    retrieved = len(chunks)
+    order = list(range(retrieved))
+    if isinstance(method, CacheFocus) and chunks:
+        order = method.focus(model, layout, root, chunks).chunk_order
+        layout = PromptLayout(
+            layout.root_ids, [layout.chunk_ids[i] for i in order], layout.query_ids
+        )
+        chunks = [chunks[i] for i in order]
+    kept = layout.context_end - len(layout.root_ids)
+
+    def report(reused: int) -> FusionReport:
+        return FusionReport(
+            method.name,
+            context,
+            reused,
+            kept - reused,
+            time.perf_counter() - began,
+            params or {},
+            order,
+            sorted(set(range(retrieved)) - set(order)),
+            context - kept,
+        )
+
     prompt_ids = layout.prompt_ids
     if not chunks:
-        report = FusionReport(method.name, 0, 0, 0, time.perf_counter() - began, params or {})
-        return FusedRequest(prompt_ids, None, True, report)
+        return FusedRequest(prompt_ids, None, True, report(0))
     starts = [0, *layout.chunk_starts]
     placed_k, placed_v = place_context([root, *chunks], starts, model.inv_freq)
     plan = method.plan(FusionContext(model, layout, placed_k, placed_v))
     if not plan.use_cache:
-        report = FusionReport(
-            method.name, context, 0, context, time.perf_counter() - began, params or {}
-        )
-        return FusedRequest(prompt_ids, None, False, report)
+        return FusedRequest(prompt_ids, None, False, report(0))
     end = layout.context_end if plan.reuse_until is None else plan.reuse_until
     ks = [k[:end] for k in placed_k]
     vs = [v[:end] for v in placed_v]
@@ -72,20 +107,10 @@ def fuse(
             ks[layer] = plan.fresh.k[layer][:end].to(ks[layer].dtype)
             vs[layer] = plan.fresh.v[layer][:end].to(vs[layer].dtype)
     recompute = [i for i in plan.recompute if i < end]
-    reused = end - len(layout.root_ids) - len(recompute)
-    report = FusionReport(
-        method.name,
-        context,
-        max(0, reused),
-        context - max(0, reused),
-        time.perf_counter() - began,
-        params or {},
-    )
+    reused = max(0, end - len(layout.root_ids) - len(recompute))
     exact = plan.exact_prefix if plan.exact_prefix is not None else len(layout.root_ids)
-    placed = PlacedKV(
-        [k.contiguous() for k in ks], [v.contiguous() for v in vs], recompute, exact
-    )
-    return FusedRequest(prompt_ids, placed, True, report)
+    placed = PlacedKV([k.contiguous() for k in ks], [v.contiguous() for v in vs], recompute, exact)
+    return FusedRequest(prompt_ids, placed, True, report(reused))
 
 
 __all__ = ["FusedRequest", "FusionReport", "fuse"]

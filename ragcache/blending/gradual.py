@@ -17,12 +17,23 @@ from ragcache.blending.selection_pass import FreshPass, run_fresh_pass
 
 
 def attention_to_context(
-    query_q: torch.Tensor, keys: torch.Tensor, context: torch.Tensor
+    query_q: torch.Tensor,
+    keys: torch.Tensor,
+    context: torch.Tensor,
+    first_query_key: int | None = None,
 ) -> torch.Tensor:
-    """Mean attention of query tokens [nq, Hq, D] over keys [n, Hkv, D], at context indices."""
+    """Mean attention of query tokens [nq, Hq, D] over keys [n, Hkv, D], at context indices.
+
+    With ``first_query_key``, query token i is the key at that index + i and attends only
+    up to itself (causal); without it every query token sees every key.
+    """
     group = query_q.shape[1] // keys.shape[1]
     expanded = keys.float().repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,nhd->hqn", query_q.float(), expanded) * query_q.shape[-1] ** -0.5
+    if first_query_key is not None:
+        own = first_query_key + torch.arange(query_q.shape[0], device=scores.device)
+        later = torch.arange(keys.shape[0], device=scores.device)[None, :] > own[:, None]
+        scores = scores.masked_fill(later, float("-inf"))
     return torch.softmax(scores, dim=-1).mean(dim=(0, 1))[context]
 
 

@@ -2,7 +2,8 @@
 
 A method returns a ``FusionPlan``: the prompt indices the engine recomputes through
 every layer, and optionally fresh KV for the first layers of every token (CacheBlend's
-check layers), which replaces the placed KV there.
+check layers), which replaces the placed KV there. CacheFocus (focus.py) first chooses
+which chunks enter the prompt and where, then plans like the base method it wraps.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import torch
 from ragcache.blending.selection_pass import FreshPass, run_fresh_pass
 from ragcache.engine.model import LlamaModel
 from ragcache.prompt import PromptLayout
+
+# A method parameter: a number, or a name (CacheFocus's order and base method).
+MethodParam = float | str
 
 
 @dataclass(slots=True)
@@ -127,10 +131,11 @@ METHOD_NAMES = (
     "legolink",
     "sinkblend",
     "gradual",
+    "cachefocus",
 )
 
 
-def make_method(name: str, **params: float) -> FusionMethod:
+def make_method(name: str, **params: MethodParam) -> FusionMethod:
     if name == "full_prefill":
         return FullPrefill()
     if name == "prefix_only":
@@ -161,6 +166,10 @@ def make_method(name: str, **params: float) -> FusionMethod:
             widen=float(params.get("widen", 3.0)),
             query_weight=float(params.get("query_weight", 1.0)),
         )
+    if name == "cachefocus":
+        from ragcache.blending.focus import focus_from_params
+
+        return focus_from_params(params)
     raise ValueError(f"fusion method {name!r} is unknown; use one of {', '.join(METHOD_NAMES)}")
 
 

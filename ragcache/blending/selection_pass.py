@@ -1,4 +1,5 @@
-"""A fresh prefill of the first layers over the whole prompt, used to score tokens."""
+"""Passes over the first layers that score the context: a fresh prefill of the whole
+prompt, or the query tokens alone against the placed (cached) context KV."""
 
 from __future__ import annotations
 
@@ -55,3 +56,54 @@ def run_fresh_pass(
         ks.append(k.reshape(-1, *k.shape[2:])[:n].clone())
         vs.append(v.reshape(-1, *v.shape[2:])[:n].clone())
     return FreshPass(ks, vs, query_q, hidden, pool, meta, rope)
+
+
+@dataclass(slots=True)
+class QueryPass:
+    """Per computed layer: the query tokens' rotated q [nq, Hq, D] and the keys
+    [n, Hkv, D] they attended to (the placed context, then the query tokens themselves)."""
+
+    query_q: list[torch.Tensor]
+    keys: list[torch.Tensor]
+
+
+@torch.inference_mode()
+def run_query_pass(
+    model: LlamaModel,
+    placed_k: list[torch.Tensor],
+    placed_v: list[torch.Tensor],
+    query_ids: list[int],
+    query_positions: torch.Tensor,
+    num_layers: int,
+) -> QueryPass:
+    """Compute only the query tokens through the first layers, against placed context KV.
+
+    The context is not computed: its cached, placed KV stands in for it, so the pass costs
+    the query tokens' share of ``num_layers`` layers. Positions are the callers': the keys
+    carry theirs in their rotation, so query positions need not follow the slot order.
+    """
+    context = int(placed_k[0].shape[0])
+    n = context + len(query_ids)
+    spec = dataclasses.replace(model.spec, num_layers=num_layers)
+    pool = KVPool(spec, (n + BLOCK_SIZE - 1) // BLOCK_SIZE, BLOCK_SIZE, model.dtype, model.device)
+    meta = contiguous_metadata([n], BLOCK_SIZE, model.device)
+    slots = meta.slot_mapping
+    for layer in range(num_layers):
+        pool.write_slots(layer, slots[:context], placed_k[layer], placed_v[layer])
+    query_q: list[torch.Tensor] = []
+
+    def keep_query(layer: int, q: torch.Tensor, k_pre: torch.Tensor, v: torch.Tensor) -> None:
+        query_q.append(q.clone())
+
+    ids = torch.tensor(query_ids, dtype=torch.long, device=model.device)
+    tokens = torch.arange(context, n, device=model.device)
+    model.run_layers(
+        model.embed(ids),
+        model.rope(query_positions.to(model.device)),
+        meta.subset(tokens),
+        pool,
+        range(num_layers),
+        keep_query,
+    )
+    keys = [pool.read_slots(layer, slots[:n])[0] for layer in range(num_layers)]
+    return QueryPass(query_q, keys)

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from ragcache.blending.chunk_kv import ChunkEncoder, ChunkKV
+from ragcache.blending.focus import TEXT_PARAMS
 from ragcache.blending.fuser import FusedRequest, fuse
-from ragcache.blending.methods import METHOD_NAMES, make_method
+from ragcache.blending.methods import METHOD_NAMES, MethodParam, make_method
 from ragcache.chunkstore.codecs import CODECS, get_codec
 from ragcache.engine.engine import Engine
 from ragcache.engine.sampling_params import SamplingParams
@@ -42,7 +43,7 @@ from ragcache.prompt import PromptBuilder, PromptLayout
 class Setting:
     label: str
     method: str
-    params: dict[str, float] = field(default_factory=dict)
+    params: dict[str, MethodParam] = field(default_factory=dict)
     codec: str = "raw"
 
 
@@ -63,7 +64,8 @@ def default_sweep() -> list[Setting]:
 def parse_settings(specs: Iterable[str]) -> list[Setting]:
     """'cacheblend:ratio=0.15,check_layer=1' -> Setting; a bare name takes defaults.
 
-    ``codec=int8`` stores the chunks' KV through that codec before fusing them.
+    ``codec=int8`` stores the chunks' KV through that codec before fusing them; the
+    parameters in ``TEXT_PARAMS`` take names (``cachefocus:order=relevance``).
     """
     out = []
     for spec in specs:
@@ -71,7 +73,7 @@ def parse_settings(specs: Iterable[str]) -> list[Setting]:
         if name not in METHOD_NAMES and name != BASELINE_LABEL:
             known = ", ".join((*METHOD_NAMES, BASELINE_LABEL))
             raise ValueError(f"setting {spec!r}: unknown method {name!r}; use one of {known}")
-        params: dict[str, float] = {}
+        params: dict[str, MethodParam] = {}
         codec = "raw"
         for pair in filter(None, rest.split(",")):
             key, _, value = pair.partition("=")
@@ -83,12 +85,19 @@ def parse_settings(specs: Iterable[str]) -> list[Setting]:
                         f"setting {spec!r}: codec {value!r} is not one of {sorted(CODECS)}"
                     )
                 codec = value
+            elif key in TEXT_PARAMS:
+                if value not in TEXT_PARAMS[key]:
+                    choices = ", ".join(TEXT_PARAMS[key])
+                    raise ValueError(f"setting {spec!r}: {key}={value!r} is not one of {choices}")
+                params[key] = value
             else:
                 try:
                     params[key] = float(value)
                 except ValueError:
                     raise ValueError(f"setting {spec!r}: {key}={value!r} is not a number") from None
-        label = name + "".join(f"-{v:g}" for v in params.values())
+        label = name + "".join(
+            f"-{v}" if isinstance(v, str) else f"-{v:g}" for v in params.values()
+        )
         label += "" if codec == "raw" else f"-{codec}"
         out.append(Setting(label, name, params, codec))
     return out
@@ -190,7 +199,6 @@ class FusionEvaluator:
         reference_run = self._run(reference, [], greedy)
         ref_ids = _strip_eos(reference_run.answer_ids, self.engine.eos_ids)
         ref_ids = ref_ids or [(self.engine.eos_ids and min(self.engine.eos_ids)) or 0]
-        start = len(layout)
         context_tokens = len(layout) - len(layout.root_ids)
         group = _group_of(item)
         outcomes = []
@@ -208,6 +216,7 @@ class FusionEvaluator:
                 answer_lp = run.token_logprobs[: len(ref_ids)]
             else:
                 scored = self._run(fused, ref_ids, scoring)
+                start = len(fused.prompt_ids)  # CacheFocus may have pruned chunks away
                 answer_lp = [scored.prompt_logprobs[i] for i in range(start, start + len(ref_ids))]
             fraction = fused.report.recompute_fraction
             outcomes.append(
@@ -218,7 +227,7 @@ class FusionEvaluator:
                     "prepare_s": prepare,
                     "recompute_fraction": fraction,
                     "recomputed_tokens": round(fraction * context_tokens),
-                    "prompt_tokens": len(layout),
+                    "prompt_tokens": len(fused.prompt_ids),
                     "group": group,
                 }
             )

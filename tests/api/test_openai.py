@@ -141,6 +141,19 @@ def test_content_parts_send_chunks_and_the_question(client: openai.OpenAI, model
     assert again.model_extra["ragcache"][0]["cache"]["computed_tokens"] == 0
 
 
+def test_cachefocus_marks_the_documents_it_pruned(client: openai.OpenAI, model: str) -> None:
+    reply = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": QUESTION}],
+        max_tokens=3,
+        extra_body={"documents": DOCUMENTS, "fusion_method": "cachefocus", "focus_keep": 0.5},
+    )
+    rag = reply.model_extra["ragcache"][0]
+    assert rag["cache"]["method"] == "cachefocus" and rag["cache"]["pruned_chunks"] == 1
+    assert [s["pruned"] for s in rag["sources"]].count(True) == 1
+    assert reply.usage is not None and rag["cache"]["pruned_tokens"] > 0
+
+
 def test_corpus_retrieval_through_chat_streamed(
     client: openai.OpenAI, model: str, corpus: str
 ) -> None:

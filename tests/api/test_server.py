@@ -173,6 +173,13 @@ BAD_REQUESTS: dict[str, tuple[str, str, dict[str, Any], int, str | None]] = {
         422,
         "method",
     ),
+    "query bad focus order": (
+        "POST",
+        "/v1/query",
+        {"json": {"query": "q", "corpus": "docs", "method": "cachefocus", "focus_order": "x"}},
+        422,
+        "focus_order",
+    ),
     "query bad top_p": (
         "POST",
         "/v1/query",
