@@ -113,9 +113,15 @@ class LoraManager:
             raise UnknownAdapterError(f"adapter {name!r} is not loaded (loaded: {known})")
         return info
 
-    def get(self, name: str) -> LoraAdapter:
-        """The adapter's host copy, read again from its folder if it was dropped."""
+    def get(self, key: str) -> LoraAdapter:
+        """The host copy of adapter ``name`` (or ``name@fingerprint``, which must still be
+        the loaded content), read again from its folder if it was dropped."""
+        name, _, fingerprint = key.partition("@")
         info = self.info(check_adapter_name(name))
+        if fingerprint and fingerprint != info.fingerprint:
+            raise UnknownAdapterError(
+                f"adapter {name!r} was replaced by other weights since this request began"
+            )
         adapter = self.host.get(name)
         if adapter is not None:
             self.host.move_to_end(name)
@@ -179,12 +185,13 @@ class LoraManager:
             self.state.batch = None
 
     @contextmanager
-    def uniform(self, name: str | None) -> Iterator[None]:
-        """Every forward call inside uses adapter ``name`` (None: the base model)."""
-        if name is None:
+    def uniform(self, key: str | None) -> Iterator[None]:
+        """Every forward call inside uses adapter ``key`` as ``get`` takes it (None: the
+        base model)."""
+        if key is None:
             yield
             return
-        adapter = self.get(name)
+        adapter = self.get(key)
         self._install()
         options = {"dtype": self.model.dtype, "device": self.model.device}
         self.state.uniform = {
