@@ -9,8 +9,10 @@ from typing import Any
 
 import torch
 
-from ragcache.engine.loader import LoadedModel
+from ragcache.engine.config import ModelConfig
+from ragcache.engine.loader import LoadedModel, load_model
 from tests.conftest import loaded_from_hf, random_hf_model
+from tests.service_helpers import tiny_model_folder
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -41,3 +43,9 @@ def make_peft_adapter(
     peft_model.save_pretrained(folder)
     merged = peft_model.merge_and_unload()
     return PeftAdapter(folder, loaded_from_hf(merged))
+
+
+def fresh_tiny_model() -> LoadedModel:
+    """The service tests' tiny model, loaded anew: serving adapters wraps the model's
+    projections, so tests with adapters never share the cached one."""
+    return load_model(ModelConfig(path=str(tiny_model_folder()), dtype="float32", device="cpu"))
