@@ -237,3 +237,19 @@ def test_missing_files_and_large_ranks_are_named(
         read_lora_adapter(adapters["patterns"].path, spec, max_rank=8)
     with pytest.raises(LoraLoadError, match="adapter name 'a b' is invalid"):
         read_lora_adapter(adapters["qv"].path, spec, name="a b")
+
+
+def test_benchmark_adapters_are_peft_folders_that_peft_itself_loads(tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    from ragcache.engine.bench_lora import write_peft_adapter
+
+    engine = Engine(base_model(), EngineConfig(kv_cache_bytes=4 << 20))
+    write_peft_adapter(tmp_path / "bench", engine.spec, 0, 4, 8.0, ["q_proj", "v_proj"])
+    engine.add_lora("bench", str(tmp_path / "bench"))
+    merged = PeftModel.from_pretrained(random_hf_model(), tmp_path / "bench").merge_and_unload()
+    with engine.lora.uniform("bench"):
+        ours = prefill_logits(engine.model, PROMPTS[3])
+    expected = prefill_logits(loaded_from_hf(merged).model, PROMPTS[3])
+    assert (ours - expected).abs().max() <= 1e-4
+    assert (ours - prefill_logits(engine.model, PROMPTS[3])).abs().max() > 1e-3
