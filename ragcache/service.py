@@ -252,8 +252,9 @@ class RagCache:
         return {self.loaded.name, self.config.retriever.embedder}
 
     def list_adapters(self) -> list[AdapterInfo]:
-        # A read of the engine's registry dict: atomic, and the infos are immutable.
-        return sorted(self.engine.lora.infos.values(), key=lambda info: info.name)
+        # One C-level copy of the engine's registry (atomic under the GIL); infos are frozen.
+        infos = list(self.engine.lora.infos.values())
+        return sorted(infos, key=lambda info: info.name)
 
     def adapter_info(self, name: str) -> AdapterInfo:
         info = self.engine.lora.infos.get(name)

@@ -124,6 +124,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    load_at_start = list(os.getloadavg())
     loaded = load_model(ModelConfig(dtype=args.dtype, device="cpu"))
     workload = make_workload(
         loaded.tokenizer,
@@ -170,7 +171,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "platform": platform.platform(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
-            "load_average_at_start": list(os.getloadavg()),
+            "load_average_at_start": load_at_start,
         },
         "settings": {
             "model": loaded.name,

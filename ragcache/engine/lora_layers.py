@@ -69,6 +69,11 @@ class LoraLinear(nn.Module):
                     y[:, offset : offset + size].addmm_(x @ pair[0], pair[1])
         elif state.batch is not None:
             batch = state.batch
+            if batch.token_slots.shape[0] != x.shape[0]:
+                raise RuntimeError(
+                    f"{x.shape[0]} tokens reached a LoRA projection whose batch names "
+                    f"{batch.token_slots.shape[0]}; a subset of tokens needs a uniform adapter"
+                )
             for target, offset, size in self.targets:
                 buffers = state.slots.buffers.get((self.layer, target))
                 if buffers is not None:

@@ -191,6 +191,8 @@ class LoraManager:
         if key is None:
             yield
             return
+        if self.state.uniform is not None:
+            raise RuntimeError("uniform adapter scopes do not nest")
         adapter = self.get(key)
         self._install()
         options = {"dtype": self.model.dtype, "device": self.model.device}

@@ -114,3 +114,10 @@ def test_admin_keys_load_and_unload_adapters_at_run_time(
         assert unknown.status_code == 404
     with pytest.raises(openai.NotFoundError):
         chat(base_url, "medical")
+
+
+def test_metrics_count_adapters(base_url: str) -> None:
+    headers = {"Authorization": "Bearer root-key"}
+    text = httpx.get(f"{base_url}/metrics", headers=headers, timeout=60).text
+    assert "ragcache:lora_adapters_loaded 1.0" in text
+    assert "ragcache:lora_slot_loads_total" in text
