@@ -48,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = add("serve", "run the HTTP server")
     serve.add_argument("--sample", action="store_true", help="ingest samples/ as 'sample'")
+    _add_lora_flag(serve)
     ingest = add("ingest", "add files or folders to a corpus (created if missing)")
     ingest.add_argument("paths", nargs="+", help="files or folders")
     ingest.add_argument("--corpus", required=True, help="corpus name")
@@ -57,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--method", help="fusion method (default: fusion.method)")
     query.add_argument("-k", type=int, help="chunks to retrieve (default: retriever.top_k)")
     query.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    query.add_argument("--adapter", help="answer with this LoRA adapter (see --lora)")
+    _add_lora_flag(query)
     cache = add("cache", "show or clear the chunk cache")
     cache.add_argument("action", choices=("stats", "clear"))
     evaluate = commands.add_parser(
@@ -67,6 +70,16 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("target", choices=tuple(BENCHMARKS), help="what to benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
+
+
+def _add_lora_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="serve a PEFT LoRA adapter folder as model NAME (repeatable; adds to lora.adapters)",
+    )
 
 
 def _config_flags(extra: Sequence[str]) -> dict[str, str]:
@@ -124,7 +137,8 @@ def _ingest(args: argparse.Namespace, config: Config) -> None:
 
 def _query(args: argparse.Namespace, config: Config) -> None:
     with _service(config) as service:
-        result = service.query(args.text, args.corpus, k=args.k, method=args.method)
+        answering = service.for_adapter(args.adapter)
+        result = answering.query(args.text, args.corpus, k=args.k, method=args.method)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return
@@ -195,6 +209,7 @@ BENCHMARKS = {
     "tiers": "ragcache.chunkstore.bench_tiers",
     "recall": "ragcache.retriever.bench_recall",
     "serve": "ragcache.evaluation.bench_serve",
+    "lora": "ragcache.engine.bench_lora",
 }
 
 
@@ -216,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = _parser().parse_known_args(argv)
     try:
         config = load_config(args.config, _config_flags(extra))
+        config.lora.adapters.extend(getattr(args, "lora", []))
         logging.basicConfig(level=config.log_level.upper())
         run = {"serve": _serve, "ingest": _ingest, "query": _query, "cache": _cache}
         run[args.command](args, config)

@@ -22,6 +22,7 @@ import tomllib
 from ragcache.blending.config import FusionConfig
 from ragcache.chunkstore.config import ChunkStoreConfig
 from ragcache.engine.config import EngineConfig, ModelConfig
+from ragcache.engine.lora_config import LoraConfig
 from ragcache.retriever.config import RetrieverConfig
 from ragcache.service_config import ServiceConfig
 
@@ -58,6 +59,7 @@ class Config:
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     chunkstore: ChunkStoreConfig = field(default_factory=ChunkStoreConfig)
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
@@ -76,6 +78,12 @@ def _convert(value: Any, annotation: Any, name: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
             return None
         return _convert(value, args[0], name)
+    if origin is list:
+        # A file gives a list; the environment and flags give comma-separated text.
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ConfigError(f"config field {name!r}: {value!r} is not a list")
+        return [str(item).strip() for item in items if str(item).strip()]
     try:
         if annotation is bool:
             if isinstance(value, bool):

@@ -14,7 +14,8 @@ import hashlib
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ from ragcache.data_manifest import Manifest, open_manifest
 from ragcache.engine.async_engine import AsyncEngine
 from ragcache.engine.engine import Engine
 from ragcache.engine.loader import LoadedModel, load_model
+from ragcache.engine.lora import LoraLoadError, UnknownAdapterError
+from ragcache.engine.lora_manager import AdapterInfo
 from ragcache.engine.outputs import RequestOutput
 from ragcache.engine.sampling_params import InvalidRequestError, SamplingParams
 from ragcache.ingest import (
@@ -161,11 +164,22 @@ class RagCache:
                 "service.kv_precompute",
             )
         if engine is None:
-            engine = Engine(loaded or load_model(self.config.model), self.config.engine)
+            try:
+                engine = Engine(
+                    loaded or load_model(self.config.model), self.config.engine, self.config.lora
+                )
+            except LoraLoadError as error:
+                raise InvalidParameterError(str(error), "lora.adapters") from None
         self.engine = engine
         self.loaded = engine.loaded
         if self.loaded.tokenizer is None:
             raise InvalidParameterError("the model has no tokenizer; RAG needs one", "model.path")
+        taken = self._model_names() & set(engine.lora.infos)
+        if taken:
+            raise InvalidParameterError(
+                f"adapter name {sorted(taken)[0]!r} is the name of a served model; rename it",
+                "lora.adapters",
+            )
         self.embedder = embedder or SentenceTransformerEmbedder.from_config(self.config.retriever)
         self.data_dir = self.config.data_path
         open_manifest(
@@ -186,9 +200,8 @@ class RagCache:
         store = ChunkStore(self.config.chunkstore, self.data_dir / "chunks")
         self.chunk_cache = ChunkCache(store, context, self.prompts.root_ids)
         self.async_engine = AsyncEngine(self.engine)
-        self.encoder: ChunkEncoder = self.async_engine.run_sync(
-            lambda e: ChunkEncoder(e.model, self.prompts.root_ids, e.config.block_size)
-        )
+        self.adapter: AdapterInfo | None = None
+        self.encoder: ChunkEncoder = self.async_engine.run_sync(self._new_encoder)
         precompute = self._precompute_kv if service.kv_precompute == "eager" else None
         self.ingestor = Ingestor(
             self.corpora, self.chunker, self.embedder, precompute, self.prompts.separator_ids
@@ -198,14 +211,15 @@ class RagCache:
         self.observers: list[Callable[[GenerationRecord], None]] = []
         self.ingest_totals = IngestTotals()
         self._views: dict[str, RagCache] = {}
+        self._adapter_views: dict[tuple[str, str], RagCache] = {}
         self._views_lock = threading.Lock()
 
     def for_tenant(self, tenant: str) -> RagCache:
         """This service as one tenant sees it: its own corpora, jobs, chunk-cache keys and
         engine prefix-cache salt. Views share every component; close only the parent."""
-        if tenant == self.tenant:
+        if tenant == self.tenant and self.adapter is None:
             return self
-        if self.tenant:
+        if self.tenant or self.adapter is not None:
             raise RuntimeError("for_tenant is called on the parent service, not on a view")
         with self._views_lock:
             view = self._views.get(tenant)
@@ -235,10 +249,99 @@ class RagCache:
         assert isinstance(self.jobs, JobRunner), "close the parent service, not a tenant view"
         self.jobs.shutdown()
         self.async_engine.shutdown()
-        for view in self._views.values():
+        for view in [*self._views.values(), *self._adapter_views.values()]:
             view.chunk_cache.tree.close()
         self.chunk_cache.close()
         self.corpora.close()
+
+    # ---- LoRA adapters ----------------------------------------------------------------
+
+    def _model_names(self) -> set[str]:
+        return {self.loaded.name, self.config.retriever.embedder}
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        # One C-level copy of the engine's registry (atomic under the GIL); infos are frozen.
+        infos = list(self.engine.lora.infos.values())
+        return sorted(infos, key=lambda info: info.name)
+
+    def adapter_info(self, name: str) -> AdapterInfo:
+        info = self.engine.lora.infos.get(name)
+        if info is None:
+            known = ", ".join(a.name for a in self.list_adapters()) or "none"
+            raise NotFoundError(f"adapter {name!r} is not loaded (adapters: {known})", "model")
+        return info
+
+    def load_adapter(self, name: str, path: str) -> AdapterInfo:
+        """Load a PEFT LoRA adapter folder: read and checked on this thread, registered
+        between engine steps."""
+        if name in self._model_names() or name in self.engine.lora.infos:
+            raise ConflictError(f"the name {name!r} is already served; pick another", "lora_name")
+        try:
+            adapter = self.engine.lora.read(path, name)
+            return self.async_engine.run_sync(lambda e: e.lora.add(adapter))
+        except LoraLoadError as error:
+            raise InvalidInputError(str(error), "lora_path") from None
+
+    def unload_adapter(self, name: str) -> AdapterInfo:
+        """Unload an adapter once no request uses it; its stored chunk caches stay on disk
+        and serve it again if the same weights are loaded later."""
+        try:
+            info = self.async_engine.run_sync(lambda e: e.remove_lora(name))
+        except UnknownAdapterError as error:
+            raise NotFoundError(str(error), "lora_name") from None
+        except InvalidRequestError as error:
+            raise ConflictError(str(error), "lora_name") from None
+        with self._views_lock:
+            for key in [k for k in self._adapter_views if k[1] == info.id]:
+                self._adapter_views.pop(key).chunk_cache.tree.close()
+        return info
+
+    def for_adapter(self, name: str | None) -> RagCache:
+        """This service (or tenant view) answering under LoRA adapter ``name``: chunk KV
+        computed and cached under that adapter, and its own engine prefix-cache salt.
+        None is the base model."""
+        if self.adapter is not None:
+            if name == self.adapter.name:
+                return self
+            raise RuntimeError("for_adapter is called on the service or a tenant view")
+        if name is None:
+            return self
+        info = self.adapter_info(name)
+        with self._views_lock:
+            view = self._adapter_views.get((self.tenant, info.id))
+            if view is None:
+                view = copy.copy(self)
+                view.adapter = info
+                context = dataclasses.replace(self.chunk_cache.tree.context, adapter_id=info.id)
+                view.chunk_cache = ChunkCache(
+                    self.chunk_cache.store, context, self.prompts.root_ids
+                )
+                view.encoder = self.async_engine.run_sync(view._new_encoder)
+                self._adapter_views[(self.tenant, info.id)] = view
+        return view
+
+    @property
+    def _adapter_id(self) -> str | None:
+        """What the engine is told: name and content, so weights loaded later under the
+        same name never meet KV made under these."""
+        return None if self.adapter is None else self.adapter.id
+
+    @contextmanager
+    def _adapter_scope(self, engine: Engine) -> Iterator[None]:
+        """Model calls inside run under this view's adapter (on the engine's thread)."""
+        if self._adapter_id is not None:
+            try:
+                engine.lora.get(self._adapter_id)
+            except UnknownAdapterError as error:
+                raise NotFoundError(str(error), "model") from None
+            except LoraLoadError as error:
+                raise ConflictError(str(error), "model") from None
+        with engine.lora.uniform(self._adapter_id):
+            yield
+
+    def _new_encoder(self, engine: Engine) -> ChunkEncoder:
+        with self._adapter_scope(engine):
+            return ChunkEncoder(engine.model, self.prompts.root_ids, engine.config.block_size)
 
     def __enter__(self) -> RagCache:
         return self
@@ -485,6 +588,7 @@ class RagCache:
                 placed=fused.placed,
                 cache_salt=self.tenant,
                 use_prefix_cache=fused.use_prefix_cache,
+                adapter=self._adapter_id,
             ):
                 if out.finish_reason == "error":
                     raise PromptTooLongError(
@@ -765,11 +869,12 @@ class RagCache:
         times: list[float] = []
 
         def compute_and_fuse(engine: Engine) -> tuple[list[ChunkKV], FusedRequest]:
-            new = self.encoder.encode(missing) if missing else []
-            times.append(time.perf_counter())
-            it = iter(new)
-            kvs = [next(it) if hit is None else hit[0] for hit in cached]
-            return new, fuse(engine.model, layout, self.encoder.root, kvs, method, params)
+            with self._adapter_scope(engine):
+                new = self.encoder.encode(missing) if missing else []
+                times.append(time.perf_counter())
+                it = iter(new)
+                kvs = [next(it) if hit is None else hit[0] for hit in cached]
+                return new, fuse(engine.model, layout, self.encoder.root, kvs, method, params)
 
         new, fused = self.async_engine.run_sync(compute_and_fuse)
         if self.config.service.kv_precompute != "off":

@@ -53,6 +53,26 @@ def test_ingest_query_and_cache_commands(
     assert stats["chunks"]["tiers"]["disk"]["entries"] > 0
 
 
+def test_query_under_a_lora_adapter_named_on_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.lora_helpers import make_peft_adapter
+    from tests.service_helpers import tiny_loaded
+
+    adapter = tmp_path / "legal"
+    make_peft_adapter(adapter, seed=31, model={"vocab_size": len(tiny_loaded().tokenizer)})
+    flags = flag_args(tmp_path / "data")
+    gettysburg = str(SAMPLES / "gettysburg_address.md")
+    assert main(["ingest", gettysburg, "--corpus", "speech", *flags]) == 0
+    capsys.readouterr()
+    lora = ["--lora", f"legal={adapter}", "--adapter", "legal", "--json", "-k", "1"]
+    assert main(["query", QUESTION, "--corpus", "speech", *lora, *flags]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["cache"]["computed_tokens"] > 0 and not result["cache"]["tokens_by_tier"]
+    assert main(["query", QUESTION, "--corpus", "speech", "--adapter", "nope", *flags]) == 2
+    assert "adapter 'nope' is not loaded" in capsys.readouterr().err
+
+
 def test_bad_config_flags_exit_with_a_message(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["cache", "stats", "--engine.no_such_field", "1"]) == 2
     assert "unknown config field 'engine.no_such_field'" in capsys.readouterr().err

@@ -137,3 +137,19 @@ def test_missing_config_file_is_reported(tmp_path: Path) -> None:
 def test_every_leaf_field_has_help() -> None:
     missing = [name for name, _, help_text in iter_fields(Config()) if not help_text]
     assert missing == []
+
+
+def test_lora_adapters_come_as_a_list_from_files_and_as_text_from_env_and_flags(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "ragcache.toml"
+    path.write_text('[lora]\nadapters = ["legal=/adapters/legal"]\nmax_loras = 4\n')
+    config = load_config(path, environ={})
+    assert config.lora.adapters == ["legal=/adapters/legal"] and config.lora.max_loras == 4
+    environ = {"RAGCACHE_LORA__ADAPTERS": "a=/x, b=/y"}
+    assert load_config(environ=environ).lora.adapters == ["a=/x", "b=/y"]
+    flags = {"lora.adapters": "c=/z"}
+    assert load_config(path, flags=flags, environ={}).lora.adapters == ["c=/z"]
+    path.write_text("[lora]\nadapters = 3\n")
+    with pytest.raises(ConfigError, match=r"'lora\.adapters': 3 is not a list"):
+        load_config(path, environ={})

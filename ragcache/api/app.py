@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
-from ragcache.api import corpora, metrics, openai_routes, query, system
+from ragcache.api import corpora, lora, metrics, openai_routes, query, system
 from ragcache.api.auth import AccessKeys, require_admin_key, require_api_key
 from ragcache.api.errors import install_error_handlers
 from ragcache.api.metrics import ServiceMetrics
@@ -21,7 +21,7 @@ def create_app(
     """An app serving ``service``; with ``close_service`` it closes it on shutdown.
 
     Tenant routes (corpora, queries, OpenAI-compatible routes) take any API key and see
-    only the key's tenant; cache routes and /metrics take admin keys.
+    only the key's tenant; cache routes, LoRA adapter loading and /metrics take admin keys.
     """
     server = server or service.config.server
     service_metrics = ServiceMetrics(service)
@@ -47,6 +47,6 @@ def create_app(
     app.include_router(system.health_router)
     for router in (corpora.router, query.router, openai_routes.router):
         app.include_router(router, dependencies=tenant)
-    for router in (system.router, metrics.router):
+    for router in (system.router, lora.router, metrics.router):
         app.include_router(router, dependencies=admin)
     return app

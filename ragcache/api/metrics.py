@@ -47,6 +47,15 @@ class _StateCollector(Collector):
         yield _counter(
             "prefix_cache_hits", "engine prefix-cache block hits", engine["prefix_cache_hits"]
         )
+        yield _gauge("lora_adapters_loaded", "LoRA adapters served", engine["lora_adapters"])
+        yield _gauge(
+            "lora_adapters_resident",
+            "LoRA adapters in device slots",
+            engine["lora_adapters_resident"],
+        )
+        yield _counter(
+            "lora_slot_loads", "LoRA adapters copied into a device slot", engine["lora_slot_loads"]
+        )
         yield from _chunk_store_metrics(service.chunk_cache.stats())
         totals = service.ingest_totals
         yield _counter("documents_ingested", "documents added or replaced", totals.documents)

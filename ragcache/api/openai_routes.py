@@ -1,5 +1,7 @@
 """OpenAI-compatible routes: models, chat and text completions (whole or SSE), embeddings.
 
+``model`` is the base model's name or a loaded LoRA adapter's: an adapter answers with
+its own chunk caches and prefix cache, and /v1/models lists it with the base as parent.
 RAG rides on the same bodies: ``corpus`` retrieves from an uploaded corpus, ``documents``
 sends the caller's own chunks, and a last user message made of text parts sends its
 parts but the last as chunks and the last as the question. Without any of them a chat
@@ -62,36 +64,58 @@ class UnsupportedFieldError(InvalidInputError):
     code = "unsupported_parameter"
 
 
-def _check_model(name: str, served: str) -> None:
-    if name != served:
-        raise ModelNotFoundError(
-            f"model {name!r} is not served here; use {served!r} (see GET /v1/models)", "model"
-        )
+def _served(service: RagCache, name: str) -> RagCache:
+    """The service answering as model ``name``: the base model or one of its adapters."""
+    if name == service.loaded.name:
+        return service
+    if any(info.name == name for info in service.list_adapters()):
+        return service.for_adapter(name)
+    raise _unknown_model(service, name)
 
 
-def _model_card(model_id: str) -> dict[str, Any]:
-    return {"id": model_id, "object": "model", "created": 0, "owned_by": "ragcache"}
+def _unknown_model(service: RagCache, name: str) -> ModelNotFoundError:
+    served = ", ".join(repr(card["id"]) for card in _generation_cards(service))
+    return ModelNotFoundError(
+        f"model {name!r} is not served here; use one of {served} (see GET /v1/models)", "model"
+    )
+
+
+def _model_card(model_id: str, parent: str | None = None) -> dict[str, Any]:
+    card = {"id": model_id, "object": "model", "created": 0, "owned_by": "ragcache"}
+    if parent is not None:
+        card["parent"] = parent
+    return card
+
+
+def _generation_cards(service: RagCache) -> list[dict[str, Any]]:
+    base = service.loaded.name
+    return [
+        _model_card(base),
+        *(_model_card(info.name, base) for info in service.list_adapters()),
+    ]
+
+
+def _all_cards(service: RagCache) -> list[dict[str, Any]]:
+    return [*_generation_cards(service), _model_card(service.config.retriever.embedder)]
 
 
 @router.get("/v1/models")
 def list_models(service: RagCache = Depends(get_service)) -> dict[str, Any]:
-    names = [service.loaded.name, service.config.retriever.embedder]
-    return {"object": "list", "data": [_model_card(name) for name in names]}
+    return {"object": "list", "data": _all_cards(service)}
 
 
 @router.get("/v1/models/{model_id:path}")
 def get_model(model_id: str, service: RagCache = Depends(get_service)) -> dict[str, Any]:
-    if model_id == service.config.retriever.embedder:
-        return _model_card(model_id)
-    _check_model(model_id, service.loaded.name)
-    return _model_card(model_id)
+    for card in _all_cards(service):
+        if card["id"] == model_id:
+            return card
+    raise _unknown_model(service, model_id)
 
 
 # ---- shared checks and execution ---------------------------------------------------------
 
 
-def _check_generation(body: GenerationFields, server: ServerConfig, service: RagCache) -> None:
-    _check_model(body.model, service.loaded.name)
+def _check_generation(body: GenerationFields, server: ServerConfig) -> None:
     if not 1 <= body.n <= server.max_n:
         raise InvalidParameterError(
             f"n={body.n} is invalid; expected 1 to {server.max_n} (server.max_n)", "n"
@@ -228,11 +252,11 @@ async def _stream_events(
     yield "data: [DONE]\n\n"
 
 
-def _builder(service: RagCache, chat: bool) -> ResponseBuilder:
+def _builder(service: RagCache, chat: bool, model: str) -> ResponseBuilder:
     prefix = "chatcmpl" if chat else "cmpl"
     return ResponseBuilder(
         chat,
-        service.loaded.name,
+        model,
         f"{prefix}-{uuid.uuid4().hex[:24]}",
         f"fp_{service.loaded.fingerprint[:12]}",
         LogprobFormatter(service.loaded.tokenizer),
@@ -304,13 +328,15 @@ async def chat_completions(
     service: RagCache = Depends(get_service),
     server: ServerConfig = Depends(get_server_config),
 ) -> Any:
-    _check_generation(body, server, service)
+    _check_generation(body, server)
     _check_chat_fields(body)
+    service = await run_in_threadpool(_served, service, body.model)
     max_tokens = body.max_completion_tokens or body.max_tokens
     sampling = body.sampling(max_tokens or service.config.service.max_tokens, _chat_logprobs(body))
     prepared = await run_in_threadpool(_prepare_chat, service, body, sampling)
     generation = Generation(service, [prepared], body.n, body.logprobs)
-    return await _respond(generation, _builder(service, True), body.stream, body.include_usage)
+    builder = _builder(service, True, body.model)
+    return await _respond(generation, builder, body.stream, body.include_usage)
 
 
 # ---- text completions -----------------------------------------------------------------
@@ -354,7 +380,8 @@ async def completions(
     service: RagCache = Depends(get_service),
     server: ServerConfig = Depends(get_server_config),
 ) -> Any:
-    _check_generation(body, server, service)
+    _check_generation(body, server)
+    service = await run_in_threadpool(_served, service, body.model)
     if body.echo:
         raise UnsupportedFieldError("echo is not supported; leave it out", "echo")
     if body.suffix:
@@ -368,7 +395,8 @@ async def completions(
         for prompt in prompts
     ]
     generation = Generation(service, prepared, body.n, body.logprobs is not None)
-    return await _respond(generation, _builder(service, False), body.stream, body.include_usage)
+    builder = _builder(service, False, body.model)
+    return await _respond(generation, builder, body.stream, body.include_usage)
 
 
 # ---- embeddings -----------------------------------------------------------------------

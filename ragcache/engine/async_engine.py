@@ -32,6 +32,7 @@ class _Submit:
     cache_salt: str
     use_prefix_cache: bool
     deliver: Callable[[RequestOutput | BaseException], None]
+    adapter: str | None = None
 
 
 class AsyncEngine:
@@ -78,6 +79,7 @@ class AsyncEngine:
         placed: PlacedKV | None = None,
         cache_salt: str = "",
         use_prefix_cache: bool = True,
+        adapter: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
@@ -87,7 +89,7 @@ class AsyncEngine:
             loop.call_soon_threadsafe(outputs.put_nowait, item)
 
         self._commands.put(
-            _Submit(prompt, params, rid, placed, cache_salt, use_prefix_cache, deliver)
+            _Submit(prompt, params, rid, placed, cache_salt, use_prefix_cache, deliver, adapter)
         )
         self._wake.set()
         finished = False
@@ -137,6 +139,7 @@ class AsyncEngine:
                         command.placed,
                         command.cache_salt,
                         command.use_prefix_cache,
+                        command.adapter,
                     )
                     self._sinks[command.request_id] = command.deliver
                 except Exception as exc:

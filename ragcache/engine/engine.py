@@ -13,6 +13,9 @@ from ragcache.engine.block_manager import BlockManager
 from ragcache.engine.config import EngineConfig
 from ragcache.engine.kv_pool import KVPool
 from ragcache.engine.loader import LoadedModel
+from ragcache.engine.lora import UnknownAdapterError, adapter_salt
+from ragcache.engine.lora_config import LoraConfig
+from ragcache.engine.lora_manager import AdapterInfo, LoraManager
 from ragcache.engine.model_runner import ModelRunner
 from ragcache.engine.outputs import RequestMetrics, RequestOutput
 from ragcache.engine.sampler import Sampler
@@ -24,7 +27,12 @@ log = logging.getLogger(__name__)
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig | None = None,
+        lora: LoraConfig | None = None,
+    ) -> None:
         self.config = config or EngineConfig()
         self.loaded = loaded
         self.spec = loaded.spec
@@ -45,7 +53,10 @@ class Engine:
         self.block_manager = BlockManager(
             num_blocks, self.config.block_size, self.config.enable_prefix_caching
         )
-        self.runner = ModelRunner(loaded.model, self.pool)
+        self.lora = LoraManager(
+            loaded.model, self.spec, lora or LoraConfig(), lambda: self.scheduler.running
+        )
+        self.runner = ModelRunner(loaded.model, self.pool, self.lora)
         self.scheduler = Scheduler(
             self.block_manager,
             self.config.max_num_seqs,
@@ -53,6 +64,7 @@ class Engine:
             make_policy(self.config.scheduling_policy),
             on_admit=self._plan,
             on_preempt=self._swap_out if self.config.preemption_mode == "swap" else None,
+            can_admit=self.lora.can_admit,
         )
         if self.config.preemption_mode not in ("recompute", "swap"):
             raise ValueError(
@@ -86,7 +98,9 @@ class Engine:
         placed: PlacedKV | None = None,
         cache_salt: str = "",
         use_prefix_cache: bool = True,
+        adapter: str | None = None,
     ) -> Sequence:
+        """Queue a prompt; ``adapter`` names a loaded LoRA adapter (None: the base model)."""
         params = (params or SamplingParams()).validate(self.spec.vocab_size)
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
@@ -102,7 +116,12 @@ class Engine:
             self._validate_placed(placed, len(ids))
         if request_id is not None and request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        seq = Sequence(ids, params, request_id, placed, cache_salt, use_prefix_cache)
+        try:
+            lora = None if adapter is None else self.lora.get(adapter)
+        except (UnknownAdapterError, ValueError) as error:
+            raise InvalidRequestError(str(error)) from None
+        salt = cache_salt if lora is None else adapter_salt(cache_salt, lora.id)
+        seq = Sequence(ids, params, request_id, placed, salt, use_prefix_cache, lora)
         self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -156,6 +175,7 @@ class Engine:
         seq.num_planned_done = 0
 
     def _plan(self, seq: Sequence) -> None:
+        self.lora.make_resident(seq)
         if seq.swapped is not None:
             self._swap_in(seq)
             return
@@ -271,14 +291,23 @@ class Engine:
         self,
         prompts: Seq[str | list[int]],
         params: SamplingParams | Seq[SamplingParams] | None = None,
+        adapter: str | Seq[str | None] | None = None,
     ) -> list[RequestOutput]:
-        """Run a batch of prompts to completion; outputs in the order of the prompts."""
+        """Run a batch of prompts to completion; outputs in the order of the prompts.
+
+        ``adapter`` is one LoRA adapter name for every prompt or one per prompt (None:
+        the base model); prompts under different adapters share every step."""
         if params is None or isinstance(params, SamplingParams):
             params_list = [params or SamplingParams()] * len(prompts)
         else:
             params_list = list(params)
+        if adapter is None or isinstance(adapter, str):
+            adapters: list[str | None] = [adapter] * len(prompts)
+        else:
+            adapters = list(adapter)
         ids = [
-            self.add_request(p, sp).request_id for p, sp in zip(prompts, params_list, strict=True)
+            self.add_request(p, sp, adapter=a).request_id
+            for p, sp, a in zip(prompts, params_list, adapters, strict=True)
         ]
         finished: dict[str, RequestOutput] = {}
         while self.has_unfinished():
@@ -286,6 +315,20 @@ class Engine:
                 if output.finished:
                     finished[output.request_id] = output
         return [finished[i] for i in ids]
+
+    def add_lora(self, name: str, path: str) -> AdapterInfo:
+        """Load a PEFT LoRA adapter folder under ``name`` (reads the disk on this thread)."""
+        return self.lora.add(self.lora.read(path, name))
+
+    def remove_lora(self, name: str) -> AdapterInfo:
+        """Unload an adapter; refused while a queued or running request uses it."""
+        users = [s for s in self.requests.values() if s.lora is not None and s.lora.name == name]
+        if users:
+            raise InvalidRequestError(
+                f"adapter {name!r} is in use by {len(users)} unfinished requests; "
+                "unload it once they finish"
+            )
+        return self.lora.remove(name)
 
     def stats(self) -> dict[str, float]:
         return {
@@ -296,4 +339,5 @@ class Engine:
             "num_swapped_out": self.num_swapped_out,
             "num_steps": self.num_steps,
             "num_generated_tokens": self.num_generated_tokens,
+            **self.lora.stats(),
         }

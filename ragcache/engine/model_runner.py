@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from ragcache.engine.attention_metadata import AttentionMetadata
 from ragcache.engine.kv_pool import KVPool
+from ragcache.engine.lora_manager import LoraManager
 from ragcache.engine.model import LlamaModel
 from ragcache.engine.scheduler import ScheduledSeq
 from ragcache.engine.sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, pool: KVPool) -> None:
+    def __init__(self, model: LlamaModel, pool: KVPool, lora: LoraManager | None = None) -> None:
         self.model = model
         self.pool = pool
+        self.lora = lora
         self.block_size = pool.block_size
         self.device = model.device
 
@@ -78,7 +82,8 @@ class ModelRunner:
     def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor | None:
         """Logits [n, vocab] for the scheduled sequences that sample a token this step."""
         ids, pos, meta = self.build_metadata(scheduled)
-        hidden = self.model(ids, pos, meta, self.pool)
+        with self.lora.activate(scheduled) if self.lora is not None else nullcontext():
+            hidden = self.model(ids, pos, meta, self.pool)
         self._record_prompt_logprobs(scheduled, hidden, meta)
         ends = meta.query_start_loc[1:].to(torch.long) - 1
         rows = [i for i, item in enumerate(scheduled) if item.samples]

@@ -138,6 +138,7 @@ class Scheduler:
         policy: Policy,
         on_admit: Callable[[Sequence], None] | None = None,
         on_preempt: Callable[[Sequence], None] | None = None,
+        can_admit: Callable[[Sequence], bool] | None = None,
     ) -> None:
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
@@ -145,6 +146,7 @@ class Scheduler:
         self.policy = policy
         self.on_admit = on_admit
         self.on_preempt = on_preempt
+        self.can_admit = can_admit
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -197,10 +199,15 @@ class Scheduler:
             out.append(ScheduledSeq(seq, chunk))
             budget -= len(chunk)
         self.waiting.sort(key=self.policy.priority)
+        held_back: list[Sequence] = []
         while self.waiting and budget > 0 and len(out) < self.max_num_seqs:
             seq = self.waiting[0]
             if len(self.running) >= self.max_num_seqs:
                 break
+            if self.can_admit is not None and not self.can_admit(seq):
+                # e.g. its LoRA adapter has no free slot yet: later requests may go first.
+                held_back.append(self.waiting.pop(0))
+                continue
             if not self.blocks.can_allocate(seq, reserve=len(self.running) > 0):
                 break
             self.waiting.pop(0)
@@ -212,6 +219,7 @@ class Scheduler:
             chunk = seq.remaining_plan[:budget]
             out.append(ScheduledSeq(seq, chunk))
             budget -= len(chunk)
+        self.waiting[:0] = held_back
         return out
 
     def advance(self, scheduled: list[ScheduledSeq]) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ragcache.engine.lora import LoraAdapter
 from ragcache.engine.sampling_params import SamplingParams
 
 _ids = itertools.count()
@@ -57,6 +58,7 @@ class Sequence:
         placed: PlacedKV | None = None,
         cache_salt: str = "",
         use_prefix_cache: bool = True,
+        lora: LoraAdapter | None = None,
     ) -> None:
         self.seq_id = next(_ids)
         self.request_id = request_id or f"req-{self.seq_id}"
@@ -66,6 +68,7 @@ class Sequence:
         self.placed = placed
         self.cache_salt = cache_salt
         self.use_prefix_cache = use_prefix_cache
+        self.lora = lora
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.plan: list[int] = []

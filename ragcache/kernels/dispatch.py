@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from ragcache.kernels import lora as ref_lora
 from ragcache.kernels import paged_attention as ref_attention
 from ragcache.kernels import rope as ref_rope
 
@@ -88,3 +89,20 @@ def paged_attention(
     return ref_attention.paged_attention_ref(
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, query_slots, scale
     )
+
+
+def add_lora(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    token_slots: torch.Tensor,
+    groups: list[ref_lora.SlotGroup],
+) -> None:
+    """y += each token's adapter update; ``groups`` are ``token_slots`` grouped by slot."""
+    if use_triton(x):
+        from ragcache.kernels.triton_lora import add_lora_triton
+
+        add_lora_triton(y, x, a, b, token_slots)
+        return
+    ref_lora.add_lora_grouped(y, x, a, b, groups)

@@ -11,7 +11,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from ragcache.kernels import triton_paged_attention, triton_rope, triton_write_kv
+from ragcache.kernels import triton_lora, triton_paged_attention, triton_rope, triton_write_kv
 
 INDEX_POINTERS = {
     "block_tables_ptr",
@@ -20,6 +20,7 @@ INDEX_POINTERS = {
     "query_slots_ptr",
     "positions_ptr",
     "slot_mapping_ptr",
+    "token_slots_ptr",
 }
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -31,7 +32,7 @@ def signature(kernel: JITFunction, dtype: str, constants: dict) -> dict[str, str
             types[name] = "constexpr"
         elif name in INDEX_POINTERS:
             types[name] = "*i32"
-        elif name == "inv_freq_ptr":
+        elif name in ("inv_freq_ptr", "shrunk_ptr"):
             types[name] = "*fp32"
         elif name.endswith("_ptr"):
             types[name] = f"*{dtype}"
@@ -57,6 +58,8 @@ def compile_all() -> list[str]:
                 triton_write_kv._write_kv_kernel,
                 dict(BLOCK_SIZE=32, HEAD_DIM=128, BLOCK_H=8, BLOCK_D=128),
             ),
+            (triton_lora._lora_shrink_kernel, dict(RANK=16, BLOCK_K=256, BLOCK_R=16)),
+            (triton_lora._lora_expand_kernel, dict(RANK=16, BLOCK_R=16, BLOCK_N=256)),
         ]
         for kernel, constants in cases:
             source = ASTSource(kernel, signature(kernel, dtype, constants), constants)

@@ -17,6 +17,7 @@ _KERNEL_MODULES = (
     "ragcache.kernels.triton_rope",
     "ragcache.kernels.triton_paged_attention",
     "ragcache.kernels.triton_write_kv",
+    "ragcache.kernels.triton_lora",
 )
 
 for _name in _KERNEL_MODULES:

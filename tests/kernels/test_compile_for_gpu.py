@@ -25,5 +25,6 @@ def test_kernels_compile_for_sm90() -> None:
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    assert len(result.stdout.split()) == 12
+    assert len(result.stdout.split()) == 18
     assert "_paged_prefill_kernel[fp16]" in result.stdout
+    assert "_lora_expand_kernel[bf16]" in result.stdout
