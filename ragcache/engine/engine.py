@@ -19,12 +19,18 @@ from ragcache.engine.sampler import Sampler
 from ragcache.engine.sampling_params import InvalidRequestError, SamplingParams
 from ragcache.engine.scheduler import ScheduledSeq, Scheduler, make_policy
 from ragcache.engine.sequence import PlacedKV, Sequence
+from ragcache.engine.speculate import Speculator, build_proposer
 
 log = logging.getLogger(__name__)
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig | None = None,
+        draft: LoadedModel | None = None,
+    ) -> None:
         self.config = config or EngineConfig()
         self.loaded = loaded
         self.spec = loaded.spec
@@ -64,6 +70,15 @@ class Engine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(int(self.tokenizer.eos_token_id))
         self.max_model_len = min(self.spec.max_position, num_blocks * self.config.block_size)
+        speculative = self.config.speculative
+        self.speculator = Speculator(
+            speculative,
+            build_proposer(speculative, loaded, self.pool, self.sampler, draft),
+            self.block_manager,
+            self.sampler,
+            self.config.max_num_batched_tokens,
+            self.max_model_len,
+        )
         self.num_steps = 0
         self.num_swapped_out = 0
         self.num_generated_tokens = 0
@@ -88,6 +103,7 @@ class Engine:
         use_prefix_cache: bool = True,
     ) -> Sequence:
         params = (params or SamplingParams()).validate(self.spec.vocab_size)
+        self.speculator.validate(params)
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise InvalidRequestError("prompt is empty; send at least one token")
@@ -178,6 +194,7 @@ class Engine:
             return False
         self.scheduler.remove(seq)
         self.sampler.forget(seq)
+        self.speculator.forget(seq)
         seq.finish_reason = "abort"
         return True
 
@@ -190,6 +207,7 @@ class Engine:
             if self.scheduler.waiting and not self.scheduler.running:
                 return self._reject_unschedulable()
             return []
+        self.speculator.propose(scheduled)
         logits = self.runner.execute(scheduled)
         self.scheduler.advance(scheduled)
         self.num_steps += 1
@@ -199,10 +217,10 @@ class Engine:
         sampling = [item for item in scheduled if item.samples]
         if logits is None:
             return []
-        tokens = self.sampler.sample(logits, [item.seq for item in sampling])
+        kept = self.speculator.verify(logits, sampling)
         now = time.perf_counter()
         return [
-            self._append(item, token, now) for item, token in zip(sampling, tokens, strict=True)
+            self._append(item, tokens, now) for item, tokens in zip(sampling, kept, strict=True)
         ]
 
     def _reject_unschedulable(self) -> list[RequestOutput]:
@@ -214,12 +232,25 @@ class Engine:
         output.error = f"request needs {len(seq)} tokens of KV; the pool cannot hold it"
         return [output]
 
-    def _append(self, item: ScheduledSeq, token: int, now: float) -> RequestOutput:
+    def _append(self, item: ScheduledSeq, tokens: list[int], now: float) -> RequestOutput:
+        """Append a step's kept tokens (several when drafts were accepted) until one stops it."""
         seq = item.seq
         if seq.first_token_time is None:
             seq.first_token_time = now
-        seq.token_ids.append(token)
-        self.num_generated_tokens += 1
+        first_text = seq.output_text
+        appended: list[int] = []
+        for token in tokens:
+            seq.token_ids.append(token)
+            appended.append(token)
+            self.num_generated_tokens += 1
+            if self._check_stop(seq, token, now):
+                break
+        del seq.logprobs[seq.num_output_tokens :]
+        new_text = seq.output_text[len(first_text) :]
+        return self._output(seq, appended, new_text)
+
+    def _check_stop(self, seq: Sequence, token: int, now: float) -> bool:
+        """Update the text after one new token; finish the request if it should stop."""
         params = seq.params
         previous_text = seq.output_text
         reason = None
@@ -240,14 +271,15 @@ class Engine:
             seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len
         ):
             reason = "length"
-        if reason is not None:
-            seq.finish_reason = reason
-            seq.finish_time = now
-            self.scheduler.finish(seq)
-            self.sampler.forget(seq)
-            self.requests.pop(seq.request_id, None)
-        new_text = seq.output_text[len(previous_text) :]
-        return self._output(seq, [token], new_text)
+        if reason is None:
+            return False
+        seq.finish_reason = reason
+        seq.finish_time = now
+        self.scheduler.finish(seq)
+        self.sampler.forget(seq)
+        self.speculator.forget(seq)
+        self.requests.pop(seq.request_id, None)
+        return True
 
     def _output(self, seq: Sequence, new_tokens: list[int], new_text: str = "") -> RequestOutput:
         return RequestOutput(
@@ -296,4 +328,5 @@ class Engine:
             "num_swapped_out": self.num_swapped_out,
             "num_steps": self.num_steps,
             "num_generated_tokens": self.num_generated_tokens,
+            **self.speculator.stats(),
         }
