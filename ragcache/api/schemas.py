@@ -32,6 +32,7 @@ class QueryRequest(RetrieveRequest):
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
     stream: bool = False
+    num_speculative_tokens: int | None = None
 
     def method_params(self) -> dict[str, float]:
         params = {
@@ -49,4 +50,5 @@ class QueryRequest(RetrieveRequest):
             top_k=self.top_k,
             seed=self.seed,
             stop=list(self.stop),
+            num_speculative_tokens=self.num_speculative_tokens,
         )
