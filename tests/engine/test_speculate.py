@@ -150,7 +150,7 @@ def check_kv_matches_fresh_prefill(engine: Engine, seq) -> None:
     """Every computed slot holds the KV a plain prefill of the same tokens writes."""
     computed = len(seq) - 1
     fresh = make_engine(engine.loaded)
-    twin = fresh.add_request(seq.token_ids[:computed] + [seq.token_ids[-1]], GREEDY)
+    twin = fresh.add_request([*seq.token_ids[:computed], seq.token_ids[-1]], GREEDY)
     fresh.step()
     bs = engine.pool.block_size
     ours = torch.tensor([seq.slot(i, bs) for i in range(computed)])
@@ -268,7 +268,7 @@ def test_bad_speculative_configs_name_the_field(
 ) -> None:
     with pytest.raises(ValueError, match="method='medusa' is unknown"):
         Engine(looping_model, EngineConfig(speculative=SpeculativeConfig(method="medusa")))
-    with pytest.raises(ValueError, match="needs engine.speculative.draft_model"):
+    with pytest.raises(ValueError, match=r"needs engine\.speculative\.draft_model"):
         Engine(looping_model, EngineConfig(speculative=SpeculativeConfig(method="draft_model")))
     with pytest.raises(ValueError, match="draft_layers=3 must lie in"):
         make_engine(
