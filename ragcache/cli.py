@@ -205,6 +205,7 @@ def _serve(args: argparse.Namespace, config: Config) -> None:
 BENCHMARKS = {
     "model": "ragcache.engine.bench_model",
     "engine": "ragcache.engine.bench_engine",
+    "speculate": "ragcache.engine.bench_speculate",
     "policy": "ragcache.chunkstore.bench_policy",
     "tiers": "ragcache.chunkstore.bench_tiers",
     "recall": "ragcache.retriever.bench_recall",

@@ -35,6 +35,19 @@ def test_serve_help_lists_every_config_option(capsys: pytest.CaptureFixture[str]
         assert f"--{name} " in out and text in out, name
 
 
+def test_bench_speculate_is_wired_and_refuses_unknown_proposers(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "speculate", "--help"])
+    assert done.value.code == 0
+    assert "--proposers" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:
+        main(["bench", "speculate", "--proposers", "medusa"])
+    assert refused.value.code == 2
+    assert "--proposers takes ngram and/or early_exit" in capsys.readouterr().err
+
+
 def test_ingest_query_and_cache_commands(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

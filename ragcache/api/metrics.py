@@ -56,6 +56,7 @@ class _StateCollector(Collector):
         yield _counter(
             "lora_slot_loads", "LoRA adapters copied into a device slot", engine["lora_slot_loads"]
         )
+        yield from _speculation_metrics(engine)
         yield from _chunk_store_metrics(service.chunk_cache.stats())
         totals = service.ingest_totals
         yield _counter("documents_ingested", "documents added or replaced", totals.documents)
@@ -69,6 +70,29 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 
 def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(f"ragcache:{name}", documentation, value=value)
+
+
+def _speculation_metrics(engine: dict[str, float]) -> Iterator[Metric]:
+    yield _counter(
+        "spec_decode_num_drafts", "verification steps that carried draft tokens",
+        engine["spec_num_drafts"],
+    )  # fmt: skip
+    yield _counter(
+        "spec_decode_num_draft_tokens", "draft tokens verified", engine["spec_num_draft_tokens"]
+    )
+    yield _counter(
+        "spec_decode_num_accepted_tokens", "draft tokens the target kept",
+        engine["spec_num_accepted_tokens"],
+    )  # fmt: skip
+    yield _gauge(
+        "spec_decode_acceptance_rate", "share of draft tokens kept (0-1)",
+        engine["spec_acceptance_rate"],
+    )  # fmt: skip
+    yield _gauge(
+        "decode_tokens_per_step",
+        "tokens a decoding sequence gains per engine step (1 without speculation)",
+        engine["decode_tokens_per_step"],
+    )
 
 
 def _chunk_store_metrics(stats: dict[str, object]) -> Iterator[Metric]:

@@ -72,6 +72,7 @@ class GenerationFields(RagFields):
     metadata: dict[str, Any] | None = None
     store: bool | None = None
     service_tier: str | None = None
+    num_speculative_tokens: int | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -91,6 +92,7 @@ class GenerationFields(RagFields):
             seed=self.seed,
             stop=self.stop_list(),
             logprobs=logprobs,
+            num_speculative_tokens=self.num_speculative_tokens,
         )
 
     @property

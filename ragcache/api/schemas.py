@@ -37,6 +37,7 @@ class QueryRequest(RetrieveRequest):
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
     stream: bool = False
+    num_speculative_tokens: int | None = None
 
     def method_params(self) -> dict[str, MethodParam]:
         params: dict[str, MethodParam | None] = {
@@ -58,4 +59,5 @@ class QueryRequest(RetrieveRequest):
             top_k=self.top_k,
             seed=self.seed,
             stop=list(self.stop),
+            num_speculative_tokens=self.num_speculative_tokens,
         )

@@ -133,6 +133,25 @@ class BlockManager:
         if len(seq.block_table) * self.block_size < len(seq):
             seq.block_table.append(self._take_free())
 
+    def reserve_lookahead(self, seq: Sequence, num_tokens: int) -> int:
+        """Take free blocks for up to ``num_tokens`` slots past the sequence's end.
+
+        Speculative drafts live there until verified; returns how many slots are covered.
+        """
+        end = len(seq) + num_tokens
+        while len(seq.block_table) * self.block_size < end and self.free_ids:
+            seq.block_table.append(self._take_free())
+        return min(num_tokens, len(seq.block_table) * self.block_size - len(seq))
+
+    def release_lookahead(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back the blocks past the first ``num_tokens`` slots (they held rejected drafts)."""
+        keep = max(self.blocks_needed(num_tokens), seq.num_registered_blocks)
+        while len(seq.block_table) > keep:
+            block = self.blocks[seq.block_table.pop()]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_ids[block.block_id] = None
+
     def register_full_blocks(self, seq: Sequence, num_computed: int) -> None:
         """Publish the hashes of blocks whose every token's KV is now computed."""
         if not self.enable_prefix_caching:

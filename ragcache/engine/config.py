@@ -26,6 +26,52 @@ class ModelConfig:
 
 
 @dataclass(slots=True)
+class SpeculativeConfig:
+    method: str = field(
+        default="ngram",
+        metadata={
+            "help": "draft proposer: off, ngram (prompt lookup over the prompt and its "
+            "retrieved chunks), early_exit (the target's first layers and its LM head) or "
+            "draft_model (a smaller model with the same tokenizer)"
+        },
+    )
+    num_speculative_tokens: int = field(
+        default=8,
+        metadata={"help": "most draft tokens verified per sequence and step; 0 turns it off"},
+    )
+    prompt_lookup_min: int = field(
+        default=2, metadata={"help": "shortest n-gram that prompt lookup matches"}
+    )
+    prompt_lookup_max: int = field(
+        default=4, metadata={"help": "longest n-gram that prompt lookup matches (tried first)"}
+    )
+    draft_model: str = field(
+        default="", metadata={"help": "local HF folder of the draft model (method draft_model)"}
+    )
+    draft_layers: int = field(
+        default=8, metadata={"help": "target layers that the early_exit draft runs"}
+    )
+    adaptive: bool = field(
+        default=True,
+        metadata={
+            "help": "pick each sequence's draft length from its running acceptance rate and "
+            "pause speculation where it does not pay"
+        },
+    )
+    verify_cost: float = field(
+        default=0.05,
+        metadata={
+            "help": "cost of verifying one more token, as a share of a decode step (sets "
+            "where speculation pays)"
+        },
+    )
+    disable_by_batch_size: int = field(
+        default=8,
+        metadata={"help": "no drafts in steps with more decoding sequences than this; 0: no limit"},
+    )
+
+
+@dataclass(slots=True)
 class EngineConfig:
     kv_cache_bytes: int = field(
         default=512 * 1024 * 1024, metadata={"help": "byte budget of the paged KV block pool"}
@@ -49,3 +95,7 @@ class EngineConfig:
         default="recompute", metadata={"help": "recompute or swap (to host memory)"}
     )
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 keeps torch default"})
+    speculative: SpeculativeConfig = field(
+        default_factory=SpeculativeConfig,
+        metadata={"help": "speculative decoding: draft proposer, draft length, adaptivity"},
+    )

@@ -22,6 +22,7 @@ from ragcache.engine.sampler import Sampler
 from ragcache.engine.sampling_params import InvalidRequestError, SamplingParams
 from ragcache.engine.scheduler import ScheduledSeq, Scheduler, make_policy
 from ragcache.engine.sequence import PlacedKV, Sequence
+from ragcache.engine.speculate import Speculator, build_proposer
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class Engine:
         loaded: LoadedModel,
         config: EngineConfig | None = None,
         lora: LoraConfig | None = None,
+        draft: LoadedModel | None = None,
     ) -> None:
         self.config = config or EngineConfig()
         self.loaded = loaded
@@ -76,6 +78,15 @@ class Engine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(int(self.tokenizer.eos_token_id))
         self.max_model_len = min(self.spec.max_position, num_blocks * self.config.block_size)
+        speculative = self.config.speculative
+        self.speculator = Speculator(
+            speculative,
+            build_proposer(speculative, loaded, self.pool, self.sampler, draft),
+            self.block_manager,
+            self.sampler,
+            self.config.max_num_batched_tokens,
+            self.max_model_len,
+        )
         self.num_steps = 0
         self.num_swapped_out = 0
         self.num_generated_tokens = 0
@@ -102,6 +113,7 @@ class Engine:
     ) -> Sequence:
         """Queue a prompt; ``adapter`` names a loaded LoRA adapter (None: the base model)."""
         params = (params or SamplingParams()).validate(self.spec.vocab_size)
+        self.speculator.validate(params)
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise InvalidRequestError("prompt is empty; send at least one token")
@@ -198,6 +210,7 @@ class Engine:
             return False
         self.scheduler.remove(seq)
         self.sampler.forget(seq)
+        self.speculator.forget(seq)
         seq.finish_reason = "abort"
         return True
 
@@ -210,6 +223,7 @@ class Engine:
             if self.scheduler.waiting and not self.scheduler.running:
                 return self._reject_unschedulable()
             return []
+        self.speculator.propose(scheduled)
         logits = self.runner.execute(scheduled)
         self.scheduler.advance(scheduled)
         self.num_steps += 1
@@ -219,10 +233,10 @@ class Engine:
         sampling = [item for item in scheduled if item.samples]
         if logits is None:
             return []
-        tokens = self.sampler.sample(logits, [item.seq for item in sampling])
+        kept = self.speculator.verify(logits, sampling)
         now = time.perf_counter()
         return [
-            self._append(item, token, now) for item, token in zip(sampling, tokens, strict=True)
+            self._append(item, tokens, now) for item, tokens in zip(sampling, kept, strict=True)
         ]
 
     def _reject_unschedulable(self) -> list[RequestOutput]:
@@ -234,12 +248,25 @@ class Engine:
         output.error = f"request needs {len(seq)} tokens of KV; the pool cannot hold it"
         return [output]
 
-    def _append(self, item: ScheduledSeq, token: int, now: float) -> RequestOutput:
+    def _append(self, item: ScheduledSeq, tokens: list[int], now: float) -> RequestOutput:
+        """Append a step's kept tokens (several when drafts were accepted) until one stops it."""
         seq = item.seq
         if seq.first_token_time is None:
             seq.first_token_time = now
-        seq.token_ids.append(token)
-        self.num_generated_tokens += 1
+        first_text = seq.output_text
+        appended: list[int] = []
+        for token in tokens:
+            seq.token_ids.append(token)
+            appended.append(token)
+            self.num_generated_tokens += 1
+            if self._check_stop(seq, token, now):
+                break
+        del seq.logprobs[seq.num_output_tokens :]
+        new_text = seq.output_text[len(first_text) :]
+        return self._output(seq, appended, new_text)
+
+    def _check_stop(self, seq: Sequence, token: int, now: float) -> bool:
+        """Update the text after one new token; finish the request if it should stop."""
         params = seq.params
         previous_text = seq.output_text
         reason = None
@@ -260,14 +287,15 @@ class Engine:
             seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len
         ):
             reason = "length"
-        if reason is not None:
-            seq.finish_reason = reason
-            seq.finish_time = now
-            self.scheduler.finish(seq)
-            self.sampler.forget(seq)
-            self.requests.pop(seq.request_id, None)
-        new_text = seq.output_text[len(previous_text) :]
-        return self._output(seq, [token], new_text)
+        if reason is None:
+            return False
+        seq.finish_reason = reason
+        seq.finish_time = now
+        self.scheduler.finish(seq)
+        self.sampler.forget(seq)
+        self.speculator.forget(seq)
+        self.requests.pop(seq.request_id, None)
+        return True
 
     def _output(self, seq: Sequence, new_tokens: list[int], new_text: str = "") -> RequestOutput:
         return RequestOutput(
@@ -340,4 +368,5 @@ class Engine:
             "num_steps": self.num_steps,
             "num_generated_tokens": self.num_generated_tokens,
             **self.lora.stats(),
+            **self.speculator.stats(),
         }

@@ -176,7 +176,7 @@ class LoraManager:
         if not any(seq_slots):
             yield
             return
-        counts = torch.tensor([len(item.token_indices) for item in scheduled])
+        counts = torch.tensor([len(item.computed_indices) for item in scheduled])
         token_slots = torch.repeat_interleave(torch.tensor(seq_slots, dtype=torch.int32), counts)
         self.state.batch = LoraBatch(token_slots.to(self.slots.device), list(self.slots.ranks))
         try:

@@ -49,9 +49,9 @@ class ModelRunner:
         fresh = True
         bs = self.block_size
         for item in scheduled:
-            seq, indices = item.seq, item.token_indices
+            seq, indices = item.seq, item.computed_indices
             table = seq.block_table
-            input_ids.extend(seq.token_ids[i] for i in indices)
+            input_ids.extend(item.input_ids)
             positions.extend(indices)
             slots.extend(table[i // bs] * bs + i % bs for i in indices)
             query_slots.extend(indices)
@@ -80,16 +80,21 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor | None:
-        """Logits [n, vocab] for the scheduled sequences that sample a token this step."""
+        """Logits for the sequences that sample this step: one row, plus one per draft token."""
         ids, pos, meta = self.build_metadata(scheduled)
         with self.lora.activate(scheduled) if self.lora is not None else nullcontext():
             hidden = self.model(ids, pos, meta, self.pool)
         self._record_prompt_logprobs(scheduled, hidden, meta)
-        ends = meta.query_start_loc[1:].to(torch.long) - 1
-        rows = [i for i, item in enumerate(scheduled) if item.samples]
+        ends = (meta.query_start_loc[1:] - 1).tolist()
+        rows = [
+            row
+            for item, end in zip(scheduled, ends, strict=True)
+            if item.samples
+            for row in range(end - len(item.draft_ids), end + 1)
+        ]
         if not rows:
             return None
-        return self.model.compute_logits(hidden[ends[rows]])
+        return self.model.compute_logits(hidden[rows])
 
     def _record_prompt_logprobs(
         self, scheduled: list[ScheduledSeq], hidden: torch.Tensor, meta: AttentionMetadata

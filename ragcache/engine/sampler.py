@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ragcache.engine.sampling_params import SamplingParams
 from ragcache.engine.sequence import Sequence, TokenLogprob
 
 
@@ -44,6 +45,32 @@ def truncation_mask(
     return keep
 
 
+def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution one request samples from: rows of logits [n, V] tempered and truncated."""
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    count = probs.shape[0]
+    keep = truncation_mask(
+        probs,
+        torch.full((count,), params.top_k),
+        torch.full((count,), params.top_p),
+        torch.full((count,), params.min_p),
+    )
+    probs = probs * keep
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def token_logprob(raw_logprobs: torch.Tensor, token: int, top_n: int) -> TokenLogprob:
+    """The chosen token's log-probability and the ``top_n`` most likely, from one row."""
+    top = raw_logprobs.topk(top_n) if top_n > 0 else None
+    return TokenLogprob(
+        token,
+        float(raw_logprobs[token]),
+        list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+        if top is not None
+        else [],
+    )
+
+
 class Sampler:
     def __init__(self) -> None:
         self.shared_generator = torch.Generator().manual_seed(0)
@@ -52,7 +79,7 @@ class Sampler:
     def forget(self, seq: Sequence) -> None:
         self.generators.pop(seq.seq_id, None)
 
-    def _generator(self, seq: Sequence) -> torch.Generator:
+    def generator(self, seq: Sequence) -> torch.Generator:
         if seq.params.seed is None:
             return self.shared_generator
         gen = self.generators.get(seq.seq_id)
@@ -83,22 +110,13 @@ class Sampler:
             probs = probs * keep
             probs = probs / probs.sum(dim=-1, keepdim=True)
             for j, row in enumerate(sampled_rows):
-                draw = torch.multinomial(probs[j], 1, generator=self._generator(seqs[row]))
+                draw = torch.multinomial(probs[j], 1, generator=self.generator(seqs[row]))
                 tokens[row] = draw[0]
         chosen = tokens.tolist()
         if raw_logprobs is not None:
             for row, seq in enumerate(seqs):
-                n = seq.params.logprobs
-                if n is None:
-                    continue
-                top = raw_logprobs[row].topk(n) if n > 0 else None
-                seq.logprobs.append(
-                    TokenLogprob(
-                        chosen[row],
-                        float(raw_logprobs[row, chosen[row]]),
-                        list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
-                        if top is not None
-                        else [],
+                if seq.params.logprobs is not None:
+                    seq.logprobs.append(
+                        token_logprob(raw_logprobs[row], chosen[row], seq.params.logprobs)
                     )
-                )
         return chosen

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MAX_SPECULATIVE_TOKENS = 16
+
 
 class InvalidRequestError(ValueError):
     """A request the engine refuses; the message names the field and the accepted range."""
@@ -26,6 +28,8 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: bool = False
     skip_special_tokens: bool = True
+    # None: the engine's default; 0: no speculative decoding for this request.
+    num_speculative_tokens: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -42,6 +46,15 @@ class SamplingParams:
             ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "in [-2, 2]"),
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "in [-2, 2]"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "in [0, 20]"),
+            (
+                "num_speculative_tokens",
+                self.num_speculative_tokens is None
+                or (
+                    type(self.num_speculative_tokens) is int
+                    and 0 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS
+                ),
+                f"unset or an integer in [0, {MAX_SPECULATIVE_TOKENS}]",
+            ),
             (
                 "stop",
                 isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ragcache.engine.block_manager import BlockManager
 from ragcache.engine.sequence import Sequence, SequenceStatus
@@ -25,11 +25,25 @@ from ragcache.engine.sequence import Sequence, SequenceStatus
 class ScheduledSeq:
     seq: Sequence
     token_indices: list[int]
+    # Speculative tokens computed after the last one, at the next positions (speculate.py).
+    draft_ids: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
         """Whether this step computes the sequence's last token, so a new one is sampled."""
         return self.token_indices[-1] == len(self.seq) - 1
+
+    @property
+    def computed_indices(self) -> list[int]:
+        """Positions computed this step: the scheduled tokens, then one per draft token."""
+        if not self.draft_ids:
+            return self.token_indices
+        end = len(self.seq)
+        return [*self.token_indices, *range(end, end + len(self.draft_ids))]
+
+    @property
+    def input_ids(self) -> list[int]:
+        return [self.seq.token_ids[i] for i in self.token_indices] + self.draft_ids
 
 
 class FCFSPolicy:

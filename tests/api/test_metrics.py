@@ -10,9 +10,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ragcache.api.app import create_app
+from ragcache.engine.config import SpeculativeConfig
 from ragcache.service import RagCache
 from tests.api.live_server import running_server, tiny_service
-from tests.service_helpers import SAMPLES
+from tests.service_helpers import SAMPLES, minilm, tiny_config, tiny_loaded
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +71,42 @@ def test_metrics_parse_and_move_with_requests(base_url: str, service: RagCache) 
     assert moved("ragcache:documents_ingested_total{}") == 1
     assert moved("ragcache:chunks_ingested_total{}") >= 1
     assert after["ragcache:ingest_jobs_running{}"] == 0
+
+
+@pytest.fixture(scope="module")
+def speculating_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A server whose engine drafts every decode step with the tiny model's first layer."""
+    config = tiny_config(tmp_path_factory.mktemp("speculating") / "data")
+    config.service.kv_precompute = "lazy"
+    config.engine.speculative = SpeculativeConfig(
+        method="early_exit", draft_layers=1, num_speculative_tokens=3, adaptive=False
+    )
+    with (
+        RagCache(config=config, loaded=tiny_loaded(), embedder=minilm()) as rag,
+        running_server(create_app(rag)) as url,
+    ):
+        yield url
+
+
+def test_speculation_metrics_move_and_requests_can_opt_out(speculating_url: str) -> None:
+    client = openai.OpenAI(base_url=f"{speculating_url}/v1", api_key="unused", max_retries=0)
+    model = client.models.list().data[0].id
+    drafts = "ragcache:spec_decode_num_draft_tokens_total{}"
+    before = scrape(speculating_url)
+    assert before["ragcache:decode_tokens_per_step{}"] == 0.0
+    client.completions.create(
+        model=model, prompt="Four score and seven years ago", max_tokens=12,
+        extra_body={"num_speculative_tokens": 0},
+    )  # fmt: skip
+    opted_out = scrape(speculating_url)
+    assert opted_out[drafts] == before[drafts]
+    assert opted_out["ragcache:decode_tokens_per_step{}"] == 1.0
+    client.completions.create(model=model, prompt="Four score and seven years ago", max_tokens=12)
+    after = scrape(speculating_url)
+    assert after[drafts] > opted_out[drafts]
+    assert after["ragcache:spec_decode_num_drafts_total{}"] > 0
+    accepted = after["ragcache:spec_decode_num_accepted_tokens_total{}"]
+    assert after["ragcache:spec_decode_acceptance_rate{}"] == pytest.approx(
+        accepted / after[drafts]
+    )
+    assert after["ragcache:decode_tokens_per_step{}"] >= 1.0

@@ -252,6 +252,12 @@ BAD: dict[str, tuple[str, dict[str, Any] | bytes, int, str | None]] = {
     ),
     "chat empty document": ("/v1/chat/completions", {"documents": [" "]}, 400, "documents"),
     "chat top_logprobs alone": ("/v1/chat/completions", {"top_logprobs": 2}, 400, "top_logprobs"),
+    "chat bad draft length": (
+        "/v1/chat/completions",
+        {"num_speculative_tokens": 99},
+        400,
+        "num_speculative_tokens",
+    ),
     "completion bad tokens": ("/v1/completions", {"prompt": [10**9]}, 400, None),
     "completion too long": (
         "/v1/completions",
