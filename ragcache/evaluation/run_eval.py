@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ragcache.engine.config import EngineConfig, ModelConfig
+from ragcache.engine.config import EngineConfig, ModelConfig, SpeculativeConfig
 from ragcache.engine.engine import Engine
 from ragcache.engine.loader import LoadedModel, load_model
 from ragcache.evaluation.examples import ExampleFormatError, load_examples
@@ -179,10 +179,14 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     done = load_outcomes(results)
     finished = {(o.example, o.setting) for o in done}
     # No engine prefix cache: every setting must use its own KV, never a previous run's.
+    # No speculative decoding: end-to-end times compare fusion alone.
     engine = Engine(
         loaded,
         EngineConfig(
-            kv_cache_bytes=1 << 30, max_num_batched_tokens=8192, enable_prefix_caching=False
+            kv_cache_bytes=1 << 30,
+            max_num_batched_tokens=8192,
+            enable_prefix_caching=False,
+            speculative=SpeculativeConfig(method="off"),
         ),
     )
     baseline = None
