@@ -108,7 +108,11 @@ class KnowledgeTree:
         parent.children[key] = node
         self._nodes[key] = node
         entry = ChunkEntry(
-            key, list(token_ids), list(positions), list(layers), self.parent_keys(parent),
+            key,
+            list(token_ids),
+            list(positions),
+            list(layers),
+            self.parent_keys(parent),
             self.context,
         )
         self.lock(parent)
@@ -142,9 +146,7 @@ class KnowledgeTree:
         """Entries of a matched path, root-first so parents are promoted before children."""
         return [self.store.get(node.key, node.token_ids) for node in nodes]
 
-    def get_layers(
-        self, node: TreeNode, layers: Iterable[int] | None = None
-    ) -> LayerStream | None:
+    def get_layers(self, node: TreeNode, layers: Iterable[int] | None = None) -> LayerStream | None:
         return self.store.get_layers(node.key, node.token_ids, layers)
 
     def tier_of(self, node: TreeNode) -> str | None:

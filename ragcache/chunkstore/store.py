@@ -48,8 +48,8 @@ class ChunkStore:
     ) -> None:
         self.config = config or ChunkStoreConfig()
         self.cost_model = cost_model or CostModel()
-        self.tiers: list[Tier] = list(tiers) if tiers is not None else build_tiers(
-            self.config, directory
+        self.tiers: list[Tier] = (
+            list(tiers) if tiers is not None else build_tiers(self.config, directory)
         )
         self.tier_names = tuple(tier.name for tier in self.tiers)
         self.policies: list[ReplacementPolicy] = [
@@ -173,7 +173,9 @@ class ChunkStore:
             return False
         tier.put(prepared)
         self.policies[index].on_insert(
-            entry.key, prepared.nbytes, self._costs.get(entry.key, 0.0),
+            entry.key,
+            prepared.nbytes,
+            self._costs.get(entry.key, 0.0),
             self._frequency.get(entry.key, 1),
         )
         return True
@@ -236,8 +238,12 @@ class ChunkStore:
     # ---- reads -------------------------------------------------------------------
 
     def _drop_corrupt(self, index: int, key: str, error: Exception) -> None:
-        logger.warning("chunk entry %s in the %s tier is corrupt (%s); dropping it",
-                       key, self.tier_names[index], error)
+        logger.warning(
+            "chunk entry %s in the %s tier is corrupt (%s); dropping it",
+            key,
+            self.tier_names[index],
+            error,
+        )
         self.stats_counters.corruptions += 1
         self._remove_from(index, key, evicted=False)
 
@@ -366,8 +372,9 @@ class ChunkStore:
             raise
         if promote and len(collected) == header.num_layers:
             layers = [collected[i] for i in range(header.num_layers)]
-            entry = ChunkEntry(key, header.token_ids, header.positions, layers,
-                               header.parent_keys, header.context)
+            entry = ChunkEntry(
+                key, header.token_ids, header.positions, layers, header.parent_keys, header.context
+            )
             with self._lock:
                 self._promote(entry, index)
 

@@ -74,8 +74,10 @@ class ModelSpec:
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         qkv_bias = model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
         window = getattr(config, "sliding_window", None)
-        if window and getattr(config, "use_sliding_window", True) and window < int(
-            config.max_position_embeddings
+        if (
+            window
+            and getattr(config, "use_sliding_window", True)
+            and window < int(config.max_position_embeddings)
         ):
             log.warning(
                 "sliding-window attention (%d tokens) is not implemented: prompts longer "

@@ -120,9 +120,7 @@ def test_eviction_copies_down_once_then_only_drops(tmp_path):
 
 def test_caps_hold_under_a_write_storm(tmp_path):
     rng = random.Random(7)
-    store = make_store(
-        tmp_path / "db", host_bytes=60_000, disk_bytes=200_000, write_through=True
-    )
+    store = make_store(tmp_path / "db", host_bytes=60_000, disk_bytes=200_000, write_through=True)
     for seed in range(150):
         entry = make_entry(seed, num_tokens=rng.randint(1, 120), num_layers=rng.randint(1, 4))
         store.put(entry)
@@ -132,9 +130,7 @@ def test_caps_hold_under_a_write_storm(tmp_path):
             assert tier.used_bytes <= tier.capacity_bytes, tier.name
     stats = store.stats()
     assert stats["tiers"]["host"]["evictions"] > 0 and stats["tiers"]["disk"]["evictions"] > 0
-    assert store.tiers[2].used_bytes == sum(
-        len(bytes(v)) for v in _raw_values(store.tiers[2])
-    )
+    assert store.tiers[2].used_bytes == sum(len(bytes(v)) for v in _raw_values(store.tiers[2]))
     store.close()
 
 
