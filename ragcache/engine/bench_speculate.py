@@ -169,6 +169,8 @@ def make_engine(loaded: LoadedModel, method: str, args: argparse.Namespace) -> E
         method=method,
         num_speculative_tokens=args.num_speculative_tokens,
         draft_layers=args.draft_layers,
+        prompt_lookup_min=args.prompt_lookup_min,
+        prompt_lookup_max=args.prompt_lookup_max,
     )
     config = EngineConfig(kv_cache_bytes=args.kv_cache_mib << 20, speculative=speculative)
     engine = Engine(loaded, config)
@@ -199,6 +201,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "proposers": list(args.proposers),
             "num_speculative_tokens": args.num_speculative_tokens,
             "draft_layers": args.draft_layers,
+            "prompt_lookup": [args.prompt_lookup_min, args.prompt_lookup_max],
             "rag_system_prompt": RAG_SYSTEM_PROMPT,
         },
         "targets": {"rag_ngram_speedup": RAG_TARGET, "free_form_floor": FREE_FORM_FLOOR},
@@ -283,6 +286,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--num-speculative-tokens", type=int, default=8)
     parser.add_argument("--draft-layers", type=int, default=8)
+    defaults = SpeculativeConfig()
+    parser.add_argument("--prompt-lookup-min", type=int, default=defaults.prompt_lookup_min)
+    parser.add_argument("--prompt-lookup-max", type=int, default=defaults.prompt_lookup_max)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--kv-cache-mib", type=int, default=256)
     parser.add_argument("--threads", type=int, default=0, help="0 keeps torch's default")

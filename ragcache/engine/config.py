@@ -40,7 +40,7 @@ class SpeculativeConfig:
         metadata={"help": "most draft tokens verified per sequence and step; 0 turns it off"},
     )
     prompt_lookup_min: int = field(
-        default=2, metadata={"help": "shortest n-gram that prompt lookup matches"}
+        default=1, metadata={"help": "shortest n-gram that prompt lookup matches"}
     )
     prompt_lookup_max: int = field(
         default=4, metadata={"help": "longest n-gram that prompt lookup matches (tried first)"}

@@ -18,6 +18,7 @@ from torch import nn
 
 from ragcache.engine.attention_metadata import AttentionMetadata
 from ragcache.engine.kv_pool import KVPool
+from ragcache.engine.linear import linear
 from ragcache.engine.spec import ModelSpec
 from ragcache.kernels import dispatch
 from ragcache.kernels.paged_attention import causal_attention_ref, paged_attention_planned
@@ -80,7 +81,7 @@ class Attention(nn.Module):
         pool: KVPool,
         hook: LayerHook | None,
     ) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
+        qkv = linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = rope.apply(q.view(-1, self.num_heads, self.head_dim))
         k_pre = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -107,7 +108,7 @@ class Attention(nn.Module):
                 self.scale,
                 meta.max_query_len,
             )
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return linear(out.reshape(-1, self.q_size), self.o_proj.weight)
 
     def _fresh_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
@@ -130,8 +131,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate, up = linear(x, self.gate_up_proj.weight).split(self.intermediate, dim=-1)
+        return linear(F.silu(gate) * up, self.down_proj.weight)
 
 
 class DecoderLayer(nn.Module):
@@ -207,7 +208,7 @@ class LlamaModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         normed = self.norm(hidden)
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(normed, weight).float()
+        return linear(normed, weight).float()
 
 
 def hf_state_dict_to_ours(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, Any]:
