@@ -21,3 +21,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         out = torch.mm(weight, x.t()).t().contiguous()
         return out if bias is None else out + bias
     return F.linear(x, weight, bias)
+
+
+class Projection(torch.nn.Linear):
+    """An ``nn.Linear`` whose forward takes the product above; wrappers (LoRA) call it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)

@@ -18,7 +18,7 @@ from torch import nn
 
 from ragcache.engine.attention_metadata import AttentionMetadata
 from ragcache.engine.kv_pool import KVPool
-from ragcache.engine.linear import linear
+from ragcache.engine.linear import Projection, linear
 from ragcache.engine.spec import ModelSpec
 from ragcache.kernels import dispatch
 from ragcache.kernels.paged_attention import causal_attention_ref, paged_attention_planned
@@ -68,8 +68,8 @@ class Attention(nn.Module):
         self.head_dim = spec.head_dim
         self.q_size = spec.num_heads * spec.head_dim
         self.kv_size = spec.num_kv_heads * spec.head_dim
-        self.qkv_proj = nn.Linear(spec.hidden_size, self.q_size + 2 * self.kv_size, spec.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, spec.hidden_size, bias=False)
+        self.qkv_proj = Projection(spec.hidden_size, self.q_size + 2 * self.kv_size, spec.qkv_bias)
+        self.o_proj = Projection(self.q_size, spec.hidden_size, bias=False)
         self.scale = spec.head_dim**-0.5
 
     def forward(
@@ -81,7 +81,7 @@ class Attention(nn.Module):
         pool: KVPool,
         hook: LayerHook | None,
     ) -> torch.Tensor:
-        qkv = linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = rope.apply(q.view(-1, self.num_heads, self.head_dim))
         k_pre = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -108,7 +108,7 @@ class Attention(nn.Module):
                 self.scale,
                 meta.max_query_len,
             )
-        return linear(out.reshape(-1, self.q_size), self.o_proj.weight)
+        return self.o_proj(out.reshape(-1, self.q_size))
 
     def _fresh_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
@@ -127,12 +127,12 @@ class MLP(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.intermediate = spec.intermediate_size
-        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+        self.gate_up_proj = Projection(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
+        self.down_proj = Projection(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, self.gate_up_proj.weight).split(self.intermediate, dim=-1)
-        return linear(F.silu(gate) * up, self.down_proj.weight)
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
