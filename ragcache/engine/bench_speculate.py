@@ -74,8 +74,8 @@ class Decode:
         return max(len(self.token_ids) - 1, 0)
 
 
-def rag_prompts(tokenizer: Any, count: int, passages: int) -> list[list[int]]:
-    records = json.loads(MUSIQUE.read_text())[:count]
+def rag_prompts(tokenizer: Any, count: int, passages: int, data: Path = MUSIQUE) -> list[list[int]]:
+    records = json.loads(data.read_text())[:count]
     builder = PromptBuilder(tokenizer, RAG_SYSTEM_PROMPT)
     prompts = []
     for record in records:
@@ -223,7 +223,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "targets": {"rag_ngram_speedup": RAG_TARGET, "free_form_floor": FREE_FORM_FLOOR},
     }
     with torch.inference_mode():
-        rag = rag_prompts(loaded.tokenizer, args.questions, args.passages)
+        rag = rag_prompts(loaded.tokenizer, args.questions, args.passages, args.data)
         report["rag"] = run_workload(engines, rag, args.max_tokens, args.repeats, "rag")
         report["rag"]["mean_prompt_tokens"] = sum(map(len, rag)) / len(rag)
         free = free_form_prompts(loaded.tokenizer, args.free_form)
@@ -293,6 +293,7 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("eval/reports/bench_speculate.json"))
+    parser.add_argument("--data", type=Path, default=MUSIQUE, help="MuSiQue JSON file")
     parser.add_argument("--questions", type=int, default=8, help="MuSiQue questions")
     parser.add_argument("--passages", type=int, default=3, help="passages per RAG prompt")
     parser.add_argument("--free-form", type=int, default=8, help=f"at most {len(FREE_FORM)}")

@@ -4,6 +4,7 @@ rollback, for every proposer; requests and the engine config choose how much to 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -280,3 +281,19 @@ def test_bad_speculative_configs_name_the_field(
         Engine(
             looping_model, EngineConfig(speculative=SpeculativeConfig(num_speculative_tokens=40))
         )
+
+
+@pytest.mark.slow
+def test_smollm2_rag_answer_is_identical_with_prompt_lookup(shared_data: Path) -> None:
+    from ragcache.engine.bench_speculate import rag_prompts
+    from ragcache.engine.config import ModelConfig
+    from ragcache.engine.loader import load_model
+
+    loaded = load_model(ModelConfig(dtype="float32", device="cpu"))
+    prompts = rag_prompts(loaded.tokenizer, 2, 2, shared_data / "musique_dev.json")
+    engine = Engine(loaded, EngineConfig(kv_cache_bytes=128 << 20))
+    off = SamplingParams(max_tokens=48, num_speculative_tokens=0)
+    plain = engine.generate(prompts, off)
+    speculative = engine.generate(prompts, SamplingParams(max_tokens=48))
+    assert [o.token_ids for o in speculative] == [o.token_ids for o in plain]
+    assert engine.stats()["spec_num_accepted_tokens"] > 0
