@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import sys
 import time
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ragcache.engine.bench_machine import machine_record
 from ragcache.engine.config import EngineConfig, ModelConfig
 from ragcache.engine.engine import Engine
 from ragcache.engine.loader import LoadedModel, load_model
@@ -280,12 +280,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     )
     report: dict[str, Any] = {
         "command": " ".join(["python -m ragcache.engine.bench_engine", *sys.argv[1:]]),
-        "machine": {
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "load_average_at_start": list(os.getloadavg()),
-        },
+        "machine": machine_record(),
         "settings": {
             "model": loaded.name,
             "dtype": args.dtype,

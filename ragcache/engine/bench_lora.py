@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ from ragcache.engine.bench_engine import (
     pool_bytes_for,
     serving_metrics,
 )
+from ragcache.engine.bench_machine import machine_record
 from ragcache.engine.config import EngineConfig, ModelConfig
 from ragcache.engine.engine import Engine
 from ragcache.engine.lora import target_slice
@@ -167,12 +167,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     print(f"run {repeat + 1}, {schedule}: {run[1]:.1f} s", flush=True)
     report: dict[str, Any] = {
         "command": " ".join(["python -m ragcache.engine.bench_lora", *sys.argv[1:]]),
-        "machine": {
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "load_average_at_start": load_at_start,
-        },
+        "machine": machine_record(load_at_start),
         "settings": {
             "model": loaded.name,
             "dtype": args.dtype,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 
 from ragcache.engine.attention_metadata import AttentionMetadata, contiguous_metadata
+from ragcache.engine.bench_machine import machine_record
 from ragcache.engine.config import ModelConfig
 from ragcache.engine.kv_pool import KVPool
 from ragcache.engine.loader import LoadedModel, convert_gguf, load_model, locate_embedded_gguf
@@ -274,12 +274,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[Row] = []
     report: dict[str, Any] = {
         "command": " ".join(["python -m ragcache.engine.bench_model", *sys.argv[1:]]),
-        "machine": {
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "load_average_at_start": list(os.getloadavg()),
-        },
+        "machine": machine_record(),
         "settings": {
             "block_size": BLOCK_SIZE,
             "repeats": args.repeats,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ragcache.engine.bench_machine import machine_record
 from ragcache.engine.config import EngineConfig, ModelConfig, SpeculativeConfig
 from ragcache.engine.engine import Engine
 from ragcache.engine.loader import LoadedModel, load_model
@@ -200,12 +200,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     engines = {method: make_engine(loaded, method, args) for method in args.proposers}
     report: dict[str, Any] = {
         "command": " ".join(["python -m ragcache.engine.bench_speculate", *sys.argv[1:]]),
-        "machine": {
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "load_average_at_start": list(os.getloadavg()),
-        },
+        "machine": machine_record(),
         "settings": {
             "model": loaded.name,
             "dtype": args.dtype,
