@@ -133,6 +133,10 @@ class Outcome:
     recomputed_tokens: int = 0
     prompt_tokens: int = 0
     group: str = ""
+    # Full prefill of the same prompt, timed in the same evaluation call: the paired
+    # baseline of the speed-ups, so a resumed run never compares across runs.
+    ref_ttft_s: float = float("nan")
+    ref_e2e_s: float = float("nan")
 
 
 @dataclass(slots=True)
@@ -201,10 +205,15 @@ class FusionEvaluator:
         ref_ids = ref_ids or [(self.engine.eos_ids and min(self.engine.eos_ids)) or 0]
         context_tokens = len(layout) - len(layout.root_ids)
         group = _group_of(item)
+        paired = {
+            "ref_ttft_s": reference_run.ttft_s + reference.report.prepare_s,
+            "ref_e2e_s": reference_run.e2e_s + reference.report.prepare_s,
+        }
         outcomes = []
         for setting in settings:
             if setting.method == BASELINE_LABEL:
-                outcomes.append(self._baseline(index, item, reference.prompt_ids, ref_ids, group))
+                baseline = self._baseline(index, item, reference.prompt_ids, ref_ids, group)
+                outcomes.append(baseline | paired)
                 continue
             stored = chunks if setting.codec == "raw" else through_codec(chunks, setting.codec)
             fused = self._fuse(layout, stored, setting)
@@ -230,6 +239,7 @@ class FusionEvaluator:
                     "prompt_tokens": len(fused.prompt_ids),
                     "group": group,
                 }
+                | paired
             )
         return [Outcome(**fields) for fields in outcomes]
 
@@ -301,12 +311,36 @@ def summarize(outcomes: list[Outcome]) -> dict[str, dict[str, float]]:
     _codec_agreement(by_setting, summary)
     full = summary.get("full_prefill")
     reuse = summary.get("full_reuse")
-    for row in summary.values():
-        if full:
-            row["speedup"] = full["ttft_s"] / row["ttft_s"]
+    full_rows = {r.example: r for r in by_setting.get("full_prefill", [])}
+    for label, row in summary.items():
+        row.update(_speedups(by_setting[label], full_rows))
         if full and reuse:
             row["gap_closed"] = gap_closed(row["nll"], reuse["nll"], full["nll"])
     return summary
+
+
+def _speedups(rows: list[Outcome], full_rows: dict[int, Outcome]) -> dict[str, float]:
+    """Median full-prefill latency over median latency, on paired examples.
+
+    Each row's baseline is the full prefill timed in the same evaluation call
+    (``ref_*``); rows written before that field existed fall back to the full prefill
+    row of their example, which was timed in the same call too.
+    """
+    out: dict[str, float] = {}
+    for name, key in (("ttft_s", "speedup"), ("e2e_s", "e2e_speedup")):
+        pairs = []
+        for row in rows:
+            ref = getattr(row, "ref_" + name)
+            if math.isnan(ref) and row.example in full_rows:
+                ref = getattr(full_rows[row.example], name)
+            value = getattr(row, name)
+            if not (math.isnan(ref) or math.isnan(value)):
+                pairs.append((ref, value))
+        if pairs:
+            out[key] = statistics.median(r for r, _ in pairs) / statistics.median(
+                v for _, v in pairs
+            )
+    return out
 
 
 def summarize_groups(outcomes: list[Outcome]) -> dict[str, dict[str, dict[str, float]]]:

@@ -21,6 +21,7 @@ COLUMNS = (
     ("ttft_s", "TTFT s (p50)"),
     ("e2e_s", "e2e s (p50)"),
     ("speedup", "TTFT speed-up"),
+    ("e2e_speedup", "e2e speed-up"),
 )
 
 

@@ -109,3 +109,19 @@ def test_summary_skips_missing_values_and_takes_medians_of_latency() -> None:
 def test_bad_settings_name_the_problem(spec: str, problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
         parse_settings([spec])
+
+
+def test_speedup_pairs_each_row_with_the_full_prefill_of_its_own_call() -> None:
+    first_run = [
+        outcome(0, "full_prefill", 1.0, [5], 10.0),
+        outcome(0, "full_reuse", 3.0, [5], 1.0),
+    ]
+    # Added by a resumed run whose full prefill took 20 s on the same prompt.
+    resumed = outcome(0, "legolink-32", 2.0, [5], 4.0)
+    resumed.ref_ttft_s = 20.0
+    resumed.e2e_s, resumed.ref_e2e_s = 8.0, 24.0
+    summary = summarize([*first_run, resumed])
+    assert summary["full_reuse"]["speedup"] == pytest.approx(10.0)  # falls back to row 0
+    assert summary["legolink-32"]["speedup"] == pytest.approx(5.0)  # 20 / 4, not 10 / 4
+    assert summary["legolink-32"]["e2e_speedup"] == pytest.approx(3.0)
+    assert "e2e_speedup" not in summary["full_reuse"]  # no e2e time recorded
