@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ragcache.blending.methods import FusionContext, FusionPlan, value_deviation
-from ragcache.blending.selection_pass import FreshPass, run_fresh_pass
+from ragcache.blending.selection_pass import FreshPass, run_fresh_pass, run_query_pass
 
 
 def attention_to_context(
@@ -43,6 +43,29 @@ def weighted(scores: torch.Tensor, attention: torch.Tensor | None, power: float)
     return scores * (attention / attention.mean().clamp_min(1e-12)).pow(power)
 
 
+@torch.inference_mode()
+def query_reads(ctx: FusionContext, num_layers: int) -> torch.Tensor:
+    """The query tokens' mean attention to every context position over ``num_layers``.
+
+    Only the query is computed, against the placed (cached) context KV, so the pass
+    costs the query's share of those layers; deep layers show which tokens the answer
+    will read, which the first layers (where the selection is scored) do not yet.
+    """
+    layout = ctx.layout
+    end = layout.context_end
+    positions = torch.arange(end, len(layout))
+    passed = run_query_pass(
+        ctx.model, ctx.placed_k, ctx.placed_v, layout.query_ids, positions, num_layers
+    )
+    context = torch.arange(end, device=ctx.model.device)
+    return torch.stack(
+        [
+            attention_to_context(passed.query_q[layer], passed.keys[layer], context, end)
+            for layer in range(num_layers)
+        ]
+    ).mean(dim=0)
+
+
 @dataclass(slots=True)
 class GradualBlend:
     ratio: float = 0.15
@@ -50,6 +73,7 @@ class GradualBlend:
     last_check: int = 3
     widen: float = 3.0
     query_weight: float = 1.0
+    query_layers: int = 0
     name: str = "gradual"
 
     def plan(self, ctx: FusionContext) -> FusionPlan:
@@ -60,8 +84,15 @@ class GradualBlend:
         budget = round(self.ratio * len(context))
         if budget <= 0:
             return FusionPlan(fresh_layers=self.first_check + 1, fresh=fresh)
-        attention = attention_to_context(
-            fresh.query_q[self.first_check], fresh.k[self.first_check], context
+        reads = None
+        if self.query_layers > 0 and self.query_weight != 0:
+            reads = query_reads(ctx, min(self.query_layers, ctx.model.spec.num_layers))
+        attention = (
+            reads[context]
+            if reads is not None
+            else attention_to_context(
+                fresh.query_q[self.first_check], fresh.k[self.first_check], context
+            )
         )
         scores = weighted(
             value_deviation(ctx, fresh, self.first_check), attention, self.query_weight
@@ -71,7 +102,7 @@ class GradualBlend:
         candidates = context[scores.topk(keep).indices].sort().values
         for depth in range(1, steps + 1):
             layer = self.first_check + depth
-            candidates = self._deeper(ctx, fresh, layer, candidates, budget, depth / steps)
+            candidates = self._deeper(ctx, fresh, layer, candidates, budget, depth / steps, reads)
         return FusionPlan(
             recompute=candidates.tolist(), fresh_layers=self.first_check + 1, fresh=fresh
         )
@@ -85,6 +116,7 @@ class GradualBlend:
         candidates: torch.Tensor,
         budget: int,
         progress: float,
+        reads: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Compute candidates (and the query) at ``layer`` and keep the most deviating."""
         layout = ctx.layout
@@ -113,9 +145,12 @@ class GradualBlend:
         count = len(candidates)
         v_new = captured["v"][:count].float()
         deviation = (v_new - ctx.placed_v[layer][candidates].float()).pow(2).sum(dim=(1, 2))
-        k_layer, _ = pool.layer(layer)
-        keys = k_layer.reshape(-1, *k_layer.shape[2:])[slots[:n]]
-        attention = attention_to_context(captured["q"][count:], keys, candidates)
+        if reads is not None:
+            attention = reads[candidates]
+        else:
+            k_layer, _ = pool.layer(layer)
+            keys = k_layer.reshape(-1, *k_layer.shape[2:])[slots[:n]]
+            attention = attention_to_context(captured["q"][count:], keys, candidates)
         scores = weighted(deviation, attention, self.query_weight)
         target = max(budget, round(len(candidates) - (len(candidates) - budget) * progress))
         kept = scores.topk(min(target, count)).indices

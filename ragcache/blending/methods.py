@@ -165,6 +165,7 @@ def make_method(name: str, **params: MethodParam) -> FusionMethod:
             last_check=int(params.get("last_check", 3)),
             widen=float(params.get("widen", 3.0)),
             query_weight=float(params.get("query_weight", 1.0)),
+            query_layers=int(params.get("query_layers", 0)),
         )
     if name == "cachefocus":
         from ragcache.blending.focus import focus_from_params

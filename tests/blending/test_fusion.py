@@ -107,3 +107,45 @@ def test_repositioned_keys_equal_keys_computed_at_target(
     moved = reposition(chunk, target, engine_model.model.inv_freq)
     for layer in range(engine_model.spec.num_layers):
         assert (moved[layer] - expected[layer]).abs().max() <= 1e-5
+
+
+def test_query_reads_equal_the_attention_of_a_full_prefill_without_boundaries(
+    engine_model: LoadedModel,
+) -> None:
+    from ragcache.blending.gradual import attention_to_context, query_reads
+    from ragcache.blending.methods import FusionContext
+    from ragcache.blending.placement import place_context
+    from ragcache.blending.selection_pass import run_fresh_pass
+
+    layout = random_layout(1, seed=7)  # one chunk: its cached KV is exact
+    encoder = ChunkEncoder(engine_model.model, layout.root_ids)
+    chunks = encoder.encode(layout.chunk_ids)
+    placed_k, placed_v = place_context(
+        [encoder.root, *chunks], [0, *layout.chunk_starts], engine_model.model.inv_freq
+    )
+    ctx = FusionContext(engine_model.model, layout, placed_k, placed_v)
+    layers = engine_model.spec.num_layers
+    reads = query_reads(ctx, layers)
+    fresh = run_fresh_pass(engine_model.model, layout, layers)
+    end = layout.context_end
+    expected = torch.stack(
+        [
+            attention_to_context(fresh.query_q[i], fresh.k[i], torch.arange(end), end)
+            for i in range(layers)
+        ]
+    ).mean(dim=0)
+    assert reads.shape == (end,)
+    assert torch.allclose(reads, expected, atol=1e-5)
+
+
+def test_gradual_with_query_reads_keeps_its_budget_and_is_exact_at_full_ratio(
+    engine_model: LoadedModel,
+) -> None:
+    layout = random_layout(4, seed=8)
+    context = layout.context_end - len(layout.root_ids)
+    _, _, report = run(engine_model, layout, "gradual", ratio=0.2, query_layers=2)
+    assert report.recomputed_tokens == round(0.2 * context)
+    ref_tokens, ref_lp, _ = run(engine_model, layout, "full_prefill")
+    tokens, lp, _ = run(engine_model, layout, "gradual", ratio=1.0, query_layers=2)
+    assert tokens == ref_tokens
+    assert torch.allclose(lp, ref_lp, atol=1e-4)
