@@ -33,6 +33,7 @@ from ragcache.evaluation.metrics import (
     exact_match,
     f1_score,
     gap_closed,
+    gap_closed_interval,
     mean_nll,
     prefix_agreement,
 )
@@ -312,10 +313,12 @@ def summarize(outcomes: list[Outcome]) -> dict[str, dict[str, float]]:
     full = summary.get("full_prefill")
     reuse = summary.get("full_reuse")
     full_rows = {r.example: r for r in by_setting.get("full_prefill", [])}
+    reuse_rows = {r.example: r for r in by_setting.get("full_reuse", [])}
     for label, row in summary.items():
         row.update(_speedups(by_setting[label], full_rows))
         if full and reuse:
             row["gap_closed"] = gap_closed(row["nll"], reuse["nll"], full["nll"])
+            row.update(_gap_interval(by_setting[label], reuse_rows, full_rows))
     return summary
 
 
@@ -341,6 +344,20 @@ def _speedups(rows: list[Outcome], full_rows: dict[int, Outcome]) -> dict[str, f
                 v for _, v in pairs
             )
     return out
+
+
+def _gap_interval(
+    rows: list[Outcome], reuse_rows: dict[int, Outcome], full_rows: dict[int, Outcome]
+) -> dict[str, float]:
+    paired = [
+        (r.nll, reuse_rows[r.example].nll, full_rows[r.example].nll)
+        for r in rows
+        if r.example in reuse_rows and r.example in full_rows
+    ]
+    if len(paired) < 2:
+        return {}
+    low, high = gap_closed_interval(*(list(column) for column in zip(*paired, strict=True)))
+    return {"gap_closed_lo": low, "gap_closed_hi": high}
 
 
 def summarize_groups(outcomes: list[Outcome]) -> dict[str, dict[str, dict[str, float]]]:

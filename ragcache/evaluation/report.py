@@ -13,6 +13,7 @@ COLUMNS = (
     ("recompute_fraction", "recomputed"),
     ("nll", "NLL"),
     ("gap_closed", "gap closed"),
+    ("gap_closed_ci", "gap closed, 95% CI"),
     ("agree16", "16-tok agree"),
     ("first_token", "first tok"),
     ("f1", "F1"),
@@ -31,11 +32,20 @@ def _cell(value: float | None) -> str:
     return f"{value:.3f}"
 
 
+def _interval(row: dict[str, float]) -> str:
+    low, high = row.get("gap_closed_lo"), row.get("gap_closed_hi")
+    if low is None or high is None or math.isnan(low) or math.isnan(high):
+        return "-"
+    return f"{low:.2f} to {high:.2f}"
+
+
 def format_table(summary: dict[str, dict[str, float]]) -> str:
     header = "| setting | " + " | ".join(title for _, title in COLUMNS) + " |"
     lines = [header, "|---|" + "---:|" * len(COLUMNS)]
     for label, row in summary.items():
-        cells = [_cell(row.get(key)) for key, _ in COLUMNS]
+        cells = [
+            _interval(row) if key == "gap_closed_ci" else _cell(row.get(key)) for key, _ in COLUMNS
+        ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -125,3 +125,17 @@ def test_speedup_pairs_each_row_with_the_full_prefill_of_its_own_call() -> None:
     assert summary["legolink-32"]["speedup"] == pytest.approx(5.0)  # 20 / 4, not 10 / 4
     assert summary["legolink-32"]["e2e_speedup"] == pytest.approx(3.0)
     assert "e2e_speedup" not in summary["full_reuse"]  # no e2e time recorded
+
+
+def test_gap_interval_brackets_the_point_estimate_and_collapses_when_examples_agree() -> None:
+    from ragcache.evaluation.metrics import gap_closed_interval
+
+    method, reuse, prefill = [0.5, 0.7, 0.2, 0.9], [1.0, 1.0, 0.4, 1.2], [0.0, 0.4, 0.0, 0.6]
+    low, high = gap_closed_interval(method, reuse, prefill)
+    point = gap_closed(sum(method) / 4, sum(reuse) / 4, sum(prefill) / 4)
+    assert low <= point <= high
+    assert low < high
+    same = gap_closed_interval([0.5] * 5, [1.0] * 5, [0.0] * 5)
+    assert same == pytest.approx((0.5, 0.5))
+    with pytest.raises(ValueError, match="equally many"):
+        gap_closed_interval([0.5], [1.0, 1.0], [0.0])
