@@ -11,14 +11,18 @@ class FusionConfig:
         default="cacheblend",
         metadata={
             "help": "full_prefill, prefix_only, full_reuse, cacheblend, legolink, "
-            "gradual (query-weighted gradual filtering), sinkblend, cachefocus"
+            "gradual (gradual filtering, query-weighted at the scoring layer), queryblend "
+            "(gradual filtering weighted by what the query reads over every layer), "
+            "sinkblend, cachefocus"
         },
     )
     recompute_ratio: float = field(
-        default=0.15, metadata={"help": "cacheblend/gradual: share of context tokens recomputed"}
+        default=0.15,
+        metadata={"help": "cacheblend/gradual/queryblend: share of context tokens recomputed"},
     )
     check_layer: int = field(
-        default=1, metadata={"help": "cacheblend/gradual: first layer that scores tokens"}
+        default=1,
+        metadata={"help": "cacheblend/gradual/queryblend: first layer that scores tokens"},
     )
     legolink_k: int = field(
         default=32, metadata={"help": "LegoLink: leading tokens recomputed per chunk"}

@@ -131,6 +131,7 @@ METHOD_NAMES = (
     "legolink",
     "sinkblend",
     "gradual",
+    "queryblend",
     "cachefocus",
 )
 
@@ -156,16 +157,19 @@ def make_method(name: str, **params: MethodParam) -> FusionMethod:
             sink_tokens=int(params.get("sink_tokens", 8)),
             query_weight=float(params.get("query_weight", 0.0)),
         )
-    if name == "gradual":
-        from ragcache.blending.gradual import GradualBlend
+    if name in ("gradual", "queryblend"):
+        from ragcache.blending.gradual import ALL_LAYERS, GradualBlend
 
+        # queryblend: gradual filtering weighted by what the query reads over every layer.
+        reads = name == "queryblend"
         return GradualBlend(
             ratio=float(params.get("ratio", 0.15)),
             first_check=int(params.get("check_layer", 1)),
             last_check=int(params.get("last_check", 3)),
             widen=float(params.get("widen", 3.0)),
-            query_weight=float(params.get("query_weight", 1.0)),
-            query_layers=int(params.get("query_layers", 0)),
+            query_weight=float(params.get("query_weight", 2.0 if reads else 1.0)),
+            query_layers=int(params.get("query_layers", ALL_LAYERS if reads else 0)),
+            name=name,
         )
     if name == "cachefocus":
         from ragcache.blending.focus import focus_from_params

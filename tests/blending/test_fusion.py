@@ -149,3 +149,18 @@ def test_gradual_with_query_reads_keeps_its_budget_and_is_exact_at_full_ratio(
     tokens, lp, _ = run(engine_model, layout, "gradual", ratio=1.0, query_layers=2)
     assert tokens == ref_tokens
     assert torch.allclose(lp, ref_lp, atol=1e-4)
+
+
+def test_queryblend_is_gradual_weighted_by_reads_over_every_layer(
+    engine_model: LoadedModel,
+) -> None:
+    layout = random_layout(4, seed=9)
+    layers = engine_model.spec.num_layers
+    named = make_method("queryblend", ratio=0.2)
+    spelled = make_method("gradual", ratio=0.2, query_layers=layers, query_weight=2.0)
+    encoder = ChunkEncoder(engine_model.model, layout.root_ids)
+    chunks = encoder.encode(layout.chunk_ids)
+    plans = [fuse(engine_model.model, layout, encoder.root, chunks, m) for m in (named, spelled)]
+    assert plans[0].placed is not None and plans[1].placed is not None
+    assert plans[0].placed.recompute == plans[1].placed.recompute
+    assert plans[0].report.method == "queryblend"
