@@ -76,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     source.add_argument("--needle-two-chunk-share", type=float, default=0.5)
     source.add_argument("--questions", type=int, help="examples to evaluate (default: all)")
+    source.add_argument(
+        "--offset",
+        type=int,
+        default=0,
+        help="skip this many examples first (e.g. a held-out slice to choose settings on)",
+    )
     source.add_argument("--passages", type=int, default=10, help="passages (chunks) per example")
     source.add_argument("--shuffle", action="store_true", help="draw examples in seeded order")
     sweep = parser.add_argument_group("sweep")
@@ -162,7 +168,12 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     order = list(range(len(examples)))
     if args.shuffle:
         random.Random(args.seed).shuffle(order)
+    order = order[args.offset :]
     order = order[: args.questions] if args.questions else order
+    if not order:
+        raise ExampleFormatError(
+            f"--offset {args.offset} leaves no example of the {len(examples)} loaded"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = out.with_suffix(".jsonl")

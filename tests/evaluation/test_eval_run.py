@@ -120,3 +120,14 @@ def test_a_corpus_in_the_service_with_a_questions_file(tmp_path: Path) -> None:
     summary = json.loads(out.with_suffix(".json").read_text())["summary"]
     assert summary["full_reuse"]["examples"] == 1
     assert summary["full_prefill"]["recomputed_tokens"] > 0
+
+
+def test_offset_selects_a_slice_and_keeps_absolute_example_indices(
+    data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    extra = ("--no-baseline", "--offset", "1", "--questions", "1")
+    assert _eval(data, out, "full_reuse", extra=extra) == 0
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert {row["example"] for row in rows} == {1}
+    assert _eval(data, out, "full_reuse", extra=("--offset", "3")) == 2  # nothing left
