@@ -92,8 +92,11 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 def pareto_plot(
     path: Path, summary: dict[str, dict[str, float]], title: str, metrics: tuple[str, ...]
 ) -> bool:
-    """Quality vs p50 TTFT, one point per setting, one panel per quality metric.
+    """Quality vs TTFT, one point per setting, one panel per quality metric.
 
+    TTFT is relative to full prefill's (the inverse of the paired speed-up) when every
+    setting has one, so settings added by a resumed run under other machine load sit
+    where their paired ratio puts them; otherwise it is the median in seconds.
     Returns False (and writes nothing) when matplotlib is not installed.
     """
     try:
@@ -105,10 +108,15 @@ def pareto_plot(
     except ImportError:
         return False
     labels = [k for k, row in summary.items() if not math.isnan(row.get("ttft_s", math.nan))]
+    relative = all(summary[k].get("speedup", 0) > 0 for k in labels)
+
+    def ttft(row: dict[str, float]) -> float:
+        return 1.0 / row["speedup"] if relative else row["ttft_s"]
+
     figure, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 5), squeeze=False)
     for axis, metric in zip(axes[0], metrics, strict=True):
         shown = [k for k in labels if not math.isnan(summary[k].get(metric, math.nan))]
-        points = [(summary[k]["ttft_s"], summary[k][metric]) for k in shown]
+        points = [(ttft(summary[k]), summary[k][metric]) for k in shown]
         front = pareto_front(points)
         axis.step(
             [points[i][0] for i in front],
@@ -131,7 +139,11 @@ def pareto_plot(
         axis.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         axis.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
         axis.xaxis.set_minor_formatter(ticker.NullFormatter())
-        axis.set_xlabel("TTFT, median over examples (s, log scale)")
+        axis.set_xlabel(
+            "TTFT / full prefill's, paired medians (log scale)"
+            if relative
+            else "TTFT, median over examples (s, log scale)"
+        )
         axis.set_ylabel(metric)
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(loc="lower right", fontsize=8)
