@@ -1,7 +1,8 @@
 """RagCache: the query pipeline as plain calls, usable without HTTP.
 
 retrieve -> chunk KV from the store (missing chunks computed, and stored unless
-service.kv_precompute is off) -> fuse -> engine. Model compute runs on the engine's
+service.kv_precompute is off; with service.overlap_kv the reads and the encoding run at
+the same time) -> fuse -> engine. Model compute runs on the engine's
 loop thread between decoding steps, never beside them.
 """
 
@@ -15,6 +16,7 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ from ragcache.blending.focus import CacheFocus, FocusParameterError
 from ragcache.blending.fuser import FusedRequest, FusionReport, fuse
 from ragcache.blending.methods import METHOD_NAMES, MethodParam, make_method
 from ragcache.chunk_cache import ChunkCache
+from ragcache.chunk_gather import GatheredKV, gather_overlapped, gather_sequential
 from ragcache.chunkstore.keys import KeyContext
 from ragcache.chunkstore.store import ChunkStore
 from ragcache.config import Config
@@ -200,6 +203,9 @@ class RagCache:
         store = ChunkStore(self.config.chunkstore, self.data_dir / "chunks")
         self.chunk_cache = ChunkCache(store, context, self.prompts.root_ids)
         self.async_engine = AsyncEngine(self.engine)
+        # Threads that wait on the engine thread's chunk encoding while a query reads its
+        # cached chunks (service.overlap_kv); shared by tenant and adapter views.
+        self._kv_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="ragcache-kv")
         self.adapter: AdapterInfo | None = None
         self.encoder: ChunkEncoder = self.async_engine.run_sync(self._new_encoder)
         precompute = self._precompute_kv if service.kv_precompute == "eager" else None
@@ -248,6 +254,7 @@ class RagCache:
     def close(self) -> None:
         assert isinstance(self.jobs, JobRunner), "close the parent service, not a tenant view"
         self.jobs.shutdown()
+        self._kv_pool.shutdown(wait=True)
         self.async_engine.shutdown()
         for view in [*self._views.values(), *self._adapter_views.values()]:
             view.chunk_cache.tree.close()
@@ -804,21 +811,26 @@ class RagCache:
             )
         usage = CacheUsage(method.name)
         spans: list[tuple[int, int]] = []
+        timings: dict[str, float | None] = {"cache_fetch": 0.0, "kv_compute": 0.0}
         if method.name == "full_prefill":
             context = layout.context_end - len(layout.root_ids)
             report = FusionReport(method.name, context, 0, context, 0.0, params)
             fused = FusedRequest(layout.prompt_ids, None, False, report)
-            fetched = computed = received
         else:
-            cached = self._fetch(chunks)
-            fetched = time.perf_counter()
+            gathered = self._gather(chunks)
+            cached = gathered.hits
+            timings["cache_fetch"] = gathered.fetch_s
+            timings["kv_compute"] = gathered.compute_s
             for source, hit, ids in zip(sources, cached, chunks, strict=True):
                 if hit is not None:
                     source.cache_tier = hit[1]
                     usage.tokens_by_tier[hit[1]] = usage.tokens_by_tier.get(hit[1], 0) + len(ids)
                 else:
                     usage.computed_tokens += len(ids)
-            fused, computed = self._fuse(layout, chunks, cached, method, params)
+            fused = self._fuse(layout, gathered.kvs, method, params)
+            if self.config.service.kv_precompute != "off":
+                for kv in gathered.computed:
+                    self.chunk_cache.put(kv)
             start = len(layout.root_ids)
             for index in fused.report.chunk_order:
                 end = start + len(chunks[index])
@@ -831,11 +843,7 @@ class RagCache:
         usage.recomputed_tokens = fused.report.recomputed_tokens
         usage.pruned_chunks = len(fused.report.pruned_chunks)
         usage.pruned_tokens = fused.report.pruned_tokens
-        timings: dict[str, float | None] = {
-            "cache_fetch": fetched - received,
-            "kv_compute": computed - fetched,
-            "fusion": fused.report.prepare_s,
-        }
+        timings["fusion"] = fused.report.prepare_s
         return PreparedQuery(
             fused.prompt_ids,
             fused,
@@ -848,39 +856,42 @@ class RagCache:
             length_param,
         )
 
-    def _fetch(self, chunks: list[list[int]]) -> list[tuple[ChunkKV, str] | None]:
+    def _gather(self, chunks: list[list[int]]) -> GatheredKV:
+        """Every chunk's KV: cached copies read, missing chunks encoded, at the same time
+        when service.overlap_kv is on."""
         if self.config.service.kv_precompute == "off":
-            return [None] * len(chunks)
-        found: list[tuple[ChunkKV, str] | None] = []
-        for ids in chunks:
-            cached = self.chunk_cache.fetch(ids)
-            found.append(None if cached.kv is None else (cached.kv, cached.tier or "?"))
-        return found
+            return gather_sequential(chunks, lambda ids: None, self._encode)
+        if self.config.service.overlap_kv:
+            return gather_overlapped(
+                chunks, self.chunk_cache.contains, self._fetch_one, self._encode, self._kv_pool
+            )
+        return gather_sequential(chunks, self._fetch_one, self._encode)
+
+    def _fetch_one(self, ids: list[int]) -> tuple[ChunkKV, str] | None:
+        cached = self.chunk_cache.fetch(ids)
+        return None if cached.kv is None else (cached.kv, cached.tier or "?")
+
+    def _encode(self, chunks: list[list[int]]) -> list[ChunkKV]:
+        """KV of chunks computed after the root prompt, in one call on the engine thread."""
+
+        def encode(engine: Engine) -> list[ChunkKV]:
+            with self._adapter_scope(engine):
+                return self.encoder.encode(chunks)
+
+        return self.async_engine.run_sync(encode)
 
     def _fuse(
         self,
         layout: PromptLayout,
-        chunks: list[list[int]],
-        cached: list[tuple[ChunkKV, str] | None],
+        kvs: list[ChunkKV],
         method: Any,
         params: dict[str, MethodParam],
-    ) -> tuple[FusedRequest, float]:
-        missing = [ids for ids, hit in zip(chunks, cached, strict=True) if hit is None]
-        times: list[float] = []
-
-        def compute_and_fuse(engine: Engine) -> tuple[list[ChunkKV], FusedRequest]:
+    ) -> FusedRequest:
+        def place_and_repair(engine: Engine) -> FusedRequest:
             with self._adapter_scope(engine):
-                new = self.encoder.encode(missing) if missing else []
-                times.append(time.perf_counter())
-                it = iter(new)
-                kvs = [next(it) if hit is None else hit[0] for hit in cached]
-                return new, fuse(engine.model, layout, self.encoder.root, kvs, method, params)
+                return fuse(engine.model, layout, self.encoder.root, kvs, method, params)
 
-        new, fused = self.async_engine.run_sync(compute_and_fuse)
-        if self.config.service.kv_precompute != "off":
-            for kv in new:
-                self.chunk_cache.put(kv)
-        return fused, times[0]
+        return self.async_engine.run_sync(place_and_repair)
 
     # ---- cache -------------------------------------------------------------------------
 

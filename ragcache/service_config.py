@@ -22,6 +22,13 @@ class ServiceConfig:
         default=2048,
         metadata={"help": "tokens per chunk-KV encoding call; queries run between calls"},
     )
+    overlap_kv: bool = field(
+        default=True,
+        metadata={
+            "help": "encode a query's missing chunks on the engine while its cached chunks "
+            "are read from their tiers (false: read all, then encode)"
+        },
+    )
     system_prompt: str = field(
         default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "system prompt of every RAG query"}
     )
