@@ -50,6 +50,7 @@ from ragcache.ingest import (
     read_sources,
 )
 from ragcache.jobs import Job, JobRunner
+from ragcache.model_calls import ModelCallQueue, QueryCost
 from ragcache.prompt import PromptBuilder, PromptLayout
 from ragcache.query_result import CacheUsage, QueryResult, SourceChunk
 from ragcache.retriever.chunker import Chunker
@@ -206,6 +207,12 @@ class RagCache:
         # Threads that wait on the engine thread's chunk encoding while a query reads its
         # cached chunks (service.overlap_kv); shared by tenant and adapter views.
         self._kv_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="ragcache-kv")
+        engine_config = self.engine.config
+        self.model_calls = ModelCallQueue(
+            self.async_engine,
+            engine_config.scheduling_policy == "cache_aware",
+            engine_config.starvation_s,
+        )
         self.adapter: AdapterInfo | None = None
         self.encoder: ChunkEncoder = self.async_engine.run_sync(self._new_encoder)
         precompute = self._precompute_kv if service.kv_precompute == "eager" else None
@@ -255,6 +262,7 @@ class RagCache:
         assert isinstance(self.jobs, JobRunner), "close the parent service, not a tenant view"
         self.jobs.shutdown()
         self._kv_pool.shutdown(wait=True)
+        self.model_calls.close()
         self.async_engine.shutdown()
         for view in [*self._views.values(), *self._adapter_views.values()]:
             view.chunk_cache.tree.close()
@@ -817,7 +825,8 @@ class RagCache:
             report = FusionReport(method.name, context, 0, context, 0.0, params)
             fused = FusedRequest(layout.prompt_ids, None, False, report)
         else:
-            gathered = self._gather(chunks)
+            cost = self._query_cost(chunks, layout, received)
+            gathered = self._gather(chunks, cost)
             cached = gathered.hits
             timings["cache_fetch"] = gathered.fetch_s
             timings["kv_compute"] = gathered.compute_s
@@ -827,7 +836,7 @@ class RagCache:
                     usage.tokens_by_tier[hit[1]] = usage.tokens_by_tier.get(hit[1], 0) + len(ids)
                 else:
                     usage.computed_tokens += len(ids)
-            fused = self._fuse(layout, gathered.kvs, method, params)
+            fused = self._fuse(layout, gathered.kvs, method, params, cost)
             if self.config.service.kv_precompute != "off":
                 for kv in gathered.computed:
                     self.chunk_cache.put(kv)
@@ -856,29 +865,56 @@ class RagCache:
             length_param,
         )
 
-    def _gather(self, chunks: list[list[int]]) -> GatheredKV:
+    def _query_cost(
+        self, chunks: list[list[int]], layout: PromptLayout, received: float
+    ) -> QueryCost:
+        """Tokens whose KV is cached and tokens to compute: the order of its model calls."""
+        cached = 0
+        if self.config.service.kv_precompute != "off":
+            cached = sum(len(ids) for ids in chunks if self.chunk_cache.contains(ids))
+        missing = sum(map(len, chunks)) - cached
+        return QueryCost(len(layout.root_ids) + cached, missing + len(layout.query_ids), received)
+
+    def _gather(self, chunks: list[list[int]], cost: QueryCost) -> GatheredKV:
         """Every chunk's KV: cached copies read, missing chunks encoded, at the same time
         when service.overlap_kv is on."""
+
+        def encode(missing: list[list[int]]) -> list[ChunkKV]:
+            return self._encode(missing, cost)
+
         if self.config.service.kv_precompute == "off":
-            return gather_sequential(chunks, lambda ids: None, self._encode)
+            return gather_sequential(chunks, lambda ids: None, encode)
         if self.config.service.overlap_kv:
             return gather_overlapped(
-                chunks, self.chunk_cache.contains, self._fetch_one, self._encode, self._kv_pool
+                chunks, self.chunk_cache.contains, self._fetch_one, encode, self._kv_pool
             )
-        return gather_sequential(chunks, self._fetch_one, self._encode)
+        return gather_sequential(chunks, self._fetch_one, encode)
 
     def _fetch_one(self, ids: list[int]) -> tuple[ChunkKV, str] | None:
         cached = self.chunk_cache.fetch(ids)
         return None if cached.kv is None else (cached.kv, cached.tier or "?")
 
-    def _encode(self, chunks: list[list[int]]) -> list[ChunkKV]:
-        """KV of chunks computed after the root prompt, in one call on the engine thread."""
+    def _encode(self, chunks: list[list[int]], cost: QueryCost) -> list[ChunkKV]:
+        """KV of chunks computed after the root prompt on the engine thread, in calls of at
+        most service.kv_batch_tokens tokens so that other queries' calls fit between."""
+        budget = self.config.service.kv_batch_tokens
+        out: list[ChunkKV] = []
+        done = 0
+        while done < len(chunks):
+            batch, tokens = [], 0
+            for ids in chunks[done:]:
+                if batch and tokens + len(ids) > budget:
+                    break
+                batch.append(ids)
+                tokens += len(ids)
 
-        def encode(engine: Engine) -> list[ChunkKV]:
-            with self._adapter_scope(engine):
-                return self.encoder.encode(chunks)
+            def encode(engine: Engine, batch: list[list[int]] = batch) -> list[ChunkKV]:
+                with self._adapter_scope(engine):
+                    return self.encoder.encode(batch)
 
-        return self.async_engine.run_sync(encode)
+            out.extend(self.model_calls.run(encode, cost))
+            done += len(batch)
+        return out
 
     def _fuse(
         self,
@@ -886,12 +922,13 @@ class RagCache:
         kvs: list[ChunkKV],
         method: Any,
         params: dict[str, MethodParam],
+        cost: QueryCost,
     ) -> FusedRequest:
         def place_and_repair(engine: Engine) -> FusedRequest:
             with self._adapter_scope(engine):
                 return fuse(engine.model, layout, self.encoder.root, kvs, method, params)
 
-        return self.async_engine.run_sync(place_and_repair)
+        return self.model_calls.run(place_and_repair, cost)
 
     # ---- cache -------------------------------------------------------------------------
 

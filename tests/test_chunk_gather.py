@@ -11,6 +11,7 @@ import torch
 
 from ragcache.chunk_gather import gather_overlapped, gather_sequential
 from ragcache.engine.sampling_params import SamplingParams
+from ragcache.model_calls import QueryCost
 from ragcache.service import RagCache
 from tests.service_helpers import SAMPLES, minilm, tiny_config, tiny_loaded
 
@@ -46,6 +47,10 @@ def retrieved_chunks(rag: RagCache, k: int) -> list[list[int]]:
     """The chunk token ids a corpus query over ``k`` chunks puts in its prompt."""
     _, records = rag._retrieve(QUESTION, rag._stored_name("docs"), k)
     return [record.token_ids + rag.prompts.separator_ids for record in records]
+
+
+def encode_now(rag: RagCache):
+    return lambda missing: rag._encode(missing, QueryCost(0, 1))
 
 
 def kv_equal(a: list, b: list) -> bool:
@@ -96,9 +101,9 @@ def test_a_chunk_evicted_between_lookup_and_read_is_encoded_after(
             return rag._fetch_one(ids)
 
         gathered = gather_overlapped(
-            chunks, rag.chunk_cache.contains, read_after_eviction, rag._encode, rag._kv_pool
+            chunks, rag.chunk_cache.contains, read_after_eviction, encode_now(rag), rag._kv_pool
         )
-        reference = gather_sequential(chunks, rag._fetch_one, rag._encode)
+        reference = gather_sequential(chunks, rag._fetch_one, encode_now(rag))
         assert [hit is None for hit in gathered.hits].count(True) == 3
         assert [kv.token_ids for kv in gathered.kvs] == chunks
         assert [kv.token_ids for kv in gathered.computed] == [
@@ -120,7 +125,7 @@ def test_a_failed_read_waits_for_the_encoding_and_raises(half_cached: Path, tmp_
         encoded: list[int] = []
 
         def encode(missing: list[list[int]]):
-            out = rag._encode(missing)
+            out = encode_now(rag)(missing)
             encoded.append(len(out))
             return out
 
