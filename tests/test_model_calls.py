@@ -1,18 +1,24 @@
 """The service's model calls wait for the engine thread in cache-aware order, with a
-waiting bound; fcfs keeps arrival order (a real engine thread on a tiny model)."""
+waiting bound; fcfs keeps arrival order; answers never depend on the order (a real
+engine thread, faiss index and LMDB on a tiny model)."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from ragcache.engine.async_engine import AsyncEngine
 from ragcache.engine.config import EngineConfig
 from ragcache.engine.engine import Engine
+from ragcache.engine.sampling_params import SamplingParams
 from ragcache.model_calls import ModelCallQueue, QueryCost
-from tests.service_helpers import tiny_loaded
+from ragcache.query_result import QueryResult
+from ragcache.service import RagCache
+from tests.service_helpers import SAMPLES, minilm, tiny_config, tiny_loaded
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +105,38 @@ def test_errors_reach_the_caller_and_close_refuses_new_calls(async_engine: Async
         queue.run(lambda engine: None, QueryCost(0, 1))
     with pytest.raises(ValueError, match="starvation_s=-1"):
         ModelCallQueue(async_engine, cache_aware=True, starvation_s=-1.0)
+
+
+QUESTIONS = [
+    "What did Lincoln say at Gettysburg about the nation?",
+    "Which truths are held to be self-evident?",
+    "Was it the best of times or the worst of times?",
+    "Is a single man in possession of a good fortune in want of a wife?",
+]
+
+
+def test_a_burst_of_warm_and_cold_queries_answers_the_same_under_both_policies(
+    tmp_path: Path,
+) -> None:
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    answers: dict[str, list[str]] = {}
+    for policy in ("fcfs", "cache_aware"):
+        config = tiny_config(tmp_path / policy)
+        config.service.kv_precompute = "lazy"
+        config.engine.scheduling_policy = policy
+        with RagCache(config=config, loaded=tiny_loaded(), embedder=minilm()) as rag:
+            rag.create_corpus("docs")
+            rag.ingest([SAMPLES], "docs")
+            rag.query(QUESTIONS[0], "docs", sampling=greedy)  # its chunks are now cached
+
+            async def burst(rag: RagCache = rag) -> list[QueryResult]:
+                queries = [rag.aquery(q, "docs", sampling=greedy) for q in QUESTIONS * 2]
+                return list(await asyncio.gather(*queries))
+
+            results = asyncio.run(burst())
+            answers[policy] = [result.answer for result in results]
+            assert results[0].cache.computed_tokens == 0
+            manager = rag.engine.block_manager
+            assert manager.num_free_blocks == manager.num_blocks
+            assert rag.model_calls.num_waiting == 0
+    assert answers["cache_aware"] == answers["fcfs"]
