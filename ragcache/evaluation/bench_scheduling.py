@@ -5,10 +5,10 @@ tier and half missing, with service.overlap_kv off and on (each run on a fresh c
 the same data directory, so both start from the same cache state), and where the time
 goes (retrieval, chunk reads, chunk encoding, fusion, engine prefill).
 
-Order: a burst of warm queries (every chunk cached in host memory) and cold queries
+Order: a burst of warm queries (every chunk cached on the LMDB tier) and cold queries
 (no chunk cached) sent at fixed gaps into one service, under engine.scheduling_policy
-fcfs and cache_aware (which orders both the service's model calls and the engine's
-waiting queue); client-side time to first token per query.
+fcfs and cache_aware at each waiting bound (cache_aware orders both the service's model
+calls and the engine's waiting queue); client-side time to first token per query.
 """
 
 from __future__ import annotations
@@ -51,14 +51,24 @@ def write_corpus(data: Path, questions: int, folder: Path) -> list[str]:
 
 
 def open_service(
-    data_dir: Path, loaded: LoadedModel, embedder: Embedder, overlap: bool, policy: str
+    data_dir: Path,
+    loaded: LoadedModel,
+    embedder: Embedder,
+    overlap: bool,
+    policy: str,
+    starvation_s: float = 2.0,
 ) -> RagCache:
     config = Config()
     config.data_dir = str(data_dir)
     config.service.kv_precompute = "lazy"
     config.service.overlap_kv = overlap
     config.engine.scheduling_policy = policy
+    config.engine.starvation_s = starvation_s
     return RagCache(config=config, loaded=loaded, embedder=embedder)
+
+
+def arm_name(bound: float | None) -> str:
+    return "fcfs" if bound is None else f"cache_aware, bound {bound:g} s"
 
 
 def median_mean(values: list[float]) -> dict[str, float]:
@@ -99,6 +109,7 @@ def overlap_runs(
                         }
                     )
             shutil.rmtree(copy)
+    shutil.rmtree(half)
     summary: dict[str, Any] = {}
     for mode, rows in runs.items():
         summary[mode] = {
@@ -169,39 +180,49 @@ def order_runs(
         if cold_left:
             plan.append(("cold", cold_left.pop(0)))
         plan.extend(("warm", warm_left.pop(0)) for _ in range(2) if warm_left)
-    runs: dict[str, list[dict[str, Any]]] = {"fcfs": [], "cache_aware": []}
-    one_token = SamplingParams(max_tokens=1)
+    warmed = work / "warm-cached"
+    shutil.copytree(base, warmed)
+    with open_service(warmed, loaded, embedder, True, "fcfs") as rag:
+        for question in warm:
+            rag.query(question, "bench", k=args.k, sampling=SamplingParams(max_tokens=1))
+    arms: list[float | None] = [None, *args.bounds]
+    runs: dict[str, list[dict[str, Any]]] = {arm_name(arm): [] for arm in arms}
     with ThreadPoolExecutor(max_workers=len(plan)) as pool:
         for repeat in range(args.repeats):
-            policies = ("fcfs", "cache_aware") if repeat % 2 == 0 else ("cache_aware", "fcfs")
-            for policy in policies:
-                copy = work / f"order-{policy}-{repeat}"
-                shutil.copytree(base, copy)
-                with open_service(copy, loaded, embedder, True, policy) as rag:
-                    for question in warm:
-                        rag.query(question, "bench", k=args.k, sampling=one_token)
-                    runs[policy].extend(
+            shift = repeat % len(arms)
+            for arm in arms[shift:] + arms[:shift]:
+                copy = work / f"order-{repeat}"
+                shutil.copytree(warmed, copy)
+                policy = "fcfs" if arm is None else "cache_aware"
+                bound = 2.0 if arm is None else arm
+                with open_service(copy, loaded, embedder, True, policy, bound) as rag:
+                    runs[arm_name(arm)].extend(
                         asyncio.run(burst(rag, plan, args.gap, args.k, args.max_tokens, pool))
                     )
                 shutil.rmtree(copy)
+    shutil.rmtree(warmed)
     summary: dict[str, Any] = {}
-    for policy, rows in runs.items():
-        summary[policy] = {
+    for name, rows in runs.items():
+        summary[name] = {
             kind: median_mean([r["ttft"] for r in rows if kind in ("all", r["kind"])])
             for kind in ("all", "warm", "cold")
         }
-    identical = sum(
-        a["tokens"] == b["tokens"] for a, b in zip(runs["fcfs"], runs["cache_aware"], strict=True)
-    )
+    fcfs = runs["fcfs"]
     return {
         "plan": [kind for kind, _ in plan],
         "gap_s": args.gap,
-        "queries_per_policy": len(runs["fcfs"]),
-        "identical_answers": identical,
+        "queries_per_arm": len(fcfs),
+        "identical_answers_to_fcfs": {
+            name: sum(a["tokens"] == b["tokens"] for a, b in zip(fcfs, rows, strict=True))
+            for name, rows in runs.items()
+        },
         "summary": summary,
-        "ttft_fcfs_over_cache_aware": {
-            key: summary["fcfs"]["all"][key] / summary["cache_aware"]["all"][key]
-            for key in ("mean", "p50")
+        "ttft_fcfs_over_arm": {
+            name: {
+                key: summary["fcfs"]["all"][key] / summary[name]["all"][key]
+                for key in ("mean", "p50")
+            }
+            for name in runs
         },
         "runs": runs,
     }
@@ -262,19 +283,20 @@ def table_lines(report: dict[str, Any]) -> list[str]:
     for mode in ("off", "on"):
         cells = " | ".join(f"{overlap[mode][s]['mean'] * 1000:.0f}" for s in STAGES)
         lines.append(f"| {mode} | {cells} | {overlap[mode]['ttft']['p50'] * 1000:.0f} |")
-    order = report["order"]["summary"]
+    order = report["order"]
     lines += [
         "",
         "| policy | TTFT mean, all (ms) | TTFT p50, all (ms) | warm mean (ms) | warm p50 (ms) "
-        "| cold mean (ms) | cold p50 (ms) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| cold mean (ms) | cold p50 (ms) | mean fcfs/this | identical to fcfs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for policy in ("fcfs", "cache_aware"):
-        row = order[policy]
+    for name, row in order["summary"].items():
         lines.append(
-            f"| {policy} | {row['all']['mean'] * 1000:.0f} | {row['all']['p50'] * 1000:.0f} "
+            f"| {name} | {row['all']['mean'] * 1000:.0f} | {row['all']['p50'] * 1000:.0f} "
             f"| {row['warm']['mean'] * 1000:.0f} | {row['warm']['p50'] * 1000:.0f} "
-            f"| {row['cold']['mean'] * 1000:.0f} | {row['cold']['p50'] * 1000:.0f} |"
+            f"| {row['cold']['mean'] * 1000:.0f} | {row['cold']['p50'] * 1000:.0f} "
+            f"| {order['ttft_fcfs_over_arm'][name]['mean']:.2f}x "
+            f"| {order['identical_answers_to_fcfs'][name]}/{order['queries_per_arm']} |"
         )
     return lines
 
@@ -284,7 +306,7 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
     path.write_text(json.dumps(report, indent=2) + "\n")
     settings, overlap, order = report["settings"], report["overlap"], report["order"]
     state = overlap["example_cache_state"]
-    ratio_o, ratio_s = overlap["ttft_off_over_on"], order["ttft_fcfs_over_cache_aware"]
+    ratio_o = overlap["ttft_off_over_on"]
     machine = report["machine"]
     markdown = [
         "# Scheduling: overlapped chunk KV and cache-aware order",
@@ -313,15 +335,14 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
         "",
         "## Order: warm and cold queries in one burst",
         "",
-        f"Send order {' '.join(order['plan'])}, {order['gap_s']} s apart; warm: every chunk "
-        "cached in host memory (asked once before), cold: no chunk cached. Client-side TTFT "
-        f"(sending to first token), {order['queries_per_policy']} queries per policy.",
+        f"Send order {' '.join(order['plan'])}, {order['gap_s']} s apart, into a service "
+        "just started; warm: every chunk cached (on the LMDB tier: asked once in an earlier "
+        "run on the same data directory), cold: no chunk cached. Client-side TTFT "
+        f"(sending to first token), {order['queries_per_arm']} queries per policy. The "
+        "bound is engine.starvation_s: a query waiting longer goes before all that have "
+        "waited less.",
         "",
         *table_lines(report)[5:],
-        "",
-        f"TTFT fcfs/cache_aware over all queries: {ratio_s['mean']:.2f}x mean, "
-        f"{ratio_s['p50']:.2f}x p50; identical answers {order['identical_answers']}/"
-        f"{order['queries_per_policy']}.",
         "",
     ]
     path.with_suffix(".md").write_text("\n".join(markdown))
@@ -333,9 +354,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=MUSIQUE, help="MuSiQue JSON file")
     parser.add_argument("--model", default="smollm2", help="smollm2 or a local HF folder")
     parser.add_argument("--questions", type=int, default=6, help="overlap: questions asked")
-    parser.add_argument("--warm", type=int, default=8, help="order: warm queries per burst")
-    parser.add_argument("--cold", type=int, default=4, help="order: cold queries per burst")
+    parser.add_argument("--warm", type=int, default=6, help="order: warm queries per burst")
+    parser.add_argument("--cold", type=int, default=3, help="order: cold queries per burst")
     parser.add_argument("--gap", type=float, default=0.25, help="order: seconds between sends")
+    parser.add_argument(
+        "--bounds",
+        type=lambda text: [float(b) for b in text.split(",") if b],
+        default=[2.0, 10.0],
+        help="order: cache_aware waiting bounds to run (seconds, comma-separated)",
+    )
     parser.add_argument("--k", type=int, default=4, help="chunks per query (even)")
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2, help="runs per mode, alternating")

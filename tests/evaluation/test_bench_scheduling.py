@@ -26,7 +26,7 @@ def test_benchmark_writes_both_comparisons(tmp_path: Path) -> None:
     assert overlap["example_cache_state"]["computed_tokens"] > 0
     assert overlap["example_cache_state"]["tokens_by_tier"].get("disk", 0) > 0
     assert order["plan"] == ["cold", "warm", "warm"]
-    assert order["queries_per_policy"] == 3
-    assert set(order["summary"]) == {"fcfs", "cache_aware"}
+    assert order["queries_per_arm"] == 3
+    assert set(order["summary"]) == {"fcfs", "cache_aware, bound 2 s", "cache_aware, bound 10 s"}
     markdown = out.with_suffix(".md").read_text()
-    assert report["command"] in markdown and "| cache_aware |" in markdown
+    assert report["command"] in markdown and "| cache_aware, bound 10 s |" in markdown
