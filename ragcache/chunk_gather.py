@@ -59,11 +59,14 @@ def gather_overlapped(
     missing = [ids for ids, known in zip(chunks, cached, strict=True) if not known]
     encoding = pool.submit(_timed, encode, missing) if missing else None
     try:
-        hits = [fetch(ids) if known else None for ids, known in zip(chunks, cached, strict=True)]
+        # The missing chunks are looked up too, so the store counts their misses as the
+        # sequential path does; a copy that appeared meanwhile is left for the encoded one.
+        found = [fetch(ids) for ids in chunks]
     except BaseException:
         if encoding is not None:
             wait([encoding])  # the engine call ends before the error goes up
         raise
+    hits = [hit if known else None for hit, known in zip(found, cached, strict=True)]
     fetched = time.perf_counter()
     first, compute_s = encoding.result() if encoding is not None else ([], 0.0)
     gone = [
