@@ -2,8 +2,8 @@
 
 retrieve -> chunk KV from the store (missing chunks computed, and stored unless
 service.kv_precompute is off; with service.overlap_kv the reads and the encoding run at
-the same time) -> fuse -> engine. Model compute runs on the engine's
-loop thread between decoding steps, never beside them.
+the same time) -> fuse -> engine. Model compute runs on the engine's loop thread between
+decoding steps, never beside them, in the order ModelCallQueue gives the waiting calls.
 """
 
 from __future__ import annotations

@@ -20,7 +20,10 @@ class ServiceConfig:
     )
     kv_batch_tokens: int = field(
         default=2048,
-        metadata={"help": "tokens per chunk-KV encoding call; queries run between calls"},
+        metadata={
+            "help": "tokens per chunk-KV encoding call (at ingest and for a query's missing "
+            "chunks); other queries' model calls run between calls"
+        },
     )
     overlap_kv: bool = field(
         default=True,
