@@ -2,9 +2,9 @@
 
 Reading a chunk from a slower tier (LMDB: read, checksum, decode) and encoding a missing
 chunk on the engine thread need different resources. With overlap on they run at the
-same time: as soon as retrieval has named the chunks, one engine call encodes every
-missing chunk (the same call, on the same chunks in the same order, as the sequential
-path makes) while this thread reads the cached ones. The KV is identical either way;
+same time: as soon as retrieval has named the chunks, the engine encodes every missing
+chunk (the same calls, on the same chunks in the same order, as the sequential path
+makes) while this thread reads the cached ones. The KV is identical either way;
 only the waiting differs. A chunk that was cached when looked up but gone when read
 (evicted in between) is encoded afterwards, as the sequential path would.
 """
