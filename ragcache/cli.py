@@ -210,6 +210,7 @@ BENCHMARKS = {
     "tiers": "ragcache.chunkstore.bench_tiers",
     "recall": "ragcache.retriever.bench_recall",
     "serve": "ragcache.evaluation.bench_serve",
+    "scheduling": "ragcache.evaluation.bench_scheduling",
     "lora": "ragcache.engine.bench_lora",
 }
 

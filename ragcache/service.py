@@ -1,8 +1,9 @@
 """RagCache: the query pipeline as plain calls, usable without HTTP.
 
 retrieve -> chunk KV from the store (missing chunks computed, and stored unless
-service.kv_precompute is off) -> fuse -> engine. Model compute runs on the engine's
-loop thread between decoding steps, never beside them.
+service.kv_precompute is off; with service.overlap_kv the reads and the encoding run at
+the same time) -> fuse -> engine. Model compute runs on the engine's loop thread between
+decoding steps, never beside them, in the order ModelCallQueue gives the waiting calls.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ from ragcache.blending.focus import CacheFocus, FocusParameterError
 from ragcache.blending.fuser import FusedRequest, FusionReport, fuse
 from ragcache.blending.methods import METHOD_NAMES, MethodParam, make_method
 from ragcache.chunk_cache import ChunkCache
+from ragcache.chunk_gather import GatheredKV, gather_overlapped, gather_sequential
 from ragcache.chunkstore.keys import KeyContext
 from ragcache.chunkstore.store import ChunkStore
 from ragcache.config import Config
@@ -47,6 +50,7 @@ from ragcache.ingest import (
     read_sources,
 )
 from ragcache.jobs import Job, JobRunner
+from ragcache.model_calls import ModelCallQueue, QueryCost
 from ragcache.prompt import PromptBuilder, PromptLayout
 from ragcache.query_result import CacheUsage, QueryResult, SourceChunk
 from ragcache.retriever.chunker import Chunker
@@ -200,6 +204,15 @@ class RagCache:
         store = ChunkStore(self.config.chunkstore, self.data_dir / "chunks")
         self.chunk_cache = ChunkCache(store, context, self.prompts.root_ids)
         self.async_engine = AsyncEngine(self.engine)
+        # Threads that wait on the engine thread's chunk encoding while a query reads its
+        # cached chunks (service.overlap_kv); shared by tenant and adapter views.
+        self._kv_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="ragcache-kv")
+        engine_config = self.engine.config
+        self.model_calls = ModelCallQueue(
+            self.async_engine,
+            engine_config.scheduling_policy == "cache_aware",
+            engine_config.starvation_s,
+        )
         self.adapter: AdapterInfo | None = None
         self.encoder: ChunkEncoder = self.async_engine.run_sync(self._new_encoder)
         precompute = self._precompute_kv if service.kv_precompute == "eager" else None
@@ -248,6 +261,8 @@ class RagCache:
     def close(self) -> None:
         assert isinstance(self.jobs, JobRunner), "close the parent service, not a tenant view"
         self.jobs.shutdown()
+        self._kv_pool.shutdown(wait=True)
+        self.model_calls.close()
         self.async_engine.shutdown()
         for view in [*self._views.values(), *self._adapter_views.values()]:
             view.chunk_cache.tree.close()
@@ -804,21 +819,27 @@ class RagCache:
             )
         usage = CacheUsage(method.name)
         spans: list[tuple[int, int]] = []
+        timings: dict[str, float | None] = {"cache_fetch": 0.0, "kv_compute": 0.0}
         if method.name == "full_prefill":
             context = layout.context_end - len(layout.root_ids)
             report = FusionReport(method.name, context, 0, context, 0.0, params)
             fused = FusedRequest(layout.prompt_ids, None, False, report)
-            fetched = computed = received
         else:
-            cached = self._fetch(chunks)
-            fetched = time.perf_counter()
+            cost = self._query_cost(chunks, layout, received)
+            gathered = self._gather(chunks, cost)
+            cached = gathered.hits
+            timings["cache_fetch"] = gathered.fetch_s
+            timings["kv_compute"] = gathered.compute_s
             for source, hit, ids in zip(sources, cached, chunks, strict=True):
                 if hit is not None:
                     source.cache_tier = hit[1]
                     usage.tokens_by_tier[hit[1]] = usage.tokens_by_tier.get(hit[1], 0) + len(ids)
                 else:
                     usage.computed_tokens += len(ids)
-            fused, computed = self._fuse(layout, chunks, cached, method, params)
+            fused = self._fuse(layout, gathered.kvs, method, params, cost)
+            if self.config.service.kv_precompute != "off":
+                for kv in gathered.computed:
+                    self.chunk_cache.put(kv)
             start = len(layout.root_ids)
             for index in fused.report.chunk_order:
                 end = start + len(chunks[index])
@@ -831,11 +852,7 @@ class RagCache:
         usage.recomputed_tokens = fused.report.recomputed_tokens
         usage.pruned_chunks = len(fused.report.pruned_chunks)
         usage.pruned_tokens = fused.report.pruned_tokens
-        timings: dict[str, float | None] = {
-            "cache_fetch": fetched - received,
-            "kv_compute": computed - fetched,
-            "fusion": fused.report.prepare_s,
-        }
+        timings["fusion"] = fused.report.prepare_s
         return PreparedQuery(
             fused.prompt_ids,
             fused,
@@ -848,39 +865,70 @@ class RagCache:
             length_param,
         )
 
-    def _fetch(self, chunks: list[list[int]]) -> list[tuple[ChunkKV, str] | None]:
+    def _query_cost(
+        self, chunks: list[list[int]], layout: PromptLayout, received: float
+    ) -> QueryCost:
+        """Tokens whose KV is cached and tokens to compute: the order of its model calls."""
+        cached = 0
+        if self.config.service.kv_precompute != "off":
+            cached = sum(len(ids) for ids in chunks if self.chunk_cache.contains(ids))
+        missing = sum(map(len, chunks)) - cached
+        return QueryCost(len(layout.root_ids) + cached, missing + len(layout.query_ids), received)
+
+    def _gather(self, chunks: list[list[int]], cost: QueryCost) -> GatheredKV:
+        """Every chunk's KV: cached copies read, missing chunks encoded, at the same time
+        when service.overlap_kv is on."""
+
+        def encode(missing: list[list[int]]) -> list[ChunkKV]:
+            return self._encode(missing, cost)
+
         if self.config.service.kv_precompute == "off":
-            return [None] * len(chunks)
-        found: list[tuple[ChunkKV, str] | None] = []
-        for ids in chunks:
-            cached = self.chunk_cache.fetch(ids)
-            found.append(None if cached.kv is None else (cached.kv, cached.tier or "?"))
-        return found
+            return gather_sequential(chunks, lambda ids: None, encode)
+        if self.config.service.overlap_kv:
+            return gather_overlapped(
+                chunks, self.chunk_cache.contains, self._fetch_one, encode, self._kv_pool
+            )
+        return gather_sequential(chunks, self._fetch_one, encode)
+
+    def _fetch_one(self, ids: list[int]) -> tuple[ChunkKV, str] | None:
+        cached = self.chunk_cache.fetch(ids)
+        return None if cached.kv is None else (cached.kv, cached.tier or "?")
+
+    def _encode(self, chunks: list[list[int]], cost: QueryCost) -> list[ChunkKV]:
+        """KV of chunks computed after the root prompt on the engine thread, in calls of at
+        most service.kv_batch_tokens tokens so that other queries' calls fit between."""
+        budget = self.config.service.kv_batch_tokens
+        out: list[ChunkKV] = []
+        done = 0
+        while done < len(chunks):
+            batch, tokens = [], 0
+            for ids in chunks[done:]:
+                if batch and tokens + len(ids) > budget:
+                    break
+                batch.append(ids)
+                tokens += len(ids)
+
+            def encode(engine: Engine, batch: list[list[int]] = batch) -> list[ChunkKV]:
+                with self._adapter_scope(engine):
+                    return self.encoder.encode(batch)
+
+            out.extend(self.model_calls.run(encode, cost))
+            done += len(batch)
+        return out
 
     def _fuse(
         self,
         layout: PromptLayout,
-        chunks: list[list[int]],
-        cached: list[tuple[ChunkKV, str] | None],
+        kvs: list[ChunkKV],
         method: Any,
         params: dict[str, MethodParam],
-    ) -> tuple[FusedRequest, float]:
-        missing = [ids for ids, hit in zip(chunks, cached, strict=True) if hit is None]
-        times: list[float] = []
-
-        def compute_and_fuse(engine: Engine) -> tuple[list[ChunkKV], FusedRequest]:
+        cost: QueryCost,
+    ) -> FusedRequest:
+        def place_and_repair(engine: Engine) -> FusedRequest:
             with self._adapter_scope(engine):
-                new = self.encoder.encode(missing) if missing else []
-                times.append(time.perf_counter())
-                it = iter(new)
-                kvs = [next(it) if hit is None else hit[0] for hit in cached]
-                return new, fuse(engine.model, layout, self.encoder.root, kvs, method, params)
+                return fuse(engine.model, layout, self.encoder.root, kvs, method, params)
 
-        new, fused = self.async_engine.run_sync(compute_and_fuse)
-        if self.config.service.kv_precompute != "off":
-            for kv in new:
-                self.chunk_cache.put(kv)
-        return fused, times[0]
+        return self.model_calls.run(place_and_repair, cost)
 
     # ---- cache -------------------------------------------------------------------------
 

@@ -20,7 +20,18 @@ class ServiceConfig:
     )
     kv_batch_tokens: int = field(
         default=2048,
-        metadata={"help": "tokens per chunk-KV encoding call; queries run between calls"},
+        metadata={
+            "help": "tokens per chunk-KV encoding call (at ingest and for a query's missing "
+            "chunks); other queries' model calls run between calls"
+        },
+    )
+    overlap_kv: bool = field(
+        default=False,
+        metadata={
+            "help": "encode a query's missing chunks on the engine while its cached chunks "
+            "are read from their tiers (false: read all, then encode); pays where encoding "
+            "is about as fast as an LMDB read, as on a GPU"
+        },
     )
     system_prompt: str = field(
         default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "system prompt of every RAG query"}

@@ -91,6 +91,13 @@ class EngineConfig:
             "(most reused KV per computed token first, with a waiting bound)"
         },
     )
+    starvation_s: float = field(
+        default=2.0,
+        metadata={
+            "help": "cache_aware: a request waiting longer than this many seconds goes "
+            "before every request that has waited less"
+        },
+    )
     preemption_mode: str = field(
         default="recompute", metadata={"help": "recompute or swap (to host memory)"}
     )

@@ -63,7 +63,9 @@ class Engine:
             self.block_manager,
             self.config.max_num_seqs,
             self.config.max_num_batched_tokens,
-            make_policy(self.config.scheduling_policy),
+            make_policy(
+                self.config.scheduling_policy, self.block_manager, self.config.starvation_s
+            ),
             on_admit=self._plan,
             on_preempt=self._swap_out if self.config.preemption_mode == "swap" else None,
             can_admit=self.lora.can_admit,

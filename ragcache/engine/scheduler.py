@@ -8,7 +8,8 @@ it was swapped; both give the same output.
 
 Policies order the candidates: FCFS by arrival; the skip-join multi-level feedback
 queue (FastServe) starts a request at the level its prompt length earns, demotes it
-after a quantum of steps, and promotes anything that waited too long.
+after a quantum of steps, and promotes anything that waited too long; cache-aware
+(RAGCache) runs first the requests with the most cached KV per token to compute.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from weakref import WeakKeyDictionary
 
-from ragcache.engine.block_manager import BlockManager
+from ragcache.engine.block_manager import BlockManager, chain_hash
 from ragcache.engine.sequence import Sequence, SequenceStatus
 
 
@@ -101,17 +103,25 @@ class SkipJoinMLFQPolicy:
 
 
 class CacheAwarePolicy:
-    """RAGCache's ordering: most reused KV per token to compute first, bounded waiting.
+    """RAGCache's cache-aware reordering: most reused KV per token to compute first.
 
-    A request whose prompt is mostly served from caches finishes its prefill quickly,
-    so running it first lowers the mean time to first token; one that has waited past
-    ``starvation_s`` goes first regardless.
+    A prompt token is reused when the engine will not compute it: it lies in the blocks
+    the prefix cache holds for the prompt's start, or in placed chunk KV that fusion
+    does not recompute. Ordering by reused / to-compute runs the prefills that end soonest
+    first, which lowers the mean time to first token; a request that has waited past
+    ``starvation_s`` goes before every one that has not, oldest first, so none waits
+    for ever behind a stream of better-cached requests.
     """
 
     name = "cache_aware"
 
-    def __init__(self, starvation_s: float = 2.0) -> None:
+    def __init__(self, blocks: BlockManager | None = None, starvation_s: float = 2.0) -> None:
+        if not starvation_s >= 0:
+            raise ValueError(f"starvation_s={starvation_s} must be >= 0 seconds")
+        self.blocks = blocks
         self.starvation_s = starvation_s
+        # Block hashes of each waiting prompt, computed once: they depend on its tokens only.
+        self._prompt_hashes: WeakKeyDictionary[Sequence, list[bytes]] = WeakKeyDictionary()
 
     def admit(self, seq: Sequence) -> None:
         return None
@@ -122,24 +132,67 @@ class CacheAwarePolicy:
     def priority(self, seq: Sequence) -> tuple[float, ...]:
         if time.perf_counter() - seq.arrival_time > self.starvation_s:
             return (0, seq.arrival_time, seq.seq_id)
-        reused = 0
-        if seq.placed is not None:
-            reused = seq.placed.num_tokens - len(seq.placed.recompute)
+        reused = self.reused_tokens(seq)
         compute = max(1, len(seq) - reused)
         return (1, -reused / compute, seq.arrival_time, seq.seq_id)
+
+    def reused_tokens(self, seq: Sequence) -> int:
+        """Tokens of ``seq`` whose KV comes from a cache instead of this engine's compute."""
+        prefix = seq.num_cached_tokens if seq.block_table else self.prefix_hit_tokens(seq)
+        if seq.placed is None:
+            return prefix
+        end = seq.placed.num_tokens
+        recomputed = sum(1 for i in set(seq.placed.recompute) if prefix <= i < end)
+        return prefix + max(0, end - prefix) - recomputed
+
+    def prefix_hit_tokens(self, seq: Sequence) -> int:
+        """Leading prompt tokens the prefix cache holds now (what allocation would share)."""
+        blocks = self.blocks
+        if (
+            blocks is None
+            or not blocks.enable_prefix_caching
+            or not seq.use_prefix_cache
+            or seq.params.prompt_logprobs
+        ):
+            return 0
+        hashes = self._prompt_hashes.get(seq)
+        if hashes is None:
+            hashes = prompt_block_hashes(seq, blocks.block_size)
+            self._prompt_hashes[seq] = hashes
+        # A priority needs no token comparison: a hash collision would only misorder.
+        hits = 0
+        for block_hash in hashes:
+            if block_hash not in blocks.hash_to_block:
+                break
+            hits += 1
+        return hits * blocks.block_size
+
+
+def prompt_block_hashes(seq: Sequence, block_size: int) -> list[bytes]:
+    """Chain hashes of the prompt's full blocks that a prefix match may share (never the
+    block holding the last prompt token, as in ``BlockManager.match_prefix``)."""
+    hashes: list[bytes] = []
+    previous: bytes | None = None
+    for b in range((seq.num_prompt_tokens - 1) // block_size):
+        tokens = seq.token_ids[b * block_size : (b + 1) * block_size]
+        previous = chain_hash(previous, seq.cache_salt, tokens)
+        hashes.append(previous)
+    return hashes
 
 
 Policy = FCFSPolicy | SkipJoinMLFQPolicy | CacheAwarePolicy
 POLICY_NAMES = ("fcfs", "mlfq", "cache_aware")
 
 
-def make_policy(name: str) -> Policy:
+def make_policy(name: str, blocks: BlockManager | None = None, starvation_s: float = 2.0) -> Policy:
+    """The named policy; ``blocks`` lets cache_aware see prefix-cache hits of waiting
+    requests, ``starvation_s`` is its waiting bound."""
     if name == "fcfs":
         return FCFSPolicy()
     if name == "mlfq":
         return SkipJoinMLFQPolicy()
     if name == "cache_aware":
-        return CacheAwarePolicy()
+        return CacheAwarePolicy(blocks, starvation_s)
     raise ValueError(f"scheduling policy {name!r} is unknown; use {', '.join(POLICY_NAMES)}")
 
 
