@@ -92,6 +92,7 @@ def ours_greedy(model: LlamaModel, pool: KVPool, ids: torch.Tensor, new_tokens: 
     for _ in range(new_tokens - 1):
         meta.query_slots.copy_(slot)
         meta.seq_lens.copy_(slot + 1)
+        meta.plans = None  # resolved from seq_lens, which changed
         token = model.compute_logits(model(token, slot, meta, pool)).argmax(-1)
         generated.append(token)
         slot += 1
