@@ -66,6 +66,13 @@ def corpus_token_ids(tokenizer: Any, length: int) -> list[int]:
     raise ValueError(f"the corpus holds fewer than {length} tokens")
 
 
+def packed_copy_bytes(loaded: LoadedModel) -> int:
+    model = loaded.model
+    copies = [m.packed for m in model.modules() if isinstance(m, Projection)]
+    copies.append(model.output_packed)
+    return sum(copy.nbytes for copy in copies if copy is not None)
+
+
 def weights_name(loaded: LoadedModel) -> str:
     """Which weights products of a few rows read: how many matrices have a packed copy."""
     model = loaded.model
@@ -309,6 +316,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "rows": [],
         "greedy_tokens_identical": {},
         "greedy_leading_tokens_identical": {},
+        "packed_copy_mib": {},
         "process_costs": [],
     }
     for dtype_name in args.dtypes:
@@ -337,6 +345,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 key = f"{dtype_name}, packed_weights={mode}"
                 report["greedy_tokens_identical"][key] = agreeing == args.decode_tokens
                 report["greedy_leading_tokens_identical"][key] = agreeing
+                report["packed_copy_mib"][key] = packed_copy_bytes(decoded) / 2**20
                 print(row.metric, dtype_name, mode, f"{row.ratio:.2f}", agreeing, flush=True)
                 write_report(args.out, report, rows)
         del loaded, models, reference
