@@ -9,7 +9,7 @@ back from the fp32 weights exactly, and packed for torch's int4 matrix product, 
 reads 0.75 bytes per weight instead of 4.
 
 That product is vectorised on AVX2 CPUs only for bf16 activations (with fp32 ones it
-runs about 8x slower than MKL's fp32 product), so this path rounds each product's input
+runs 6-25x slower than MKL's fp32 product), so this path rounds each product's input
 and the blocks' scales and zero points to bf16: it is lossy, and greedy outputs may
 differ from the fp32 weights'. Only weights whose blocks are found exactly are packed.
 """
