@@ -30,6 +30,7 @@ from ragcache.engine.attention_metadata import AttentionMetadata, contiguous_met
 from ragcache.engine.bench_machine import machine_record
 from ragcache.engine.config import ModelConfig
 from ragcache.engine.kv_pool import KVPool
+from ragcache.engine.linear import Projection
 from ragcache.engine.loader import LoadedModel, convert_gguf, load_model, locate_embedded_gguf
 from ragcache.engine.model import LlamaModel
 
@@ -41,6 +42,7 @@ PREFIX_PROBE_LENGTH = 6000
 @dataclass(slots=True)
 class Row:
     dtype: str
+    weights: str
     metric: str
     tokens: int
     ours_tokens_per_s: float
@@ -62,6 +64,23 @@ def corpus_token_ids(tokenizer: Any, length: int) -> list[int]:
         if len(ids) >= length:
             return ids[:length]
     raise ValueError(f"the corpus holds fewer than {length} tokens")
+
+
+def packed_copy_bytes(loaded: LoadedModel) -> int:
+    model = loaded.model
+    copies = [m.packed for m in model.modules() if isinstance(m, Projection)]
+    copies.append(model.output_packed)
+    return sum(copy.nbytes for copy in copies if copy is not None)
+
+
+def weights_name(loaded: LoadedModel) -> str:
+    """Which weights products of a few rows read: how many matrices have a packed copy."""
+    model = loaded.model
+    matrices = [m for m in model.modules() if isinstance(m, Projection)]
+    packed = sum(m.packed is not None for m in matrices) + (model.output_packed is not None)
+    if not packed:
+        return "as loaded"
+    return f"4-bit copy, {packed} of {len(matrices) + 1} matrices"
 
 
 def pool_for(model: LlamaModel, tokens: int) -> KVPool:
@@ -92,6 +111,7 @@ def ours_greedy(model: LlamaModel, pool: KVPool, ids: torch.Tensor, new_tokens: 
     for _ in range(new_tokens - 1):
         meta.query_slots.copy_(slot)
         meta.seq_lens.copy_(slot + 1)
+        meta.plans = None  # resolved from seq_lens, which changed
         token = model.compute_logits(model(token, slot, meta, pool)).argmax(-1)
         generated.append(token)
         slot += 1
@@ -143,6 +163,7 @@ def bench_prefill(
     )
     return Row(
         dtype_name,
+        weights_name(loaded),
         "prefill",
         length,
         length / statistics.median(ours_s),
@@ -159,8 +180,9 @@ def bench_decode(
     prompt_len: int,
     new_tokens: int,
     repeats: int,
-) -> tuple[Row, bool]:
-    """Decode tokens/s from (time for new_tokens) - (time for 1 token), both end to end."""
+) -> tuple[Row, int]:
+    """Decode tokens/s from (time for new_tokens) - (time for 1 token), both end to end,
+    and how many leading greedy tokens the two implementations share."""
     ids = torch.tensor(corpus_token_ids(loaded.tokenizer, prompt_len))
     pool = pool_for(loaded.model, prompt_len + new_tokens)
     ours_full, theirs_full = interleaved(
@@ -176,11 +198,15 @@ def bench_decode(
     steps = new_tokens - 1
     ours_decode = statistics.median(ours_full) - statistics.median(ours_one)
     theirs_decode = statistics.median(theirs_full) - statistics.median(theirs_one)
-    same_tokens = ours_greedy(loaded.model, pool, ids, new_tokens) == transformers_greedy(
-        reference, ids, new_tokens
+    ours_tokens = ours_greedy(loaded.model, pool, ids, new_tokens)
+    theirs_tokens = transformers_greedy(reference, ids, new_tokens)
+    agreeing = next(
+        (i for i, (a, b) in enumerate(zip(ours_tokens, theirs_tokens, strict=True)) if a != b),
+        new_tokens,
     )
     row = Row(
         dtype_name,
+        weights_name(loaded),
         "decode_b1",
         new_tokens,
         steps / ours_decode,
@@ -188,7 +214,7 @@ def bench_decode(
         ours_seconds=ours_full,
         transformers_seconds=theirs_full,
     )
-    return row, same_tokens
+    return row, agreeing
 
 
 # ---- fresh-process probes ---------------------------------------------------------------
@@ -198,7 +224,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def probe_memory(dtype_name: str, implementation: str) -> dict[str, float]:
+def probe_memory(dtype_name: str, implementation: str, packed: str = "off") -> dict[str, float]:
     """Peak RSS after loading, then after one 6000-token prefill (this process only)."""
     if implementation == "transformers":
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -212,7 +238,7 @@ def probe_memory(dtype_name: str, implementation: str) -> dict[str, float]:
         with torch.inference_mode():
             transformers_prefill(reference.eval(), ids)
     else:
-        loaded = load_model(ModelConfig(dtype=dtype_name, device="cpu"))
+        loaded = load_model(ModelConfig(dtype=dtype_name, device="cpu", packed_weights=packed))
         ids = torch.tensor(corpus_token_ids(loaded.tokenizer, PREFIX_PROBE_LENGTH))
         after_load = peak_rss_mib()
         with torch.inference_mode():
@@ -233,7 +259,11 @@ def run_probe(*args: str) -> dict[str, float]:
 
 
 def bench_process_costs(dtype_name: str) -> dict[str, Any]:
-    memory = {impl: run_probe("memory", dtype_name, impl) for impl in ("ours", "transformers")}
+    memory = {
+        "ours": run_probe("memory", dtype_name, "ours", "off"),
+        "ours_with_packed_copy": run_probe("memory", dtype_name, "ours", "int4_bf16"),
+        "transformers": run_probe("memory", dtype_name, "transformers"),
+    }
     with tempfile.TemporaryDirectory(prefix="ragcache-bench-cache-") as cache_dir:
         cold = run_probe("load", dtype_name, cache_dir)["load_seconds"]
         warm = run_probe("load", dtype_name, cache_dir)["load_seconds"]
@@ -250,18 +280,20 @@ def bench_process_costs(dtype_name: str) -> dict[str, Any]:
 
 def print_table(rows: list[Row], costs: list[dict[str, Any]]) -> None:
     print(
-        f"{'dtype':9} {'metric':10} {'tokens':>6} {'ours tok/s':>11} {'hf tok/s':>10} {'ratio':>6}"
+        f"{'dtype':9} {'weights':24} {'metric':10} {'tokens':>6} {'ours tok/s':>11} "
+        f"{'hf tok/s':>10} {'ratio':>6}"
     )
     for r in rows:
         print(
-            f"{r.dtype:9} {r.metric:10} {r.tokens:6d} {r.ours_tokens_per_s:11.1f} "
+            f"{r.dtype:9} {r.weights:24} {r.metric:10} {r.tokens:6d} {r.ours_tokens_per_s:11.1f} "
             f"{r.transformers_tokens_per_s:10.1f} {r.ratio:6.2f}"
         )
     for c in costs:
         mem = c["memory_6000_prefill"]
         print(
             f"{c['dtype']}: peak RSS load+6000 prefill ours "
-            f"{mem['ours']['peak_rss_after_prefill_mib']:.0f} MiB, transformers "
+            f"{mem['ours']['peak_rss_after_prefill_mib']:.0f} MiB (with the int4 copy "
+            f"{mem['ours_with_packed_copy']['peak_rss_after_prefill_mib']:.0f}), transformers "
             f"{mem['transformers']['peak_rss_after_prefill_mib']:.0f} MiB; "
             f"cold load {c['cold_load_seconds']:.1f} s, warm load {c['warm_load_seconds']:.1f} s"
         )
@@ -283,10 +315,16 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         },
         "rows": [],
         "greedy_tokens_identical": {},
+        "greedy_leading_tokens_identical": {},
+        "packed_copy_mib": {},
         "process_costs": [],
     }
     for dtype_name in args.dtypes:
-        loaded = load_model(ModelConfig(dtype=dtype_name, device="cpu"))
+        models = {
+            mode: load_model(ModelConfig(dtype=dtype_name, device="cpu", packed_weights=mode))
+            for mode in args.packed_weights
+        }
+        loaded = models[args.packed_weights[0]]
         reference = AutoModelForCausalLM.from_pretrained(loaded.source, dtype=loaded.dtype).eval()
         with torch.inference_mode():
             for length in args.prefill_lengths:
@@ -294,14 +332,23 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 rows.append(bench_prefill(loaded, reference, dtype_name, length, repeats))
                 print(rows[-1].metric, dtype_name, length, f"{rows[-1].ratio:.2f}", flush=True)
                 write_report(args.out, report, rows)
-            row, same = bench_decode(
-                loaded, reference, dtype_name, args.decode_prompt, args.decode_tokens, args.repeats
-            )
-            rows.append(row)
-            report["greedy_tokens_identical"][dtype_name] = same
-            print(row.metric, dtype_name, f"{row.ratio:.2f}", flush=True)
-            write_report(args.out, report, rows)
-        del loaded, reference
+            for mode, decoded in models.items():
+                row, agreeing = bench_decode(
+                    decoded,
+                    reference,
+                    dtype_name,
+                    args.decode_prompt,
+                    args.decode_tokens,
+                    args.repeats,
+                )
+                rows.append(row)
+                key = f"{dtype_name}, packed_weights={mode}"
+                report["greedy_tokens_identical"][key] = agreeing == args.decode_tokens
+                report["greedy_leading_tokens_identical"][key] = agreeing
+                report["packed_copy_mib"][key] = packed_copy_bytes(decoded) / 2**20
+                print(row.metric, dtype_name, mode, f"{row.ratio:.2f}", agreeing, flush=True)
+                write_report(args.out, report, rows)
+        del loaded, models, reference
     if args.process_costs:
         for dtype_name in args.dtypes:
             report["process_costs"].append(bench_process_costs(dtype_name))
@@ -324,6 +371,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--prefill-lengths", nargs="+", type=int, default=[512, 2048, 6000])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per point (median)")
+    parser.add_argument(
+        "--packed-weights",
+        nargs="+",
+        default=["off", "int4_bf16"],
+        choices=["off", "int4_bf16"],
+        help="model.packed_weights settings to decode with (prefill uses the first)",
+    )
     parser.add_argument("--decode-prompt", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument(

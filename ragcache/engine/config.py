@@ -23,6 +23,14 @@ class ModelConfig:
         default="~/.cache/ragcache/models",
         metadata={"help": "where converted GGUF weights are kept for fast restarts"},
     )
+    packed_weights: str = field(
+        default="off",
+        metadata={
+            "help": "off: fp32 weights only; int4_bf16 (opt-in, lossy): decode and "
+            "verification products read a 4-bit copy of weights made of GGUF Q4_1/Q8_0 "
+            "blocks with bf16 activations (CPU, float32 models; greedy outputs may change)"
+        },
+    )
 
 
 @dataclass(slots=True)

