@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--runs", type=int, default=5, help="report the median over runs")
     args = parser.parse_args(argv)
+    # Every read is one thread, as the numpy copy is: torch's thread pool would only
+    # add contention on a shared machine.
+    torch.set_num_threads(1)
     entry = make_chunk()
     nbytes = entry.nbytes
     flat = np.frombuffer(np.random.bytes(nbytes), dtype=np.uint8)
