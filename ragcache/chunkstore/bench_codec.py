@@ -162,6 +162,13 @@ def main(argv: list[str] | None = None) -> None:
         for passages in args.passages:
             for index, item in enumerate(examples):
                 pairs.append(comparison.compare(index, item, passages))
+                agreed = sum(p.first_token_agrees for p in pairs)
+                print(
+                    f"{passages} passages, question {index}: first tokens agree on "
+                    f"{agreed} of {len(pairs)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         disk.close()
     rows = {
         str(passages): summarize([p for p in pairs if p.passages == passages])
