@@ -156,12 +156,35 @@ def main(argv: list[str] | None = None) -> None:
     )
     began = time.perf_counter()
     pairs: list[Pair] = []
+    kv_dtype = str(engine.model.dtype).removeprefix("torch.")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write_report() -> dict[str, dict[str, float]]:
+        """Rewritten after every question, so a stopped run leaves what it measured."""
+        counts = sorted({p.passages for p in pairs})
+        rows = {str(n): summarize([p for p in pairs if p.passages == n]) for n in counts}
+        rows["all"] = summarize(pairs)
+        report = {
+            "command": command,
+            "model": loaded.name,
+            "kv_dtype": kv_dtype,
+            "method": "full_reuse",
+            "max_tokens": args.max_tokens,
+            "seconds": time.perf_counter() - began,
+            "summary": rows,
+            "pairs": [asdict(p) for p in pairs],
+        }
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        return rows
+
     with tempfile.TemporaryDirectory() as directory:
         disk = LMDBTier(Path(directory), ChunkStoreConfig(disk_codec="int8"))
         comparison = CodecComparison(engine, PromptBuilder(loaded.tokenizer), args.max_tokens, disk)
         for passages in args.passages:
             for index, item in enumerate(examples):
                 pairs.append(comparison.compare(index, item, passages))
+                write_report()
                 agreed = sum(p.first_token_agrees for p in pairs)
                 print(
                     f"{passages} passages, question {index}: first tokens agree on "
@@ -170,12 +193,7 @@ def main(argv: list[str] | None = None) -> None:
                     flush=True,
                 )
         disk.close()
-    rows = {
-        str(passages): summarize([p for p in pairs if p.passages == passages])
-        for passages in args.passages
-    }
-    rows["all"] = summarize(pairs)
-    kv_dtype = str(engine.model.dtype).removeprefix("torch.")
+    rows = write_report()
     print(f"int8 vs raw chunk KV, full reuse, greedy {args.max_tokens} tokens, KV {kv_dtype}")
     print(
         "| passages | questions | prompt tokens | first token | 16-token answer | "
@@ -188,19 +206,6 @@ def main(argv: list[str] | None = None) -> None:
             f"{row['first_token_agreement']:.1%} | {row['answer16_agreement']:.1%} | "
             f"{row['agreeing_prefix_mean']:.2f} | {row['kv_max_relative_error']:.4f} |"
         )
-    report = {
-        "command": command,
-        "model": loaded.name,
-        "kv_dtype": kv_dtype,
-        "method": "full_reuse",
-        "max_tokens": args.max_tokens,
-        "seconds": time.perf_counter() - began,
-        "summary": rows,
-        "pairs": [asdict(p) for p in pairs],
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
