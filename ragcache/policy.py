@@ -2,7 +2,14 @@
 
 A policy ranks the entries of one tier; the lowest priority is evicted first. The
 store passes each entry's size in bytes, its recompute cost in seconds and how often
-it has been requested. One policy instance per tier, so PGDSF keeps one clock per tier.
+it has been requested, and reports every request (hit or miss) to ``on_request``. One
+policy instance per tier, so PGDSF keeps one clock per tier.
+
+When a tier is full, ``admits`` decides whether a newcomer is worth the entries it would
+evict. LRU and LFU always admit; PGDSF admits a newcomer only when its recent requests
+times its cost exceed those of its victims (a TinyLFU-style filter). Without it, every
+chunk requested once pushes out a proven one, and on a skewed trace the bottom of the
+cache churns through one-off chunks.
 """
 
 from __future__ import annotations
@@ -111,6 +118,13 @@ class ReplacementPolicy(ABC):
         self._frequency[key] = self._frequency[key] + 1 if frequency is None else frequency
         self._rank(key)
 
+    def on_request(self, key: str) -> None:  # noqa: B027 - most policies need only hits
+        """Every request for ``key``, whether or not this tier holds it."""
+
+    def admits(self, key: str, cost: float, victims: Sequence[str]) -> bool:
+        """Whether ``key`` (recompute ``cost`` seconds) may replace ``victims``."""
+        return True
+
     def on_remove(self, key: str) -> None:
         for table in (self._current, self._sizes, self._costs, self._frequency):
             table.pop(key, None)
@@ -136,6 +150,26 @@ class ReplacementPolicy(ABC):
             heapq.heappush(self._heap, item)
         return victim
 
+    def pick_victims(
+        self, nbytes: int, can_evict: Callable[[str], bool] = lambda key: True
+    ) -> list[str] | None:
+        """The lowest-priority evictable keys that free at least ``nbytes``, without
+        evicting them; None when all evictable entries together are too small."""
+        popped: list[tuple[tuple, str]] = []
+        victims: list[str] = []
+        freed = 0
+        while self._heap and freed < nbytes:
+            priority, key = heapq.heappop(self._heap)
+            if self._current.get(key) != priority:
+                continue
+            popped.append((priority, key))
+            if can_evict(key):
+                victims.append(key)
+                freed += self._sizes[key]
+        for item in popped:
+            heapq.heappush(self._heap, item)
+        return victims if freed >= nbytes else None
+
     def clear(self) -> None:
         self.__init__()  # type: ignore[misc]
 
@@ -157,21 +191,48 @@ class LFUPolicy(ReplacementPolicy):
 class PGDSFPolicy(ReplacementPolicy):
     """Priority = clock + frequency**exponent * cost / size; the clock rises to each
     evicted priority, so entries that stop being used age out behind newer ones.
-    An exponent above 1 trusts long-run frequency more than the clock's recency."""
+    An exponent above 1 trusts long-run frequency more than the clock's recency.
+
+    With ``admission``, recent request counts (halved every ``ADMISSION_WINDOW`` times
+    the number of entries held, so they forget a past popularity) gate newcomers to a
+    full tier: recent(newcomer) * cost must beat the sum over the victims.
+    """
 
     name = "pgdsf"
+    ADMISSION_WINDOW = 10
 
-    def __init__(self, frequency_exponent: float = 1.0) -> None:
+    def __init__(self, frequency_exponent: float = 1.0, admission: bool = True) -> None:
         super().__init__()
         self.clock = 0.0
         self.frequency_exponent = frequency_exponent
+        self.admission = admission
+        self._recent: dict[str, float] = {}
+        self._requests_since_halving = 0
+
+    def on_request(self, key: str) -> None:
+        if not self.admission:
+            return
+        self._recent[key] = self._recent.get(key, 0.0) + 1.0
+        self._requests_since_halving += 1
+        if self._requests_since_halving >= self.ADMISSION_WINDOW * max(len(self), 1):
+            self._recent = {k: n / 2 for k, n in self._recent.items() if n >= 1.0}
+            self._requests_since_halving = 0
+
+    def recent_requests(self, key: str) -> float:
+        return self._recent.get(key, 0.0)
+
+    def admits(self, key: str, cost: float, victims: Sequence[str]) -> bool:
+        if not self.admission or not victims:
+            return True
+        lost = sum(self._recent.get(victim, 0.0) * self._costs[victim] for victim in victims)
+        return self._recent.get(key, 0.0) * cost >= lost
 
     def _priority(self, key: str) -> tuple:
         weight = self._frequency[key] ** self.frequency_exponent
         return (self.clock + weight * self._costs[key] / self._sizes[key],)
 
     def clear(self) -> None:
-        self.__init__(self.frequency_exponent)  # type: ignore[misc]
+        self.__init__(self.frequency_exponent, self.admission)  # type: ignore[misc]
 
     def on_evict(self, key: str) -> None:
         if key in self._current:
@@ -186,7 +247,9 @@ POLICIES: dict[str, type[ReplacementPolicy]] = {
 }
 
 
-def make_policy(name: str, pgdsf_frequency_exponent: float = 1.0) -> ReplacementPolicy:
+def make_policy(
+    name: str, pgdsf_frequency_exponent: float = 1.0, pgdsf_admission: bool = True
+) -> ReplacementPolicy:
     try:
         policy_class = POLICIES[name.lower()]
     except KeyError:
@@ -194,5 +257,5 @@ def make_policy(name: str, pgdsf_frequency_exponent: float = 1.0) -> Replacement
             f"unknown replacement policy {name!r}; accepted: {', '.join(POLICIES)}"
         ) from None
     if policy_class is PGDSFPolicy:
-        return PGDSFPolicy(pgdsf_frequency_exponent)
+        return PGDSFPolicy(pgdsf_frequency_exponent, pgdsf_admission)
     return policy_class()

@@ -84,3 +84,41 @@ def test_cost_grows_with_offset_and_policy_names():
         make_policy("arc")
     with pytest.raises(ValueError, match="at least 3 samples"):
         CostModel.fit([(1, 1.0)])
+
+
+def test_pick_victims_frees_enough_without_evicting():
+    policy = LRUPolicy()
+    for key, size in (("a", 4), ("b", 4), ("c", 4)):
+        policy.on_insert(key, size, 1.0)
+    assert policy.pick_victims(6) == ["a", "b"]
+    assert policy.pick_victims(6, lambda key: key != "a") == ["b", "c"]
+    assert policy.pick_victims(13) is None
+    assert len(policy) == 3 and policy.pick_victim() == "a"
+
+
+def test_pgdsf_admission_keeps_a_proven_entry_from_a_one_off_newcomer():
+    policy = PGDSFPolicy()
+    for _ in range(3):
+        policy.on_request("hot")
+    policy.on_insert("hot", 10, 1.0, 3)
+    policy.on_request("new")
+    assert not policy.admits("new", 1.0, ["hot"])
+    # Three times as costly to recompute: worth the same three requests.
+    assert policy.admits("new", 3.0, ["hot"])
+    for _ in range(3):
+        policy.on_request("new")
+    assert policy.admits("new", 1.0, ["hot"])
+    assert PGDSFPolicy(admission=False).admits("new", 0.0, ["hot"])
+    assert LRUPolicy().admits("new", 0.0, ["hot"])
+
+
+def test_pgdsf_recent_counts_halve_so_old_popularity_fades():
+    policy = PGDSFPolicy()
+    policy.on_insert("old", 10, 1.0)
+    window = PGDSFPolicy.ADMISSION_WINDOW * len(policy)
+    for _ in range(window - 1):
+        policy.on_request("old")
+    assert policy.recent_requests("old") == window - 1
+    policy.on_request("new")
+    assert policy.recent_requests("old") == (window - 1) / 2
+    assert policy.recent_requests("new") == 0.5

@@ -22,6 +22,13 @@ class ChunkStoreConfig:
         default=1.0,
         metadata={"help": "PGDSF priority uses frequency**exponent; 1 is the plain formula"},
     )
+    pgdsf_admission: bool = field(
+        default=True,
+        metadata={
+            "help": "PGDSF admits a newcomer to a full tier only when its recent requests "
+            "x cost beat those of the entries it would evict"
+        },
+    )
     disk_initial_map_bytes: int = field(
         default=64 * 1024 * 1024,
         metadata={"help": "initial LMDB map size; doubles whenever the map is full"},

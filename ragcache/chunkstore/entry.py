@@ -6,6 +6,9 @@ header, so a reader can verify and hand out layer 0 before later layers are read
 Checksums guard against torn or flipped bytes, not against an adversary, so they use
 xxh3 (several GB/s, cheap enough to check on every read); cache keys stay blake2b.
 Version 1 records (blake2b checksums) fail the version check and are recomputed.
+The header JSON is padded with spaces so that the layer data starts at a multiple of
+``DATA_ALIGNMENT`` bytes: LMDB puts a large value 16 bytes into a page, so every layer
+is then aligned for its dtype and a reader may use it in place.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import itertools
 import json
 import math
 import struct
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -28,6 +32,7 @@ FORMAT_VERSION = 2
 MAGIC = b"RCKV"
 CHECKSUM_BYTES = 16
 PREAMBLE = struct.Struct(f"<4sII{CHECKSUM_BYTES}s")
+DATA_ALIGNMENT = 64
 
 LayerKV = tuple[torch.Tensor, torch.Tensor]
 
@@ -199,6 +204,7 @@ def encode_record(entry: ChunkEntry, codec: Codec) -> bytes:
         "layer_checksums": checksums,
     }
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    header_bytes += b" " * (-(PREAMBLE.size + len(header_bytes)) % DATA_ALIGNMENT)
     preamble = PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(header_bytes), checksum(header_bytes))
     return b"".join([preamble, header_bytes, *blobs])
 
@@ -239,10 +245,10 @@ class LayerDecoder:
     page faults instead of thousands.
 
     ``record`` may be a view into an LMDB map that dies with its transaction: each
-    byte is copied once into the output, in pieces small enough that the checksum
-    pass right after the copy reads them from cache."""
-
-    PIECE_BYTES = 1 << 20
+    byte is copied once into the output, a layer at a time, and the layer's checksum
+    is computed on the copy while it is still in cache, so what is verified is what
+    the caller gets. One-shot xxh3 over the whole layer costs a third of feeding a
+    streaming digest the same bytes."""
 
     def __init__(self, header: EntryHeader, count: int) -> None:
         self.header = header
@@ -253,34 +259,61 @@ class LayerDecoder:
         raw = np.empty(nbytes, dtype=np.uint8)
         self._out_bytes = raw.reshape(count, -1)
         self.out = torch.from_numpy(raw).view(dtype).view(shape)
-        self._kv = [tuple(kv.unbind(0)) for kv in self.out.unbind(0)]
+        halves = self.out.view(count * 2, *header.layer_shape).unbind(0)
+        self._kv = list(zip(halves[0::2], halves[1::2], strict=True))
         self._starts = list(itertools.accumulate(header.layer_bytes, initial=header.data_offset))
 
     def decode(self, record: bytes | memoryview, layer: int, slot: int, verify: bool) -> LayerKV:
         header = self.header
         start, end = self._starts[layer], self._starts[layer + 1]
-        blob = memoryview(record)[start:end]
         k, v = self._kv[slot]
         if self.codec.stores_raw_bytes:
             target = self._out_bytes[slot]
-            if target.size != len(blob):
+            source = np.frombuffer(record, dtype=np.uint8)[start:end]
+            if target.size != source.size:
                 raise CorruptEntryError(f"entry {header.key}: layer {layer} has the wrong size")
-            source = np.frombuffer(blob, dtype=np.uint8)
-            digest = xxhash.xxh3_128()
-            for piece in range(0, target.size, self.PIECE_BYTES):
-                copied = target[piece : piece + self.PIECE_BYTES]
-                np.copyto(copied, source[piece : piece + self.PIECE_BYTES])
-                if verify:
-                    digest.update(copied)
-            if verify and digest.hexdigest() != header.layer_checksums[layer]:
+            np.copyto(target, source)
+            if verify and xxhash.xxh3_128_hexdigest(target) != header.layer_checksums[layer]:
                 raise CorruptEntryError(f"entry {header.key}: layer {layer} fails its checksum")
             return k, v
+        blob = memoryview(record)[start:end]
         if verify and checksum(blob).hex() != header.layer_checksums[layer]:
             raise CorruptEntryError(f"entry {header.key}: layer {layer} fails its checksum")
         split = header.k_bytes[layer]
         self.codec.decode_into(blob[:split], k)
         self.codec.decode_into(blob[split:], v)
         return k, v
+
+
+def view_layers(
+    record: memoryview, header: EntryHeader, layers: Sequence[int], verify: bool
+) -> list[LayerKV]:
+    """K and V of ``layers`` as read-only views of ``record``, each layer's checksum
+    checked on the stored bytes: nothing is copied. The views are valid only as long
+    as ``record`` is (for LMDB, the read transaction); copy what must outlive it.
+    Codecs that do not store raw bytes, and records whose data is not aligned for
+    their dtype, are decoded into a new buffer instead."""
+    dtype = DTYPES[header.dtype]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    data = np.frombuffer(record, dtype=np.uint8)
+    if not get_codec(header.codec).stores_raw_bytes or (
+        (data.ctypes.data + header.data_offset) % itemsize
+    ):
+        return decode_layers(record, header, layers, verify)
+    starts = list(itertools.accumulate(header.layer_bytes, initial=header.data_offset))
+    out: list[LayerKV] = []
+    with warnings.catch_warnings():
+        # torch warns that the map is read-only; the views are handed out read-only.
+        warnings.simplefilter("ignore", UserWarning)
+        for layer in layers:
+            start, end = starts[layer], starts[layer + 1]
+            if verify and checksum(record[start:end]).hex() != header.layer_checksums[layer]:
+                raise CorruptEntryError(f"entry {header.key}: layer {layer} fails its checksum")
+            split = start + header.k_bytes[layer]
+            k = torch.from_numpy(data[start:split]).view(dtype).view(header.layer_shape)
+            v = torch.from_numpy(data[split:end]).view(dtype).view(header.layer_shape)
+            out.append((k, v))
+    return out
 
 
 def decode_layers(

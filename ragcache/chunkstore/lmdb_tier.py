@@ -27,6 +27,7 @@ from ragcache.chunkstore.entry import (
     decode_layers,
     encode_record,
     entry_from_header,
+    view_layers,
 )
 from ragcache.chunkstore.tiers import PreparedEntry, Tier
 
@@ -182,6 +183,25 @@ class LMDBTier(Tier):
         if entry is not None:
             self._verified.add(key)
         return entry
+
+    @contextmanager
+    def view(self, key: str) -> Iterator[ChunkEntry | None]:
+        """The entry with its layers as read-only views of the LMDB map, every layer's
+        checksum checked in place (or once, per ``disk_verify``): no copy. For a
+        reader that copies the KV into its own buffers anyway. The views die with
+        the read transaction at the end of the ``with`` block; do not keep them, and
+        do not write to this tier inside the block."""
+        with self._read() as txn:
+            record = txn.get(key.encode("ascii"))
+            if record is None:
+                yield None
+                return
+            header = decode_header(record)
+            verify = self._must_verify(key)
+            layers = view_layers(record, header, range(header.num_layers), verify)
+            if verify:
+                self._verified.add(key)
+            yield entry_from_header(header, layers)
 
     def iter_layers(
         self, key: str, layers: Iterable[int], header: EntryHeader | None = None

@@ -14,6 +14,7 @@ class StoreStats:
     tier_names: tuple[str, ...]
     hits: dict[str, int] = field(default_factory=dict)
     evictions: dict[str, int] = field(default_factory=dict)
+    rejected_admissions: dict[str, int] = field(default_factory=dict)
     misses: int = 0
     collisions: int = 0
     corruptions: int = 0
@@ -24,6 +25,7 @@ class StoreStats:
     def __post_init__(self) -> None:
         self.hits = self.hits or _per_tier(self.tier_names)
         self.evictions = self.evictions or _per_tier(self.tier_names)
+        self.rejected_admissions = self.rejected_admissions or _per_tier(self.tier_names)
 
     def reset(self) -> None:
         fresh = StoreStats(self.tier_names)

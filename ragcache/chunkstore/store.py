@@ -53,7 +53,11 @@ class ChunkStore:
         )
         self.tier_names = tuple(tier.name for tier in self.tiers)
         self.policies: list[ReplacementPolicy] = [
-            make_policy(self.config.policy, self.config.pgdsf_frequency_exponent)
+            make_policy(
+                self.config.policy,
+                self.config.pgdsf_frequency_exponent,
+                self.config.pgdsf_admission,
+            )
             for _ in self.tiers
         ]
         self.stats_counters = StoreStats(self.tier_names)
@@ -156,6 +160,8 @@ class ChunkStore:
         self._frequency[key] = count
         if len(self._frequency) > FREQUENCY_HISTORY:
             self._frequency.popitem(last=False)
+        for policy in self.policies:
+            policy.on_request(key)
         return count
 
     def _place(self, entry: ChunkEntry, index: int) -> bool:
@@ -169,7 +175,7 @@ class ChunkStore:
         prepared = tier.prepare(entry)
         if prepared.nbytes > tier.capacity_bytes:
             return False
-        if not self._make_room(index, prepared.nbytes):
+        if not self._make_room(index, prepared.nbytes, entry.key):
             return False
         tier.put(prepared)
         self.policies[index].on_insert(
@@ -180,8 +186,22 @@ class ChunkStore:
         )
         return True
 
-    def _make_room(self, index: int, nbytes: int) -> bool:
+    def _make_room(self, index: int, nbytes: int, newcomer: str) -> bool:
+        """Evicts for ``newcomer`` if its policy admits it over the entries it would
+        push out."""
         tier = self.tiers[index]
+        policy = self.policies[index]
+        excess = tier.used_bytes + nbytes - tier.capacity_bytes
+        if excess <= 0:
+            return True
+        victims = policy.pick_victims(excess, lambda key: self._can_evict(key, index))
+        if victims is None:
+            return False
+        if not policy.admits(newcomer, self._costs.get(newcomer, 0.0), victims):
+            self.stats_counters.rejected_admissions[self.tier_names[index]] += 1
+            return False
+        for victim in victims:
+            self._evict(victim, index)
         while tier.used_bytes + nbytes > tier.capacity_bytes:
             victim = self.policies[index].pick_victim(lambda key: self._can_evict(key, index))
             if victim is None:
@@ -393,6 +413,7 @@ class ChunkStore:
                         "entries": len(tier.keys()),
                         "hits": counters.hits[tier.name],
                         "evictions": counters.evictions[tier.name],
+                        "rejected_admissions": counters.rejected_admissions[tier.name],
                     }
                     for tier in self.tiers
                 },

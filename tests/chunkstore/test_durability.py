@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import lmdb
+import numpy as np
 import pytest
 import torch
 import xxhash
@@ -242,4 +243,54 @@ def test_records_of_an_older_format_are_dropped(tmp_path):
     _rewrite_raw(directory, entry.key, lambda value: value[:4] + version_one + value[8:])
     store = make_store(directory, host_bytes=0)
     assert store.stats()["corruptions"] == 1 and not store.contains(entry.key)
+    store.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_view_reads_layers_in_place_with_their_checksums(tmp_path, dtype):
+    store = make_store(tmp_path / "db", host_bytes=0)
+    entry = make_entry(6, num_layers=3, dtype=dtype)
+    store.put(entry)
+    disk = store.tiers[-1]
+    with disk.env.begin() as txn:
+        assert decode_header(txn.get(entry.key.encode())).data_offset % 64 == 0
+    with disk.view(entry.key) as viewed, disk.env.begin(buffers=True) as txn:
+        assert_same_layers(viewed, entry)
+        record = np.frombuffer(txn.get(entry.key.encode()), dtype=np.uint8)
+        start = record.ctypes.data
+        for k, v in viewed.layers:  # views of the map, not copies
+            assert start <= k.data_ptr() and v.data_ptr() < start + record.size
+        owned = [(k.clone(), v.clone()) for k, v in viewed.layers]
+    assert all(torch.equal(a, b[0]) for (a, _), b in zip(owned, entry.layers, strict=True))
+    with disk.view("no-such-key") as missing:
+        assert missing is None
+    store.close()
+
+
+def test_view_fails_on_a_flipped_byte_every_time(tmp_path):
+    directory = tmp_path / "db"
+    store = make_store(directory, host_bytes=0)
+    entry = make_entry(7, num_layers=4)
+    store.put(entry)
+    disk = store.tiers[-1]
+    with disk.view(entry.key) as viewed:
+        assert viewed is not None
+    with disk.env.begin(write=True) as txn:
+        value = _flip_byte_in_layer(3)(bytearray(txn.get(entry.key.encode())))
+        txn.put(entry.key.encode(), bytes(value))
+    for _ in range(2):
+        with pytest.raises(CorruptEntryError, match="layer 3 fails its checksum"):
+            with disk.view(entry.key):
+                pass
+    store.close()
+
+
+def test_view_of_an_int8_record_decodes_into_new_tensors(tmp_path):
+    store = make_store(tmp_path / "db", host_bytes=0, disk_codec="int8")
+    entry = make_entry(8, num_layers=2, dtype=torch.float32)
+    store.put(entry)
+    with store.tiers[-1].view(entry.key) as viewed:
+        for (k, v), (k0, v0) in zip(viewed.layers, entry.layers, strict=True):
+            assert torch.allclose(k, k0, atol=float(k0.abs().max()) / 254 + 1e-6)
+            assert torch.allclose(v, v0, atol=float(v0.abs().max()) / 254 + 1e-6)
     store.close()

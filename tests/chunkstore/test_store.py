@@ -99,7 +99,11 @@ def test_disk_hit_promotes_to_host(tmp_path):
 
 def test_eviction_copies_down_once_then_only_drops(tmp_path):
     entry_bytes = make_entry(0).nbytes
-    store = make_store(tmp_path / "db", host_bytes=2 * entry_bytes, write_through=False)
+    # Round-robin requests: the admission filter would rightly keep the host tier's
+    # first two entries; here every newcomer must evict, so the copies down show.
+    store = make_store(
+        tmp_path / "db", host_bytes=2 * entry_bytes, write_through=False, pgdsf_admission=False
+    )
     entries = [make_entry(seed) for seed in range(4)]
     for entry in entries[:2]:
         store.put(entry)
@@ -180,3 +184,20 @@ def test_unknown_policy_and_codec_are_named(tmp_path):
     with pytest.raises(ValueError, match="raw, int8"):
         make_store(tmp_path / "db", disk_codec="zstd")
     assert get_codec("raw").name == "raw"
+
+
+def test_a_one_off_newcomer_does_not_push_a_popular_entry_out_of_the_host_tier(tmp_path):
+    popular, newcomer = make_entry(0), make_entry(1)
+    store = make_store(tmp_path / "db", host_bytes=popular.nbytes)
+    store.put(popular)
+    for _ in range(3):
+        assert store.get(popular.key, popular.token_ids) is not None
+    assert store.put(newcomer)
+    assert store.tier_of(popular.key) == "host" and store.tier_of(newcomer.key) == "disk"
+    assert store.stats()["tiers"]["host"]["rejected_admissions"] == 1
+    for _ in range(4):
+        assert store.get(newcomer.key, newcomer.token_ids) is not None
+    # Requested more often than the resident now: a promotion evicts it.
+    assert store.tier_of(newcomer.key) == "host" and store.tier_of(popular.key) == "disk"
+    assert store.tiers[1].used_bytes <= store.tiers[1].capacity_bytes
+    store.close()
