@@ -53,12 +53,23 @@ class ServerConfig:
     )
 
 
+def service_engine_config() -> EngineConfig:
+    """The engine as the service runs it: cache-aware order with a 10 s waiting bound.
+
+    Measured by ``ragcache bench scheduling`` on a burst of warm and cold queries: mean
+    time to first token 1.23x lower than fcfs with identical answers; a 2 s bound fell
+    back to arrival order here, where one cold query takes seconds of engine time. The
+    library ``Engine`` keeps fcfs, the order a general engine's users expect.
+    """
+    return EngineConfig(scheduling_policy="cache_aware", starvation_s=10.0)
+
+
 @dataclass(slots=True)
 class Config:
     data_dir: str = field(default="data", metadata={"help": "directory holding all state"})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
     model: ModelConfig = field(default_factory=ModelConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
+    engine: EngineConfig = field(default_factory=service_engine_config)
     lora: LoraConfig = field(default_factory=LoraConfig)
     chunkstore: ChunkStoreConfig = field(default_factory=ChunkStoreConfig)
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
