@@ -30,11 +30,12 @@ from ragcache.blending.methods import make_method
 from ragcache.chunkstore.config import ChunkStoreConfig
 from ragcache.chunkstore.entry import ChunkEntry
 from ragcache.chunkstore.lmdb_tier import LMDBTier
-from ragcache.engine.config import EngineConfig, ModelConfig, SpeculativeConfig
+from ragcache.engine.config import ModelConfig
 from ragcache.engine.engine import Engine
 from ragcache.engine.loader import load_model
 from ragcache.engine.sampling_params import SamplingParams
 from ragcache.evaluation.examples import load_examples, passage_text
+from ragcache.evaluation.fusion_eval import evaluation_engine
 from ragcache.prompt import PromptBuilder, PromptLayout
 
 
@@ -145,15 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     examples = examples[: args.questions] if args.questions else examples
     torch.manual_seed(0)
     loaded = load_model(ModelConfig(path=args.model, dtype=args.dtype))
-    engine = Engine(
-        loaded,
-        EngineConfig(
-            kv_cache_bytes=1 << 30,
-            max_num_batched_tokens=8192,
-            enable_prefix_caching=False,
-            speculative=SpeculativeConfig(method="off"),
-        ),
-    )
+    engine = evaluation_engine(loaded)
     began = time.perf_counter()
     pairs: list[Pair] = []
     kv_dtype = str(engine.model.dtype).removeprefix("torch.")

@@ -24,7 +24,9 @@ from ragcache.blending.focus import TEXT_PARAMS
 from ragcache.blending.fuser import FusedRequest, fuse
 from ragcache.blending.methods import METHOD_NAMES, MethodParam, make_method
 from ragcache.chunkstore.codecs import CODECS, get_codec
+from ragcache.engine.config import EngineConfig, SpeculativeConfig
 from ragcache.engine.engine import Engine
+from ragcache.engine.loader import LoadedModel
 from ragcache.engine.sampling_params import SamplingParams
 from ragcache.evaluation.examples import passage_text
 from ragcache.evaluation.hf_baseline import BASELINE_LABEL, TransformersBaseline
@@ -46,6 +48,20 @@ class Setting:
     method: str
     params: dict[str, MethodParam] = field(default_factory=dict)
     codec: str = "raw"
+
+
+def evaluation_engine(loaded: LoadedModel) -> Engine:
+    """The engine fidelity runs use: no prefix cache (every setting uses its own KV,
+    never a previous run's) and no drafts (end-to-end times compare fusion alone)."""
+    return Engine(
+        loaded,
+        EngineConfig(
+            kv_cache_bytes=1 << 30,
+            max_num_batched_tokens=8192,
+            enable_prefix_caching=False,
+            speculative=SpeculativeConfig(method="off"),
+        ),
+    )
 
 
 def default_sweep() -> list[Setting]:

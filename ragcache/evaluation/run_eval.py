@@ -20,8 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ragcache.engine.config import EngineConfig, ModelConfig, SpeculativeConfig
-from ragcache.engine.engine import Engine
+from ragcache.engine.config import ModelConfig
 from ragcache.engine.loader import LoadedModel, load_model
 from ragcache.evaluation.examples import ExampleFormatError, load_examples
 from ragcache.evaluation.fusion_eval import (
@@ -30,6 +29,7 @@ from ragcache.evaluation.fusion_eval import (
     Setting,
     append_outcomes,
     default_sweep,
+    evaluation_engine,
     load_outcomes,
     parse_settings,
     summarize,
@@ -189,17 +189,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     _check_resume(out.with_suffix(".meta.json"), results, meta)
     done = load_outcomes(results)
     finished = {(o.example, o.setting) for o in done}
-    # No engine prefix cache: every setting must use its own KV, never a previous run's.
-    # No speculative decoding: end-to-end times compare fusion alone.
-    engine = Engine(
-        loaded,
-        EngineConfig(
-            kv_cache_bytes=1 << 30,
-            max_num_batched_tokens=8192,
-            enable_prefix_caching=False,
-            speculative=SpeculativeConfig(method="off"),
-        ),
-    )
+    engine = evaluation_engine(loaded)
     baseline = None
     if any(s.method == BASELINE_LABEL for s in settings):
         baseline = TransformersBaseline(loaded.source, loaded.dtype, engine.eos_ids)
