@@ -4,6 +4,12 @@ A full block's hash covers the hash of the block before it, the request's cache 
 (tenant and adapter) and its token ids, so equal hashes mean equal prefixes. A hit
 also compares token ids, so a hash collision is a miss. Freed blocks that hold a
 registered prefix stay findable until they are reused, oldest first.
+
+With ``placement="contiguous"`` (the default) a sequence's blocks are taken as runs of
+consecutive blocks (``ragcache.engine.block_placement``): a new sequence starts a run
+long enough for its prompt and its ``max_tokens``, the blocks after its prompt are
+reserved for its decode steps, and free blocks without a registered prefix are used
+before those that hold one. ``placement="fifo"`` takes the oldest free block each time.
 """
 
 from __future__ import annotations
@@ -14,7 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ragcache.engine.block_placement import PLACEMENTS, longest_run, place_run
 from ragcache.engine.sequence import Sequence
+
+NO_OWNER = -1
 
 
 @dataclass(slots=True)
@@ -34,11 +43,26 @@ def chain_hash(previous: bytes | None, salt: str, token_ids: list[int]) -> bytes
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        placement: str = "contiguous",
+    ):
+        if placement not in PLACEMENTS:
+            raise ValueError(
+                f"engine.block_placement={placement!r}; use one of {', '.join(PLACEMENTS)}"
+            )
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.contiguous = placement == "contiguous"
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_ids: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.free_mask = np.ones(num_blocks, dtype=bool)
+        self.hashed_mask = np.zeros(num_blocks, dtype=bool)
+        # The sequence a free block is kept for (its next decode blocks), or NO_OWNER.
+        self.reserved_for = np.full(num_blocks, NO_OWNER, dtype=np.int64)
         self.hash_to_block: dict[bytes, int] = {}
         self.prefix_hits = 0
         self.prefix_queries = 0
@@ -63,21 +87,81 @@ class BlockManager:
         return (num_tokens + self.block_size - 1) // self.block_size
 
     def _take_free(self) -> int:
-        block_id, _ = self.free_ids.popitem(last=False)
+        return self._claim(next(iter(self.free_ids)))
+
+    def _claim(self, block_id: int) -> int:
+        """Take a free block for one sequence, dropping any prefix it held."""
+        del self.free_ids[block_id]
+        self.free_mask[block_id] = False
+        self.reserved_for[block_id] = NO_OWNER
         block = self.blocks[block_id]
         if block.block_hash is not None:
             if self.hash_to_block.get(block.block_hash) == block_id:
                 del self.hash_to_block[block.block_hash]
             block.block_hash = None
             block.token_ids = ()
+            self.hashed_mask[block_id] = False
         block.ref_count = 1
         return block_id
+
+    def _release(self, block_id: int) -> None:
+        self.free_ids[block_id] = None
+        self.free_mask[block_id] = True
 
     def _share(self, block_id: int) -> None:
         block = self.blocks[block_id]
         if block.ref_count == 0:
             del self.free_ids[block_id]
+            self.free_mask[block_id] = False
+            self.reserved_for[block_id] = NO_OWNER
         block.ref_count += 1
+
+    def _unreserved_free(self) -> list[np.ndarray]:
+        """Masks of free blocks nobody has reserved, in order of preference: those that
+        hold no cached prefix first."""
+        open_free = self.free_mask & (self.reserved_for == NO_OWNER)
+        return [open_free & ~self.hashed_mask, open_free]
+
+    def _take_run(self, seq: Sequence, count: int, reserve: int) -> list[int]:
+        """``count`` blocks for the sequence, consecutive where free space allows, with up
+        to ``reserve`` more right after them kept for its later tokens."""
+        candidates = self._unreserved_free()
+        lengths = [count + reserve, count] if reserve else [count]
+        placed = place_run(candidates, lengths)
+        if placed is None:
+            # Every free block is kept for some sequence: take the far end of the
+            # longest free run, away from the sequence that run was kept for.
+            start, length = longest_run(self.free_mask)
+            taken = min(length, count)
+            placed = (start + length - taken, taken)
+        start, length = placed
+        taken = min(length, count)
+        blocks = [self._claim(b) for b in range(start, start + taken)]
+        blocks.extend(self._take_free() for _ in range(count - taken))
+        kept = slice(start + taken, start + length)
+        open_blocks = self.free_mask[kept] & (self.reserved_for[kept] == NO_OWNER)
+        self.reserved_for[kept][open_blocks] = seq.seq_id
+        return blocks
+
+    def _take_next(self, seq: Sequence) -> int:
+        """One more block for a growing sequence: the one after its last if it is free
+        and not kept for another sequence, else the start of a new run."""
+        if not self.contiguous:
+            return self._take_free()
+        if seq.block_table:
+            after = seq.block_table[-1] + 1
+            if (
+                after < self.num_blocks
+                and self.free_mask[after]
+                and self.reserved_for[after] in (NO_OWNER, seq.seq_id)
+            ):
+                return self._claim(after)
+        return self._take_run(seq, 1, self._growth_blocks(seq, len(seq.block_table) + 1))[0]
+
+    def _growth_blocks(self, seq: Sequence, held: int) -> int:
+        """Blocks the sequence will still need past ``held`` if it runs to max_tokens."""
+        remaining = max(0, seq.params.max_tokens - seq.num_output_tokens)
+        return max(0, self.blocks_needed(len(seq) + remaining) - held)
 
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Blocks holding the longest cached prefix of the prompt (never the whole prompt).
@@ -122,8 +206,14 @@ class BlockManager:
             self.prefix_hits += 1
         seq.num_cached_tokens = len(matched) * self.block_size
         seq.num_registered_blocks = len(matched)
-        while len(seq.block_table) < self.blocks_needed(len(seq)):
-            seq.block_table.append(self._take_free())
+        needed = self.blocks_needed(len(seq)) - len(seq.block_table)
+        if needed <= 0:
+            return
+        if self.contiguous:
+            growth = self._growth_blocks(seq, len(seq.block_table) + needed)
+            seq.block_table.extend(self._take_run(seq, needed, growth))
+        else:
+            seq.block_table.extend(self._take_free() for _ in range(needed))
 
     def can_append(self, seq: Sequence) -> bool:
         return len(seq.block_table) * self.block_size > len(seq) - 1 or self.num_free_blocks > 0
@@ -131,7 +221,7 @@ class BlockManager:
     def may_append(self, seq: Sequence) -> None:
         """Make room for the token at index len(seq) - 1 (the one about to be computed)."""
         if len(seq.block_table) * self.block_size < len(seq):
-            seq.block_table.append(self._take_free())
+            seq.block_table.append(self._take_next(seq))
 
     def reserve_lookahead(self, seq: Sequence, num_tokens: int) -> int:
         """Take free blocks for up to ``num_tokens`` slots past the sequence's end.
@@ -140,7 +230,7 @@ class BlockManager:
         """
         end = len(seq) + num_tokens
         while len(seq.block_table) * self.block_size < end and self.free_ids:
-            seq.block_table.append(self._take_free())
+            seq.block_table.append(self._take_next(seq))
         return min(num_tokens, len(seq.block_table) * self.block_size - len(seq))
 
     def release_lookahead(self, seq: Sequence, num_tokens: int) -> None:
@@ -150,7 +240,9 @@ class BlockManager:
             block = self.blocks[seq.block_table.pop()]
             block.ref_count -= 1
             if block.ref_count == 0:
-                self.free_ids[block.block_id] = None
+                self._release(block.block_id)
+                if self.contiguous:
+                    self.reserved_for[block.block_id] = seq.seq_id
 
     def register_full_blocks(self, seq: Sequence, num_computed: int) -> None:
         """Publish the hashes of blocks whose every token's KV is now computed."""
@@ -167,6 +259,7 @@ class BlockManager:
                 block.block_hash = block_hash
                 block.token_ids = tuple(tokens)
                 self.hash_to_block[block_hash] = block.block_id
+                self.hashed_mask[block.block_id] = True
             seq.block_hashes.append(block_hash)
             seq.num_registered_blocks += 1
 
@@ -175,8 +268,10 @@ class BlockManager:
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
-                self.free_ids[block_id] = None
+                self._release(block_id)
         seq.block_table = []
+        if self.contiguous:
+            self.reserved_for[self.reserved_for == seq.seq_id] = NO_OWNER
 
     def stats(self) -> dict[str, float]:
         return {
@@ -184,6 +279,7 @@ class BlockManager:
             "num_free_blocks": self.num_free_blocks,
             "num_cached_free_blocks": self.num_cached_free_blocks,
             "usage": self.usage(),
+            "num_reserved_blocks": int((self.reserved_for != NO_OWNER).sum()),
             "prefix_cache_queries": self.prefix_queries,
             "prefix_cache_hits": self.prefix_hits,
         }

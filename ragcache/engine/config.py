@@ -85,6 +85,13 @@ class EngineConfig:
         default=512 * 1024 * 1024, metadata={"help": "byte budget of the paged KV block pool"}
     )
     block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
+    block_placement: str = field(
+        default="contiguous",
+        metadata={
+            "help": "contiguous (a sequence's blocks in consecutive runs, read in place by "
+            "attention) or fifo (the oldest free block each time)"
+        },
+    )
     max_num_seqs: int = field(default=32, metadata={"help": "most sequences in one step"})
     max_num_batched_tokens: int = field(
         default=2048, metadata={"help": "token budget of one step (chunked prefill)"}

@@ -53,7 +53,10 @@ class Engine:
             self.spec, num_blocks, self.config.block_size, loaded.dtype, loaded.device
         )
         self.block_manager = BlockManager(
-            num_blocks, self.config.block_size, self.config.enable_prefix_caching
+            num_blocks,
+            self.config.block_size,
+            self.config.enable_prefix_caching,
+            self.config.block_placement,
         )
         self.lora = LoraManager(
             loaded.model, self.spec, lora or LoraConfig(), lambda: self.scheduler.running
