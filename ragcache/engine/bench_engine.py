@@ -277,6 +277,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         threads=args.threads,
+        block_placement=args.block_placement,
     )
     report: dict[str, Any] = {
         "command": " ".join(["python -m ragcache.engine.bench_engine", *sys.argv[1:]]),
@@ -292,6 +293,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "max_num_batched_tokens": args.max_num_batched_tokens,
             "kv_cache_bytes": kv_bytes,
             "block_size": block_size,
+            "block_placement": args.block_placement,
         },
     }
     reference = AutoModelForCausalLM.from_pretrained(loaded.source, dtype=loaded.dtype).eval()
@@ -383,7 +385,8 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
         f"{settings['prompt_tokens_range'][0]}-{settings['prompt_tokens_range'][1]} MuSiQue "
         f"tokens, outputs of {settings['output_tokens_range'][0]}-"
         f"{settings['output_tokens_range'][1]} tokens, {settings['model']} in "
-        f"{settings['dtype']}, torch threads: {report['machine']['threads']}.",
+        f"{settings['dtype']}, torch threads: {report['machine']['threads']}, KV block "
+        f"placement: {settings.get('block_placement', 'fifo')}.",
         "",
         *table_lines(report),
         "",
@@ -406,6 +409,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-num-seqs", type=int, default=EngineConfig().max_num_seqs)
     parser.add_argument(
         "--max-num-batched-tokens", type=int, default=EngineConfig().max_num_batched_tokens
+    )
+    parser.add_argument(
+        "--block-placement",
+        default=EngineConfig().block_placement,
+        choices=("contiguous", "fifo"),
+        help="where the engine puts each sequence's KV blocks",
     )
     parser.add_argument(
         "--kv-cache-mib",

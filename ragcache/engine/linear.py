@@ -1,11 +1,18 @@
-"""Projections of a few tokens: the weight-major product on CPUs, or packed 4-bit weights.
+"""Projections on CPU: oneDNN's product, the weight-major product for a few rows, or
+packed 4-bit weights.
 
 Decode steps, speculative verification and small batches multiply a handful of token
 rows by each weight. On CPU, MKL's sgemm handles ``x @ W.T`` with 2-16 rows at about
 half the speed of ``W @ x.T`` (measured on the 2-core development machine: a whole
 SmolLM2 forward of 4 tokens took 185 ms one way and 97 ms the other, against 101 ms for
 one token), so verifying a few draft tokens would cost two decode steps instead of one.
-One row and larger batches keep ``F.linear``.
+
+One row and larger batches in float32 take oneDNN's inner-product primitive
+(``torch.ops.mkldnn._linear_pointwise``) where torch has it: on the development machine
+(AMD EPYC, AVX2) it ran SmolLM2's layer projections 1.1-1.3x faster than MKL's sgemm
+behind ``F.linear`` at every row count from 1 to 2048 except 2-16, where the
+weight-major product is faster still (``python -m ragcache.engine.bench_linear``).
+Other dtypes and devices keep ``F.linear``.
 
 Such products are bound by the bytes of weight read. With ``model.packed_weights =
 int4_bf16`` (opt-in, lossy) products of up to ``PACKED_MAX_ROWS`` rows read a 4-bit copy
@@ -21,6 +28,22 @@ from ragcache.engine.packed_weights import PackedWeight
 
 SKINNY_MAX_ROWS = 16
 PACKED_MAX_ROWS = 16
+_ONEDNN_LINEAR = (
+    getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if torch.backends.mkldnn.is_available()
+    else None
+)
+
+
+def onednn_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        _ONEDNN_LINEAR is not None
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.dim() == 2
+        and weight.is_contiguous()
+    )
 
 
 def linear(
@@ -35,6 +58,9 @@ def linear(
     if x.dim() == 2 and 2 <= x.shape[0] <= SKINNY_MAX_ROWS and x.device.type == "cpu":
         out = torch.mm(weight, x.t()).t().contiguous()
         return out if bias is None else out + bias
+    if onednn_serves(x, weight):
+        assert _ONEDNN_LINEAR is not None
+        return _ONEDNN_LINEAR(x.contiguous(), weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import Counter
 
@@ -54,7 +55,7 @@ def grow(manager: BlockManager, seq: Sequence, tokens: int) -> None:
 
 
 def is_consecutive(table: list[int]) -> bool:
-    return all(b - a == 1 for a, b in zip(table, table[1:], strict=False))
+    return all(b - a == 1 for a, b in itertools.pairwise(table))
 
 
 def test_sequences_grow_in_consecutive_blocks_up_to_max_tokens() -> None:
@@ -155,7 +156,7 @@ def test_random_storm_keeps_the_free_list_and_masks_in_step(placement: str) -> N
 
 
 def test_unknown_placement_names_the_option() -> None:
-    with pytest.raises(ValueError, match="engine.block_placement='buddy'"):
+    with pytest.raises(ValueError, match=r"engine\.block_placement='buddy'"):
         BlockManager(8, BLOCK, placement="buddy")
 
 

@@ -1,12 +1,16 @@
-"""The weight-major projection of a few rows equals F.linear, with and without bias."""
+"""Every projection product (oneDNN, weight-major) equals F.linear, with and without bias."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ragcache.engine.linear import SKINNY_MAX_ROWS, linear
+from ragcache.engine import bench_linear
+from ragcache.engine.linear import _ONEDNN_LINEAR, SKINNY_MAX_ROWS, linear, onednn_serves
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, SKINNY_MAX_ROWS, SKINNY_MAX_ROWS + 1, 40])
@@ -19,3 +23,28 @@ def test_linear_matches_f_linear(rows: int, with_bias: bool) -> None:
     out = linear(x, weight, bias)
     assert out.is_contiguous() and out.shape == (rows, 80)
     torch.testing.assert_close(out, F.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
+
+
+def test_float32_cpu_products_take_onednn_where_torch_has_it() -> None:
+    x, weight = torch.randn(40, 48), torch.randn(80, 48)
+    assert onednn_serves(x, weight) == (_ONEDNN_LINEAR is not None)
+    assert not onednn_serves(x.bfloat16(), weight.bfloat16())
+    assert not onednn_serves(x[None], weight)
+
+
+def test_empty_and_strided_inputs_match_f_linear() -> None:
+    weight = torch.randn(80, 48)
+    empty = linear(torch.randn(0, 48), weight)
+    assert empty.shape == (0, 80)
+    strided = torch.randn(48, 40).t()
+    torch.testing.assert_close(linear(strided, weight), F.linear(strided, weight))
+
+
+def test_bench_linear_writes_a_table_and_json(tmp_path: Path) -> None:
+    out = tmp_path / "linear.json"
+    bench_linear.main(["--out", str(out), "--rows", "1", "4", "--layers", "1", "--repeats", "1"])
+    report = json.loads(out.read_text())
+    rows = {(r["rows"], r["product"]) for r in report["results"]}
+    assert (1, "F.linear (MKL)") in rows and (4, "weight-major") in rows
+    assert all(r["ms_per_layer"] > 0 for r in report["results"])
+    assert "| 4 |" in out.with_suffix(".md").read_text()

@@ -1,0 +1,145 @@
+"""Projection products on CPU: MKL's ``F.linear`` against oneDNN and the weight-major product.
+
+    python -m ragcache.engine.bench_linear --out eval/reports/bench_linear.json
+
+Times one decoder layer's projections of SmolLM2-135M's shape (fused q/k/v 960 x 576,
+o 576 x 576, fused gate/up 3072 x 576, down 576 x 1536) for a range of token rows, in
+float32, over 30 layers' worth of distinct random weights so that small products
+stream their weights from memory as a real forward does. Each product is timed in the
+same run, best of ``--repeats``; the table gives milliseconds per layer and each
+product's speed relative to ``F.linear``. ``ragcache.engine.linear`` picks its product
+per row count from these figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ragcache.engine.bench_machine import machine_record
+from ragcache.engine.linear import _ONEDNN_LINEAR, SKINNY_MAX_ROWS
+
+LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
+Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def products(rows: int) -> dict[str, Product]:
+    out: dict[str, Product] = {"F.linear (MKL)": lambda x, w: F.linear(x, w)}
+    if _ONEDNN_LINEAR is not None:
+        onednn = _ONEDNN_LINEAR
+        out["oneDNN"] = lambda x, w: onednn(x, w, None, "none", [], "")
+    if rows <= SKINNY_MAX_ROWS:
+        out["weight-major"] = lambda x, w: torch.mm(w, x.t()).t().contiguous()
+    return out
+
+
+def time_layer(
+    product: Product, layers: list[list[torch.Tensor]], inputs: dict[tuple[int, int], Any]
+) -> float:
+    start = time.perf_counter()
+    for weights in layers:
+        for weight in weights:
+            product(inputs[tuple(weight.shape)], weight)
+    return (time.perf_counter() - start) / len(layers)
+
+
+def run(rows_list: list[int], num_layers: int, repeats: int, seed: int) -> list[dict[str, Any]]:
+    generator = torch.Generator().manual_seed(seed)
+    layers = [
+        [torch.randn(*shape, generator=generator) for shape in LAYER_SHAPES]
+        for _ in range(num_layers)
+    ]
+    results = []
+    for rows in rows_list:
+        inputs = {s: torch.randn(rows, s[1], generator=generator) for s in LAYER_SHAPES}
+        # Large products are compute-bound: a few layers give the same per-layer time.
+        timed_layers = layers if rows <= 128 else layers[:4]
+        candidates = products(rows)
+        best = dict.fromkeys(candidates, float("inf"))
+        for _ in range(repeats):
+            for name, product in candidates.items():
+                best[name] = min(best[name], time_layer(product, timed_layers, inputs))
+        baseline = best["F.linear (MKL)"]
+        for name, seconds in best.items():
+            results.append(
+                {
+                    "rows": rows,
+                    "product": name,
+                    "ms_per_layer": seconds * 1e3,
+                    "speedup_vs_f_linear": baseline / seconds,
+                }
+            )
+            print(f"rows {rows:5d}  {name:16s} {seconds * 1e3:8.2f} ms  {baseline / seconds:5.2f}x")
+    return results
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    names = list(dict.fromkeys(r["product"] for r in report["results"]))
+    lines = [
+        "# bench_linear: projection products on CPU (one SmolLM2 layer, float32)",
+        "",
+        f"    {report['command']}",
+        "",
+        f"torch {report['machine']['torch']}, {report['machine']['threads']} threads, load "
+        f"average at start {report['machine']['load_average_at_start']}. Milliseconds per "
+        "layer (fused q/k/v, o, fused gate/up, down), best of the repeats; in brackets the "
+        "speed relative to `F.linear` in the same run.",
+        "",
+        "| rows | " + " | ".join(names) + " |",
+        "|---:|" + "---:|" * len(names),
+    ]
+    for rows in dict.fromkeys(r["rows"] for r in report["results"]):
+        cells = []
+        for name in names:
+            match = [r for r in report["results"] if r["rows"] == rows and r["product"] == name]
+            cells.append(
+                f"{match[0]['ms_per_layer']:.2f} ({match[0]['speedup_vs_f_linear']:.2f}x)"
+                if match
+                else ""
+            )
+        lines.append(f"| {rows} | " + " | ".join(cells) + " |")
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("eval/reports/bench_linear.json"))
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 32, 128, 512, 2048])
+    parser.add_argument("--layers", type=int, default=30, help="distinct weight sets (layers)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps default")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if min(args.rows) < 1 or args.layers < 1 or args.repeats < 1:
+        parser.error("--rows, --layers and --repeats must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    machine = machine_record()
+    with torch.inference_mode():
+        results = run(args.rows, args.layers, args.repeats, args.seed)
+    report = {
+        "command": " ".join(["python -m ragcache.engine.bench_linear", *sys.argv[1:]]),
+        "machine": machine,
+        "results": results,
+    }
+    write_report(args.out, report)
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
