@@ -77,6 +77,8 @@ class SequencePlan:
 
     Slots [0, run_len) are read in place from flat slot ``kv_start`` on; ``kv_slots``
     lists the pool slots of the rest (all of them when ``kv_start`` is None).
+    ``causal_tail``: the queries are the sequence's last slots, in order, so attention is
+    full over the slots before them and causal among them, with no mask to build.
     """
 
     query_start: int
@@ -86,6 +88,7 @@ class SequencePlan:
     kv_slots: torch.Tensor | None
     mask: torch.Tensor | None
     run_len: int = 0
+    causal_tail: bool = False
 
 
 def plan_paged_attention(
@@ -111,8 +114,9 @@ def plan_paged_attention(
         run_len = min(run_blocks * block_size, seq_len)
         slots = query_slots[a:b]
         last_only = b - a == 1 and int(slots[0]) == seq_len - 1
+        causal_tail = not last_only and _is_causal_tail(slots, seq_len)
         mask = None
-        if not last_only:
+        if not last_only and not causal_tail:
             mask = torch.arange(seq_len, device=slots.device)[None, :] <= slots[:, None]
         in_place = run_len == seq_len or (
             last_only
@@ -126,8 +130,19 @@ def plan_paged_attention(
         kv_slots = None
         if run_len < seq_len:
             kv_slots = sequence_slots(block_tables[i], seq_len, block_size)[run_len:]
-        plans.append(SequencePlan(a, b, seq_len, kv_start, kv_slots, mask, run_len))
+        plans.append(SequencePlan(a, b, seq_len, kv_start, kv_slots, mask, run_len, causal_tail))
     return plans
+
+
+def _is_causal_tail(slots: torch.Tensor, seq_len: int) -> bool:
+    """Whether the query slots are exactly seq_len - n, ..., seq_len - 1 (a prefill chunk)
+    and the CPU flash kernel, which returns log-sum-exps, can attend them."""
+    n = slots.shape[0]
+    if _FLASH_WITH_LSE is None or slots.device.type != "cpu" or n < 2:
+        return False
+    if int(slots[0]) != seq_len - n or int(slots[-1]) != seq_len - 1:
+        return False
+    return bool((slots[1:] - slots[:-1] == 1).all())
 
 
 def _sequence_kv(cache: torch.Tensor, plan: SequencePlan) -> torch.Tensor:
@@ -144,6 +159,7 @@ def _sequence_kv(cache: torch.Tensor, plan: SequencePlan) -> torch.Tensor:
 def _one_query_in_place(plan: SequencePlan, q: torch.Tensor) -> bool:
     return (
         plan.mask is None
+        and not plan.causal_tail
         and plan.kv_start is not None
         and q.device.type == "cpu"
         and _FLASH_WITH_LSE is not None
@@ -174,11 +190,58 @@ def _attend_one_query(
     if len(results) == 1:
         return results[0][0].reshape(1, -1, head_dim)
     (out_a, lse_a), (out_b, lse_b) = (result[:2] for result in results)
+    out = _merge_by_lse(out_a, lse_a, out_b, lse_b)
+    return out.reshape(1, -1, head_dim).to(q.dtype)
+
+
+def _merge_by_lse(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> torch.Tensor:
+    """Softmax-weighted union of two attention results over disjoint key sets."""
     top = torch.maximum(lse_a, lse_b)
     weight_a = torch.exp(lse_a - top)[..., None]
     weight_b = torch.exp(lse_b - top)[..., None]
-    out = (out_a * weight_a + out_b * weight_b) / (weight_a + weight_b)
-    return out.reshape(1, -1, head_dim).to(q.dtype)
+    return (out_a * weight_a + out_b * weight_b) / (weight_a + weight_b)
+
+
+def _attend_causal_tail(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Queries q [n, Hq, D] at the last n of the L slots of k, v [L, Hkv, D]: full
+    attention over the first L - n slots and causal attention among the last n, merged
+    by their log-sum-exps. The query heads that share a KV head form the batch, so the
+    KV heads are broadcast, never copied."""
+    assert _FLASH_WITH_LSE is not None
+    n, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_heads // num_kv_heads
+    grouped = q.view(n, num_kv_heads, group, head_dim).permute(2, 1, 0, 3)
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(0, 1)[None].expand(group, -1, -1, -1)
+
+    prefix = k.shape[0] - n
+    out, lse = _FLASH_WITH_LSE(
+        grouped, heads(k[prefix:]), heads(v[prefix:]), is_causal=True, scale=scale
+    )[:2]
+    if prefix > 0:
+        out_prefix, lse_prefix = _FLASH_WITH_LSE(
+            grouped, heads(k[:prefix]), heads(v[:prefix]), scale=scale
+        )[:2]
+        out = _merge_by_lse(out_prefix, lse_prefix, out, lse)
+    return out.permute(2, 1, 0, 3).reshape(n, num_heads, head_dim).to(q.dtype)
+
+
+def _attend_planned(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: SequencePlan, scale: float
+) -> torch.Tensor:
+    if _one_query_in_place(plan, q):
+        return _attend_one_query(q, k_cache, v_cache, plan, scale)
+    k = _sequence_kv(k_cache, plan)
+    v = _sequence_kv(v_cache, plan)
+    if plan.causal_tail:
+        return _attend_causal_tail(q, k, v, scale)
+    return _attend(q, k, v, plan.mask, False, scale)
 
 
 def paged_attention_planned(
@@ -190,21 +253,11 @@ def paged_attention_planned(
 ) -> torch.Tensor:
     """paged_attention_ref with the per-sequence work already resolved."""
     if len(plans) == 1 and plans[0].query_end - plans[0].query_start == q.shape[0]:
-        plan = plans[0]
-        if _one_query_in_place(plan, q):
-            return _attend_one_query(q, k_cache, v_cache, plan, scale)
-        return _attend(
-            q, _sequence_kv(k_cache, plan), _sequence_kv(v_cache, plan), plan.mask, False, scale
-        )
+        return _attend_planned(q, k_cache, v_cache, plans[0], scale)
     out = torch.empty_like(q)
     for plan in plans:
         a, b = plan.query_start, plan.query_end
-        if _one_query_in_place(plan, q):
-            out[a:b] = _attend_one_query(q[a:b], k_cache, v_cache, plan, scale)
-            continue
-        k = _sequence_kv(k_cache, plan)
-        v = _sequence_kv(v_cache, plan)
-        out[a:b] = _attend(q[a:b], k, v, plan.mask, False, scale)
+        out[a:b] = _attend_planned(q[a:b], k_cache, v_cache, plan, scale)
     return out
 
 

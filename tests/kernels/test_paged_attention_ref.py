@@ -140,3 +140,37 @@ def test_one_query_reads_its_leading_block_run_in_place_and_copies_the_rest() ->
         torch.testing.assert_close(
             alone[a:b].double(), naive_attention(case)[a:b], atol=1e-5, rtol=1e-5
         )
+
+
+def test_a_prefill_chunk_at_the_end_attends_causally_without_a_mask() -> None:
+    seq_lens = [40, 40, 33, 33]
+    query_slots = [
+        list(range(40)),  # a whole prompt
+        list(range(24, 40)),  # a later chunk after a cached prefix
+        [2, 3, 11, 32],  # a subset: masked
+        [30, 32],  # a gap before the last slot: masked
+    ]
+    case = make_paged_case(seq_lens, query_slots, num_q_heads=6, num_kv_heads=2)
+    plans = plan_paged_attention(
+        case.block_tables, case.seq_lens, case.query_start_loc, case.query_slots, 16
+    )
+    assert [(p.causal_tail, p.mask is None) for p in plans] == [
+        (True, True),
+        (True, True),
+        (False, False),
+        (False, False),
+    ]
+    torch.testing.assert_close(_ref(case).double(), naive_attention(case), atol=1e-5, rtol=1e-5)
+
+
+def test_a_prefill_chunk_over_consecutive_blocks_is_read_in_place() -> None:
+    tables = [list(range(10, 14)), list(range(30, 33))]
+    case = _case_with_tables(tables, [64, 40], [64, 9])
+    plans = plan_paged_attention(
+        case.block_tables, case.seq_lens, case.query_start_loc, case.query_slots, 16
+    )
+    assert [(p.causal_tail, p.kv_start, p.kv_slots is None) for p in plans] == [
+        (True, 160, True),
+        (True, 480, True),
+    ]
+    torch.testing.assert_close(_ref(case).double(), naive_attention(case), atol=1e-5, rtol=1e-5)
