@@ -9,9 +9,10 @@ one token), so verifying a few draft tokens would cost two decode steps instead 
 
 One row and larger batches in float32 take oneDNN's inner-product primitive
 (``torch.ops.mkldnn._linear_pointwise``) where torch has it: on the development machine
-(AMD EPYC, AVX2) it ran SmolLM2's layer projections 1.1-1.3x faster than MKL's sgemm
-behind ``F.linear`` at every row count from 1 to 2048 except 2-16, where the
-weight-major product is faster still (``python -m ragcache.engine.bench_linear``).
+(AMD EPYC, AVX2) it ran SmolLM2's layer projections as fast as MKL's sgemm behind
+``F.linear`` for one row (1.01x) and 1.04-1.16x faster for 32 to 2048 rows; for 2-16
+rows the weight-major product is faster still (``python -m ragcache.engine.bench_linear``,
+``eval/reports/bench_linear.md``).
 Other dtypes and devices keep ``F.linear``.
 
 Such products are bound by the bytes of weight read. With ``model.packed_weights =
