@@ -386,7 +386,7 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
         f"tokens, outputs of {settings['output_tokens_range'][0]}-"
         f"{settings['output_tokens_range'][1]} tokens, {settings['model']} in "
         f"{settings['dtype']}, torch threads: {report['machine']['threads']}, KV block "
-        f"placement: {settings.get('block_placement', 'fifo')}.",
+        f"placement: {settings['block_placement']}.",
         "",
         *table_lines(report),
         "",
