@@ -28,6 +28,7 @@ from ragcache.blending.fuser import FusedRequest, FusionReport, fuse
 from ragcache.blending.methods import METHOD_NAMES, MethodParam, make_method
 from ragcache.chunk_cache import ChunkCache
 from ragcache.chunk_gather import GatheredKV, gather_overlapped, gather_sequential
+from ragcache.chunkstore.cost_calibration import cost_model_for
 from ragcache.chunkstore.keys import KeyContext
 from ragcache.chunkstore.store import ChunkStore
 from ragcache.config import Config
@@ -201,7 +202,10 @@ class RagCache:
         context = KeyContext(
             self.loaded.fingerprint, str(self.loaded.dtype), self.config.chunkstore.disk_codec
         )
-        store = ChunkStore(self.config.chunkstore, self.data_dir / "chunks")
+        cost_model = cost_model_for(
+            self.config.chunkstore.cost_model, self.loaded, self.data_dir / "calibration"
+        )
+        store = ChunkStore(self.config.chunkstore, self.data_dir / "chunks", cost_model)
         self.chunk_cache = ChunkCache(store, context, self.prompts.root_ids)
         self.async_engine = AsyncEngine(self.engine)
         # Threads that wait on the engine thread's chunk encoding while a query reads its

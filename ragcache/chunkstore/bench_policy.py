@@ -14,9 +14,13 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from ragcache.chunkstore.cost_calibration import COST_MODELS, calibration_record
+from ragcache.engine.config import ModelConfig
+from ragcache.engine.loader import load_model
 from ragcache.policy import CostModel, make_policy
 
 SMOLLM2_KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 2
@@ -142,6 +146,13 @@ def static_best(
     return float(saved / costs[requests].sum())
 
 
+def measured_calibration() -> dict[str, Any]:
+    """The embedded SmolLM2's prefill cost on this machine, as the service measures it."""
+    loaded = load_model(ModelConfig())
+    directory = Path(ModelConfig().cache_dir).expanduser().parent / "calibration"
+    return calibration_record(loaded, directory)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="eval/reports/bench_policy.json")
@@ -151,14 +162,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--capacity-fraction", type=float, default=0.2)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--shapes", nargs="+", default=list(TRACES), choices=list(TRACES))
+    parser.add_argument(
+        "--cost-model",
+        default="measured",
+        choices=COST_MODELS,
+        help="measured: SmolLM2's prefill timed on this machine (once, then cached), as "
+        "the service does; default: the fixed coefficients of CostModel()",
+    )
     args = parser.parse_args(argv)
-    cost_model = CostModel()
+    calibration = measured_calibration() if args.cost_model == "measured" else None
+    cost_model = CostModel(**calibration["cost_model"]) if calibration else CostModel()
     names = list(VARIANTS)
     columns = [*names, "static-best"]
     runs = []
     print(
         f"{args.chunks} chunks, {args.requests} requests, Zipf({args.zipf}), capacity "
-        f"{args.capacity_fraction:.0%} of the working set; saved prefill fraction\n"
+        f"{args.capacity_fraction:.0%} of the working set; saved prefill fraction"
+    )
+    print(
+        f"cost model ({args.cost_model}): {cost_model.per_token:.3g} s/token + "
+        f"{cost_model.per_token_pair:.3g} s/token pair + {cost_model.fixed:.3g} s; "
+        f"cost/size from 64 to 2048 tokens: {cost_model.seconds(64) / 64:.3g} to "
+        f"{cost_model.seconds(2048) / 2048:.3g} s/token\n"
     )
     print("| trace | seed | " + " | ".join(columns) + " | PGDSF-LRU (points) |")
     print("|---|---:|" + "---:|" * (len(columns) + 1))
@@ -202,9 +227,11 @@ def main(argv: list[str] | None = None) -> None:
             "capacity_fraction": args.capacity_fraction,
         },
         "cost_model": {
+            "source": args.cost_model,
             "per_token": cost_model.per_token,
             "per_token_pair": cost_model.per_token_pair,
             "fixed": cost_model.fixed,
+            "calibration": calibration,
         },
         "runs": runs,
     }

@@ -22,6 +22,14 @@ class ChunkStoreConfig:
         default=1.0,
         metadata={"help": "PGDSF priority uses frequency**exponent; 1 is the plain formula"},
     )
+    cost_model: str = field(
+        default="measured",
+        metadata={
+            "help": "recompute cost PGDSF weighs chunks by: measured (this machine's prefill "
+            "time, timed once per model and kept in the data directory) or default "
+            "(fixed coefficients)"
+        },
+    )
     pgdsf_admission: bool = field(
         default=True,
         metadata={

@@ -16,6 +16,7 @@ prompt token and decode time per output token; the report says so.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -253,6 +254,17 @@ def greedy_agreement(ours: list[RequestTiming], theirs: list[RequestTiming]) -> 
     }
 
 
+def speculation_summary(config: EngineConfig, stats: dict[str, float]) -> dict[str, Any]:
+    spec = config.speculative
+    return {
+        "method": spec.method,
+        "num_speculative_tokens": spec.num_speculative_tokens,
+        "disable_by_batch_size": spec.disable_by_batch_size,
+        "acceptance_rate": stats.get("spec_acceptance_rate", 0.0),
+        "decode_tokens_per_step": stats.get("decode_tokens_per_step", 1.0),
+    }
+
+
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
@@ -297,9 +309,16 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         },
     }
     reference = AutoModelForCausalLM.from_pretrained(loaded.source, dtype=loaded.dtype).eval()
+    plain: tuple[list[RequestTiming], float, dict[str, float]] | None = None
     with torch.inference_mode():
         ours, ours_duration, stats = run_engine(loaded, workload, config)
         print(f"engine: {len(workload)} requests in {ours_duration:.1f} s", flush=True)
+        if args.speculation_off_run and config.speculative.method != "off":
+            plain_config = dataclasses.replace(
+                config, speculative=dataclasses.replace(config.speculative, method="off")
+            )
+            plain = run_engine(loaded, workload, plain_config)
+            print(f"engine, speculation off: {plain[1]:.1f} s", flush=True)
         baseline_count = min(args.baseline_requests or len(workload), len(workload))
         theirs, theirs_duration = run_transformers(reference, workload[:baseline_count])
         print(f"transformers: {baseline_count} requests in {theirs_duration:.1f} s", flush=True)
@@ -307,6 +326,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     report["engine"]["num_preemptions"] = stats["num_preemptions"]
     report["engine"]["num_steps"] = stats["num_steps"]
     report["engine"]["prefix_cache_hits"] = stats["prefix_cache_hits"]
+    report["engine"]["speculation"] = speculation_summary(config, stats)
+    if plain is not None:
+        report["engine_speculation_off"] = serving_metrics(plain[0], plain[1], concurrent=True)
+        report["engine_speculation_off"]["num_steps"] = plain[2]["num_steps"]
     measured = serving_metrics(theirs, theirs_duration, concurrent=False)
     extrapolated = baseline_count < len(workload)
     baseline: dict[str, Any] = {"measured_requests": baseline_count, "extrapolated": extrapolated}
@@ -332,6 +355,17 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     report["target_ratio"] = TARGET_RATIO
     report["meets_target"] = ratio >= TARGET_RATIO
     report["greedy_agreement"] = greedy_agreement(ours[:baseline_count], theirs)
+    if plain is not None:
+        off = report["engine_speculation_off"]
+        report["speculation_off_ratio"] = (
+            off["total_token_throughput"] / baseline["total_token_throughput"]
+        )
+        report["speculation_off_greedy_agreement"] = greedy_agreement(
+            plain[0][:baseline_count], theirs
+        )
+        report["speculation_on_off_identical_requests"] = sum(
+            a.token_ids == b.token_ids for a, b in zip(ours, plain[0], strict=True)
+        )
     report["machine"]["load_average_at_end"] = list(os.getloadavg())
     print_table(report)
     write_report(args.out, report)
@@ -346,29 +380,73 @@ def print_table(report: dict[str, Any]) -> None:
 def table_lines(report: dict[str, Any]) -> list[str]:
     ours, baseline = report["engine"], report["transformers"]
     theirs = baseline["measured"]
+    off = report.get("engine_speculation_off")
     note = " (extrapolated)" if baseline["extrapolated"] else ""
+    off_head = " ragcache engine, speculation off |" if off else ""
+
+    def row(label: str, mine: str, plain: str, other: str) -> str:
+        return f"| {label} | {mine} |" + (f" {plain} |" if off else "") + f" {other} |"
+
+    def rate(metrics: dict[str, Any], key: str, digits: int) -> str:
+        return f"{metrics[key]:.{digits}f}"
+
     lines = [
-        f"| metric | ragcache engine | transformers, sequential{note} |",
-        "|---|---:|---:|",
-        f"| requests | {ours['completed']} | {baseline['measured_requests']} timed |",
-        f"| request throughput (req/s) | {ours['request_throughput']:.3f} "
-        f"| {baseline['request_throughput']:.3f} |",
-        f"| output token throughput (tok/s) | {ours['output_token_throughput']:.1f} "
-        f"| {baseline['output_token_throughput']:.1f} |",
-        f"| total token throughput (tok/s) | {ours['total_token_throughput']:.1f} "
-        f"| {baseline['total_token_throughput']:.1f} |",
+        f"| metric | ragcache engine |{off_head} transformers, sequential{note} |",
+        "|---|---:|" + ("---:|" if off else "") + "---:|",
+        row(
+            "requests",
+            str(ours["completed"]),
+            str(off["completed"]) if off else "",
+            f"{baseline['measured_requests']} timed",
+        ),
     ]
+    for label, key, digits in (
+        ("request throughput (req/s)", "request_throughput", 3),
+        ("output token throughput (tok/s)", "output_token_throughput", 1),
+        ("total token throughput (tok/s)", "total_token_throughput", 1),
+    ):
+        lines.append(
+            row(
+                label,
+                rate(ours, key, digits),
+                rate(off, key, digits) if off else "",
+                rate(baseline, key, digits),
+            )
+        )
     for name in ("ttft", "tpot", "itl", "e2e"):
         for stat in ("mean_ms", "median_ms", "p99_ms"):
             lines.append(
-                f"| {name.upper()} {stat.removesuffix('_ms')} (ms) | {ours[name][stat]:.1f} "
-                f"| {theirs[name][stat]:.1f} |"
+                row(
+                    f"{name.upper()} {stat.removesuffix('_ms')} (ms)",
+                    f"{ours[name][stat]:.1f}",
+                    f"{off[name][stat]:.1f}" if off else "",
+                    f"{theirs[name][stat]:.1f}",
+                )
             )
+    spec = ours.get("speculation")
+    agreement = report.get("greedy_agreement")
+    if agreement:
+        lines.append(
+            f"\ngreedy outputs identical to transformers' on {agreement['identical_requests']} "
+            f"of the {agreement['compared_requests']} requests timed on both sides"
+        )
     lines.append(
         f"\ntotal token throughput ratio: {report['total_token_throughput_ratio']:.2f}x "
         f"(target >= {report['target_ratio']:.0f}x); engine latencies count from t=0 with "
         "every request queued at once, transformers latencies from each request's own start"
     )
+    if spec:
+        lines.append(
+            f"\nspeculation ({spec['method']}, up to {spec['num_speculative_tokens']} drafts): "
+            f"acceptance {spec['acceptance_rate']:.2f}, {spec['decode_tokens_per_step']:.2f} "
+            "tokens per decode step"
+        )
+    if off:
+        lines.append(
+            f"\nwith speculation off: {report['speculation_off_ratio']:.2f}x; "
+            f"{report['speculation_on_off_identical_requests']} of {ours['completed']} outputs "
+            "identical with and without speculation"
+        )
     return lines
 
 
@@ -427,6 +505,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=0,
         help="torch CPU threads for both implementations; 0 keeps torch's default",
+    )
+    parser.add_argument(
+        "--speculation-off-run",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also serve the workload with speculative decoding off and report it",
     )
     parser.add_argument(
         "--baseline-requests",

@@ -74,8 +74,12 @@ class SpeculativeConfig:
         },
     )
     disable_by_batch_size: int = field(
-        default=8,
-        metadata={"help": "no drafts in steps with more decoding sequences than this; 0: no limit"},
+        default=0,
+        metadata={
+            "help": "no drafts in steps with more decoding sequences than this; 0: no limit "
+            "(on CPU a step reads every weight and every sequence's KV whatever the number "
+            "of tokens it verifies, so drafts pay at any batch size)"
+        },
     )
 
 
