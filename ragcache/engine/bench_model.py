@@ -41,18 +41,29 @@ PREFIX_PROBE_LENGTH = 6000
 
 @dataclass(slots=True)
 class Row:
+    """One point, timed in pairs (ours then transformers, ``repeats`` times). ``ratio``
+    is the median over pairs of transformers' seconds / ours, so each ratio compares two
+    runs made one right after the other; the tokens/s are from each side's median."""
+
     dtype: str
     weights: str
     metric: str
     tokens: int
-    ours_tokens_per_s: float
-    transformers_tokens_per_s: float
+    ours_seconds: list[float]
+    transformers_seconds: list[float]
+    ours_tokens_per_s: float = field(init=False)
+    transformers_tokens_per_s: float = field(init=False)
     ratio: float = field(init=False)
-    ours_seconds: list[float] = field(default_factory=list)
-    transformers_seconds: list[float] = field(default_factory=list)
+    pair_ratios: list[float] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.ratio = self.ours_tokens_per_s / self.transformers_tokens_per_s
+        self.ours_tokens_per_s = self.tokens / statistics.median(self.ours_seconds)
+        self.transformers_tokens_per_s = self.tokens / statistics.median(self.transformers_seconds)
+        self.pair_ratios = [
+            theirs / ours
+            for ours, theirs in zip(self.ours_seconds, self.transformers_seconds, strict=True)
+        ]
+        self.ratio = statistics.median(self.pair_ratios)
 
 
 def corpus_token_ids(tokenizer: Any, length: int) -> list[int]:
@@ -95,8 +106,16 @@ def ours_prefill(model: LlamaModel, pool: KVPool, ids: torch.Tensor) -> torch.Te
 
 def ours_greedy(model: LlamaModel, pool: KVPool, ids: torch.Tensor, new_tokens: int) -> list[int]:
     """Prefill, then one token per step over the paged pool, with no host sync per step."""
+    return ours_greedy_timed(model, pool, ids, new_tokens)[0]
+
+
+def ours_greedy_timed(
+    model: LlamaModel, pool: KVPool, ids: torch.Tensor, new_tokens: int
+) -> tuple[list[int], float]:
+    """``ours_greedy``'s tokens and the seconds from the first token to the last."""
     prompt_len = ids.shape[0]
     token = ours_prefill(model, pool, ids).argmax(-1)
+    first = time.perf_counter()
     generated = [token]
     slot = torch.tensor([prompt_len])
     meta = AttentionMetadata(
@@ -115,14 +134,41 @@ def ours_greedy(model: LlamaModel, pool: KVPool, ids: torch.Tensor, new_tokens: 
         token = model.compute_logits(model(token, slot, meta, pool)).argmax(-1)
         generated.append(token)
         slot += 1
-    return torch.cat(generated).tolist()
+    tokens = torch.cat(generated).tolist()
+    return tokens, time.perf_counter() - first
 
 
 def transformers_prefill(reference: Any, ids: torch.Tensor) -> torch.Tensor:
     return reference(ids[None], use_cache=True, logits_to_keep=1).logits[0].float()
 
 
+class FirstAndLastToken:
+    """A transformers streamer that stamps when the first and the last new token arrive."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.first = self.last = 0.0
+
+    def put(self, value: torch.Tensor) -> None:
+        now = time.perf_counter()
+        self.calls += 1
+        if self.calls == 2:  # the first call carries the prompt
+            self.first = now
+        self.last = now
+
+    def end(self) -> None:
+        return None
+
+
 def transformers_greedy(reference: Any, ids: torch.Tensor, new_tokens: int) -> list[int]:
+    return transformers_greedy_timed(reference, ids, new_tokens)[0]
+
+
+def transformers_greedy_timed(
+    reference: Any, ids: torch.Tensor, new_tokens: int
+) -> tuple[list[int], float]:
+    """``generate``'s greedy tokens and the seconds from the first token to the last."""
+    clock = FirstAndLastToken()
     out = reference.generate(
         ids[None],
         attention_mask=torch.ones(1, ids.shape[0], dtype=torch.long),
@@ -130,8 +176,9 @@ def transformers_greedy(reference: Any, ids: torch.Tensor, new_tokens: int) -> l
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         pad_token_id=reference.generation_config.pad_token_id or 0,
+        streamer=clock,
     )
-    return out[0, ids.shape[0] :].tolist()
+    return out[0, ids.shape[0] :].tolist(), clock.last - clock.first
 
 
 def timed(run: Callable[[], Any]) -> float:
@@ -161,16 +208,7 @@ def bench_prefill(
         lambda: transformers_prefill(reference, ids),
         repeats,
     )
-    return Row(
-        dtype_name,
-        weights_name(loaded),
-        "prefill",
-        length,
-        length / statistics.median(ours_s),
-        length / statistics.median(theirs_s),
-        ours_seconds=ours_s,
-        transformers_seconds=theirs_s,
-    )
+    return Row(dtype_name, weights_name(loaded), "prefill", length, ours_s, theirs_s)
 
 
 def bench_decode(
@@ -181,39 +219,23 @@ def bench_decode(
     new_tokens: int,
     repeats: int,
 ) -> tuple[Row, int]:
-    """Decode tokens/s from (time for new_tokens) - (time for 1 token), both end to end,
-    and how many leading greedy tokens the two implementations share."""
+    """Decode tokens/s from the first generated token to the last on each side (the
+    prompt's prefill is not timed), in pairs, and how many leading greedy tokens the two
+    implementations share."""
     ids = torch.tensor(corpus_token_ids(loaded.tokenizer, prompt_len))
     pool = pool_for(loaded.model, prompt_len + new_tokens)
-    ours_full, theirs_full = interleaved(
-        lambda: ours_greedy(loaded.model, pool, ids, new_tokens),
-        lambda: transformers_greedy(reference, ids, new_tokens),
-        repeats,
-    )
-    ours_one, theirs_one = interleaved(
-        lambda: ours_greedy(loaded.model, pool, ids, 1),
-        lambda: transformers_greedy(reference, ids, 1),
-        repeats,
-    )
-    steps = new_tokens - 1
-    ours_decode = statistics.median(ours_full) - statistics.median(ours_one)
-    theirs_decode = statistics.median(theirs_full) - statistics.median(theirs_one)
-    ours_tokens = ours_greedy(loaded.model, pool, ids, new_tokens)
-    theirs_tokens = transformers_greedy(reference, ids, new_tokens)
+    ours_tokens, _ = ours_greedy_timed(loaded.model, pool, ids, new_tokens)  # warm-up
+    theirs_tokens, _ = transformers_greedy_timed(reference, ids, new_tokens)
+    ours_s, theirs_s = [], []
+    for _ in range(repeats):
+        ours_s.append(ours_greedy_timed(loaded.model, pool, ids, new_tokens)[1])
+        theirs_s.append(transformers_greedy_timed(reference, ids, new_tokens)[1])
     agreeing = next(
         (i for i, (a, b) in enumerate(zip(ours_tokens, theirs_tokens, strict=True)) if a != b),
         new_tokens,
     )
-    row = Row(
-        dtype_name,
-        weights_name(loaded),
-        "decode_b1",
-        new_tokens,
-        steps / ours_decode,
-        steps / theirs_decode,
-        ours_seconds=ours_full,
-        transformers_seconds=theirs_full,
-    )
+    # new_tokens - 1 steps between the first token and the last
+    row = Row(dtype_name, weights_name(loaded), "decode_b1", new_tokens - 1, ours_s, theirs_s)
     return row, agreeing
 
 
@@ -370,7 +392,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("eval/reports/bench_model.json"))
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--prefill-lengths", nargs="+", type=int, default=[512, 2048, 6000])
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per point (median)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed pairs per point (median of pair ratios)"
+    )
     parser.add_argument(
         "--packed-weights",
         nargs="+",
