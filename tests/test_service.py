@@ -91,6 +91,18 @@ def test_ingest_query_delete_round_trip(tmp_path: Path) -> None:
         assert not any((rag.data_dir / "indexes").iterdir())
 
 
+def test_the_store_weighs_chunks_by_the_measured_prefill_cost(rag: RagCache) -> None:
+    (record_path,) = (rag.data_dir / "calibration").glob("cost-*.json")
+    record = json.loads(record_path.read_text())
+    assert record["fingerprint"] == rag.loaded.fingerprint
+    measured = record["cost_model"]
+    assert rag.cache_stats()["chunks"]["cost_model"] == {
+        "per_token_s": measured["per_token"],
+        "per_token_pair_s": measured["per_token_pair"],
+        "per_call_s": measured["fixed"],
+    }
+
+
 def test_reingesting_the_same_files_adds_nothing(rag: RagCache) -> None:
     before = corpus_snapshot(rag, "docs")
     again = rag.ingest([GETTYSBURG, (GETTYSBURG.read_bytes(), "copy-of-gettysburg.md")], "docs")

@@ -405,6 +405,11 @@ class ChunkStore:
             counters = self.stats_counters
             return {
                 "policy": self.config.policy,
+                "cost_model": {
+                    "per_token_s": self.cost_model.per_token,
+                    "per_token_pair_s": self.cost_model.per_token_pair,
+                    "per_call_s": self.cost_model.fixed,
+                },
                 "tiers": {
                     tier.name: {
                         "enabled": tier.enabled,
