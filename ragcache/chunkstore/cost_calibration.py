@@ -158,11 +158,11 @@ COST_MODELS = ("measured", "default")
 
 
 def cost_model_for(name: str, loaded: LoadedModel, directory: str | Path) -> CostModel:
-    """``chunk_store.cost_model``: "measured" (``calibrated_cost_model``) or "default"."""
+    """``chunkstore.cost_model``: "measured" (``calibrated_cost_model``) or "default"."""
     if name == "measured":
         return calibrated_cost_model(loaded, directory)
     if name == "default":
         return CostModel()
     raise ValueError(
-        f"chunk_store.cost_model must be one of {', '.join(COST_MODELS)}; got {name!r}"
+        f"chunkstore.cost_model must be one of {', '.join(COST_MODELS)}; got {name!r}"
     )

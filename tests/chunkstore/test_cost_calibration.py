@@ -96,5 +96,5 @@ def test_unreadable_calibration_is_measured_again(
 
 def test_cost_model_names(engine_model: LoadedModel, tmp_path: Path) -> None:
     assert cost_model_for("default", engine_model, tmp_path) == CostModel()
-    with pytest.raises(ValueError, match=r"chunk_store\.cost_model"):
+    with pytest.raises(ValueError, match=r"chunkstore\.cost_model"):
         cost_model_for("guess", engine_model, tmp_path)
