@@ -122,3 +122,36 @@ def test_pgdsf_recent_counts_halve_so_old_popularity_fades():
     policy.on_request("new")
     assert policy.recent_requests("old") == (window - 1) / 2
     assert policy.recent_requests("new") == 0.5
+
+
+def test_policy_benchmark_writes_every_variant_and_the_cost_model(tmp_path):
+    import json
+
+    from ragcache.chunkstore import bench_policy
+
+    out = tmp_path / "policy.json"
+    bench_policy.main(
+        [
+            "--out",
+            str(out),
+            "--chunks",
+            "60",
+            "--requests",
+            "600",
+            "--seeds",
+            "0",
+            "--shapes",
+            "zipf",
+            "--cost-model",
+            "default",
+        ]
+    )
+    report = json.loads(out.read_text())
+    assert report["cost_model"]["source"] == "default"
+    assert report["cost_model"]["per_token"] == CostModel().per_token
+    (run,) = report["runs"]
+    assert set(run["results"]) == set(bench_policy.VARIANTS)
+    lru = run["results"]["lru"]["saved_prefill_fraction"]
+    pgdsf = run["results"]["pgdsf"]["saved_prefill_fraction"]
+    assert run["pgdsf_minus_lru_saved_points"] == pytest.approx(100 * (pgdsf - lru))
+    assert 0.0 <= lru <= 1.0 and 0.0 <= run["static_best_saved_fraction"] <= 1.0
