@@ -59,11 +59,11 @@ def _sync(device: torch.device) -> None:
 def measure_prefill_seconds(
     model: LlamaModel,
     points: tuple[tuple[int, int], ...] = DEFAULT_POINTS,
-    repeats: int = 2,
+    repeats: int = 3,
 ) -> list[tuple[int, int, float]]:
     """(tokens, offset, seconds) of the model computing a chunk of ``tokens`` after
-    ``offset`` cached tokens, through the same forward the engine calls (best of
-    ``repeats`` runs, after one untimed warm-up call)."""
+    ``offset`` cached tokens, through the same forward the engine calls: the fastest of
+    ``repeats`` sweeps over the points, after one untimed warm-up call."""
     if not points or repeats < 1 or any(n < 1 or p < 0 for n, p in points):
         raise ValueError(
             f"calibration needs (tokens >= 1, offset >= 0) points and repeats >= 1; got "
@@ -87,14 +87,17 @@ def measure_prefill_seconds(
         _sync(device)
         return time.perf_counter() - start
 
+    best = [float("inf")] * len(points)
     with torch.inference_mode():
         run(min(n for n, _ in points), 0)  # warm-up
         if longest_prefix > 0:
             run(longest_prefix, 0)  # the prefix the offset points attend to
-        return [
-            (length, offset, min(run(length, offset) for _ in range(repeats)))
-            for length, offset in points
-        ]
+        # Whole sweeps, repeated: a burst of load from elsewhere slows one sweep's
+        # points, not every repeat of one point, and the minimum drops it.
+        for _ in range(repeats):
+            for index, (length, offset) in enumerate(points):
+                best[index] = min(best[index], run(length, offset))
+    return [(length, offset, best[i]) for i, (length, offset) in enumerate(points)]
 
 
 def calibration_key(loaded: LoadedModel) -> str:
@@ -142,6 +145,9 @@ def calibration_record(loaded: LoadedModel, directory: str | Path) -> dict[str, 
         "samples": [list(sample) for sample in samples],
         "cost_model": asdict(CostModel.fit(samples)),
     }
+    log.info(
+        "prefill cost model %s, from (tokens, offset, seconds) %s", record["cost_model"], samples
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(f".tmp{os.getpid()}")
     temporary.write_text(json.dumps(record, indent=2) + "\n")
@@ -163,6 +169,4 @@ def cost_model_for(name: str, loaded: LoadedModel, directory: str | Path) -> Cos
         return calibrated_cost_model(loaded, directory)
     if name == "default":
         return CostModel()
-    raise ValueError(
-        f"chunkstore.cost_model must be one of {', '.join(COST_MODELS)}; got {name!r}"
-    )
+    raise ValueError(f"chunkstore.cost_model must be one of {', '.join(COST_MODELS)}; got {name!r}")

@@ -62,7 +62,7 @@ def test_calibration_is_measured_once_and_read_back(
     calls = []
     real = cost_calibration.measure_prefill_seconds
 
-    def counting(model, points=cost_calibration.DEFAULT_POINTS, repeats=2):
+    def counting(model, points=cost_calibration.DEFAULT_POINTS, repeats=3):
         calls.append(points)
         return real(model, POINTS, 1)
 
