@@ -31,7 +31,7 @@ from ragcache.policy import CostModel
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2
 # (tokens, offset) points: three lengths fix the per-call, per-token and per-pair terms,
 # the offset point checks the pair term against a cached prefix.
 DEFAULT_POINTS = ((32, 0), (256, 0), (1024, 0), (256, 1024))
