@@ -89,6 +89,33 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
+def label_offsets(
+    points: list[tuple[float, float]], near_x: float = 0.3, near_y: float = 0.05
+) -> list[float]:
+    """Vertical label offsets (points) so labels of settings that sit close on the plot
+    (within ``near_x`` decades of TTFT and ``near_y`` of the quality range) stack instead
+    of overlapping: each takes the first free slot of 9 points below the ones placed."""
+    if not points:
+        return []
+    ys = [y for _, y in points]
+    span = (max(ys) - min(ys)) or 1.0
+    placed: list[tuple[float, float, float]] = []
+    offsets = []
+    for x, y in points:
+        log_x = math.log10(x) if x > 0 else 0.0
+        taken = {
+            offset
+            for px, py, offset in placed
+            if abs(px - log_x) < near_x and abs(py - y) < near_y * span
+        }
+        offset = 4.0
+        while offset in taken:
+            offset -= 9.0
+        placed.append((log_x, y, offset))
+        offsets.append(offset)
+    return offsets
+
+
 def pareto_plot(
     path: Path, summary: dict[str, dict[str, float]], title: str, metrics: tuple[str, ...]
 ) -> bool:
@@ -127,14 +154,22 @@ def pareto_plot(
             zorder=1,
             label="Pareto front",
         )
-        for label, (x, y) in zip(shown, points, strict=True):
+        offsets = label_offsets(points)
+        for label, (x, y), offset in zip(shown, points, offsets, strict=True):
             marker, size, color = "o", 40, "tab:blue"
             if label == "full_prefill":
                 marker, size, color = "*", 220, "tab:red"
             elif label == BASELINE_LABEL:
                 marker, size, color = "s", 80, "tab:gray"
             axis.scatter(x, y, marker=marker, s=size, color=color, zorder=2)
-            axis.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            axis.annotate(
+                label,
+                (x, y),
+                textcoords="offset points",
+                xytext=(4, offset),
+                fontsize=7,
+                arrowprops={"arrowstyle": "-", "color": "0.7", "lw": 0.5} if offset != 4 else None,
+            )
         axis.set_xscale("log")
         axis.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         axis.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))

@@ -5,7 +5,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ragcache.evaluation.report import format_groups, format_table, pareto_front, pareto_plot
+from ragcache.evaluation.report import (
+    format_groups,
+    format_table,
+    label_offsets,
+    pareto_front,
+    pareto_plot,
+)
 
 
 def test_pareto_front_keeps_points_nothing_beats_on_both_axes() -> None:
@@ -43,3 +49,12 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     path = tmp_path / "plot.png"
     assert pareto_plot(path, summary, "test", ("agree16", "f1"))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_labels_of_close_points_stack_and_far_ones_keep_their_place() -> None:
+    points = [(0.1, 0.50), (0.105, 0.505), (0.11, 0.50), (1.0, 0.50), (0.1, 0.95)]
+    offsets = label_offsets(points)
+    assert offsets[:3] == [4.0, -5.0, -14.0]
+    assert offsets[3] == 4.0  # a decade away
+    assert offsets[4] == 4.0  # far up the quality axis
+    assert label_offsets([]) == []
