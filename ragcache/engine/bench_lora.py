@@ -37,7 +37,7 @@ from ragcache.engine.bench_engine import (
     serving_metrics,
 )
 from ragcache.engine.bench_machine import machine_record
-from ragcache.engine.config import EngineConfig, ModelConfig
+from ragcache.engine.config import EngineConfig, ModelConfig, SpeculativeConfig
 from ragcache.engine.engine import Engine
 from ragcache.engine.lora import target_slice
 from ragcache.engine.lora_config import LoraConfig
@@ -143,6 +143,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=False,
         threads=args.threads,
+        speculative=SpeculativeConfig(method=args.speculative),
     )
     with tempfile.TemporaryDirectory(prefix="ragcache-bench-lora-") as scratch:
         specs = []
@@ -181,6 +182,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens,
             "repeats": args.repeats,
+            "speculative": args.speculative,
             "data": str(MUSIQUE),
         },
     }
@@ -252,7 +254,8 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
         f"{', '.join(t.removesuffix('_proj') for t in settings['target_modules'])}, prompts "
         f"of {low}-{high} MuSiQue tokens, {settings['output_tokens']} output tokens each, "
         f"{settings['model']} in {settings['dtype']}, torch threads: "
-        f"{report['machine']['threads']}, prefix caching off. Every request is queued at "
+        f"{report['machine']['threads']}, prefix caching off, speculative decoding: "
+        f"{settings['speculative']}. Every request is queued at "
         f"t=0; latencies count from then. Each schedule ran {settings['repeats']} times in "
         "turn; the table shows its fastest run (all durations are in the JSON).",
         "",
@@ -279,6 +282,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-num-seqs", type=int, default=EngineConfig().max_num_seqs)
     parser.add_argument(
         "--max-num-batched-tokens", type=int, default=EngineConfig().max_num_batched_tokens
+    )
+    parser.add_argument(
+        "--speculative",
+        default=SpeculativeConfig().method,
+        choices=("ngram", "off"),
+        help="speculative decoding in every schedule (the engine default, or off to time "
+        "adapter batching alone)",
     )
     parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default"

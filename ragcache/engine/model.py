@@ -23,7 +23,13 @@ from ragcache.engine.packed_weights import PackedWeight
 from ragcache.engine.spec import ModelSpec
 from ragcache.kernels import dispatch
 from ragcache.kernels.paged_attention import causal_attention_ref, paged_attention_planned
-from ragcache.kernels.rope import apply_rope_ref, rope_cos_sin, rope_inv_freq
+from ragcache.kernels.rope import (
+    apply_rope_full_width,
+    apply_rope_ref,
+    rope_cos_sin,
+    rope_full_width,
+    rope_inv_freq,
+)
 
 LayerHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
@@ -35,6 +41,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # One op for the formula below (no casts in fp32): a decode step runs 61.
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -47,17 +56,27 @@ class RopeState:
         self.positions = positions
         self.inv_freq = inv_freq
         self.cos, self.sin = rope_cos_sin(positions, inv_freq)
+        self._full: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def subset(self, index: torch.Tensor) -> RopeState:
         state = RopeState.__new__(RopeState)
         state.positions = self.positions[index]
         state.inv_freq = self.inv_freq
         state.cos, state.sin = self.cos[index], self.sin[index]
+        state._full = None
         return state
+
+    def full_width(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin over the whole head [T, 1, D], built once per forward."""
+        if self._full is None:
+            self._full = rope_full_width(self.cos, self.sin)
+        return self._full
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         if dispatch.use_triton(x):
             return dispatch.rotate(x, self.positions, self.inv_freq)
+        if x.dtype == torch.float32:
+            return apply_rope_full_width(x, *self.full_width())
         return apply_rope_ref(x, self.cos, self.sin)
 
 

@@ -63,6 +63,22 @@ def apply_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     return out.to(x.dtype)
 
 
+def rope_full_width(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos [T, 1, D] and the signed sin [T, 1, D] (-sin on the first half, sin on the
+    second) that ``apply_rope_full_width`` multiplies by."""
+    return torch.cat((cos, cos), -1)[:, None], torch.cat((-sin, sin), -1)[:, None]
+
+
+def apply_rope_full_width(
+    x: torch.Tensor, cos_full: torch.Tensor, sin_signed: torch.Tensor
+) -> torch.Tensor:
+    """``apply_rope_ref`` for fp32 x in four ops: x * cos + rotate_half(x) * signed sin.
+    The same products and sums in the same order (a - b is a + (-b) exactly), so the
+    result is bit-identical."""
+    half = x.shape[-1] // 2
+    return x * cos_full + torch.cat((x[..., half:], x[..., :half]), -1) * sin_signed
+
+
 def rotate_ref(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """Rotate x [T, H, D] to positions [T]; with deltas it re-positions rotated keys."""
     cos, sin = rope_cos_sin(positions, inv_freq)

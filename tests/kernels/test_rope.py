@@ -4,7 +4,14 @@ Triton rotation against the reference under the Triton interpreter."""
 import pytest
 import torch
 
-from ragcache.kernels.rope import rope_inv_freq, rotate_ref
+from ragcache.kernels.rope import (
+    apply_rope_full_width,
+    apply_rope_ref,
+    rope_cos_sin,
+    rope_full_width,
+    rope_inv_freq,
+    rotate_ref,
+)
 from ragcache.kernels.triton_rope import rotate_triton
 
 LLAMA3_SCALING = {
@@ -127,3 +134,18 @@ def test_rotate_triton_rejects_bad_inputs() -> None:
         rotate_triton(torch.randn(2, 1, 32), torch.tensor([0, 1]), inv_freq)
     with pytest.raises(ValueError, match="even"):
         rotate_triton(torch.randn(2, 1, 63), torch.tensor([0, 1]), inv_freq)
+
+
+def test_full_width_rope_is_bit_identical_to_the_reference() -> None:
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 5, 64, generator=generator) * 4
+    positions = torch.randint(0, 8000, (37,), generator=generator)
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(64, 10000.0))
+    expected = apply_rope_ref(x, cos, sin)
+    assert torch.equal(apply_rope_full_width(x, *rope_full_width(cos, sin)), expected)
+    # a strided view of a fused projection output rotates the same way
+    fused = torch.randn(37, 9 * 64, generator=generator)
+    view = fused[:, 64:].view(37, 8, 64)[:, :5]
+    assert torch.equal(
+        apply_rope_full_width(view, *rope_full_width(cos, sin)), apply_rope_ref(view, cos, sin)
+    )
