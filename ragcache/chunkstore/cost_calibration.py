@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ragcache.engine.attention_metadata import AttentionMetadata
+from ragcache.engine.attention_metadata import step_metadata
 from ragcache.engine.kv_pool import KVPool
 from ragcache.engine.loader import LoadedModel
 from ragcache.engine.model import LlamaModel
@@ -36,19 +36,6 @@ CALIBRATION_VERSION = 2
 # the offset point checks the pair term against a cached prefix.
 DEFAULT_POINTS = ((32, 0), (256, 0), (1024, 0), (256, 1024))
 BLOCK_SIZE = 16
-
-
-def _chunk_metadata(offset: int, length: int, num_blocks: int, device: torch.device):
-    slots = torch.arange(offset, offset + length, device=device)
-    return AttentionMetadata(
-        slot_mapping=slots,
-        query_slots=slots.to(torch.int32),
-        query_start_loc=torch.tensor([0, length], dtype=torch.int32, device=device),
-        seq_lens=torch.tensor([offset + length], dtype=torch.int32, device=device),
-        block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None],
-        max_query_len=length,
-        fresh=offset == 0,
-    )
 
 
 def _sync(device: torch.device) -> None:
@@ -76,9 +63,11 @@ def measure_prefill_seconds(
     pool = KVPool(model.spec, num_blocks, BLOCK_SIZE, model.dtype, device)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.spec.vocab_size, (total,), generator=generator).to(device)
+    table = list(range(num_blocks))
 
     def run(length: int, offset: int) -> float:
-        meta = _chunk_metadata(offset, length, num_blocks, device)
+        meta = step_metadata([table], [offset], [length], BLOCK_SIZE, device)
+        meta.fresh = offset == 0  # a chunk from slot 0 takes the engine's fresh path
         positions = torch.arange(offset, offset + length, device=device)
         _sync(device)
         start = time.perf_counter()

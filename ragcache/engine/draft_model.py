@@ -18,45 +18,12 @@ from collections import OrderedDict
 
 import torch
 
-from ragcache.engine.attention_metadata import AttentionMetadata
+from ragcache.engine.attention_metadata import step_metadata
 from ragcache.engine.kv_pool import KVPool
 from ragcache.engine.model import LlamaModel
 from ragcache.engine.proposer import Draft
 from ragcache.engine.sampler import Sampler, sampling_probs
 from ragcache.engine.sequence import Sequence
-
-
-def step_metadata(
-    tables: list[list[int]],
-    starts: list[int],
-    counts: list[int],
-    block_size: int,
-    device: torch.device,
-) -> AttentionMetadata:
-    """Row i computes positions [starts[i], starts[i] + counts[i]) over block table tables[i]."""
-    slots: list[int] = []
-    query_slots: list[int] = []
-    for table, start, count in zip(tables, starts, counts, strict=True):
-        for i in range(start, start + count):
-            slots.append(table[i // block_size] * block_size + i % block_size)
-            query_slots.append(i)
-    width = max(len(t) for t in tables)
-    block_tables = torch.zeros(len(tables), width, dtype=torch.int32)
-    for row, table in enumerate(tables):
-        block_tables[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
-    bounds = [0]
-    for count in counts:
-        bounds.append(bounds[-1] + count)
-    return AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-        query_slots=torch.tensor(query_slots, dtype=torch.int32, device=device),
-        query_start_loc=torch.tensor(bounds, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(
-            [s + c for s, c in zip(starts, counts, strict=True)], dtype=torch.int32, device=device
-        ),
-        block_tables=block_tables.to(device),
-        max_query_len=max(counts),
-    )
 
 
 def decode_weights(model: LlamaModel, num_layers: int | None = None) -> int:

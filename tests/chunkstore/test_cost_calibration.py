@@ -15,7 +15,7 @@ from ragcache.chunkstore.cost_calibration import (
     cost_model_for,
     measure_prefill_seconds,
 )
-from ragcache.engine.attention_metadata import contiguous_metadata
+from ragcache.engine.attention_metadata import contiguous_metadata, step_metadata
 from ragcache.engine.kv_pool import KVPool
 from ragcache.engine.loader import LoadedModel
 from ragcache.policy import CostModel
@@ -44,7 +44,7 @@ def test_offset_chunk_attends_to_the_cached_prefix(engine_model: LoadedModel) ->
             model(ids, torch.arange(total), contiguous_metadata([total], 16), pool)[-1:]
         )
         model(ids[:64], torch.arange(64), contiguous_metadata([64], 16), pool)
-        meta = cost_calibration._chunk_metadata(64, 32, 8, torch.device("cpu"))
+        meta = step_metadata([list(range(8))], [64], [32], 16, torch.device("cpu"))
         tail = model.compute_logits(model(ids[64:], torch.arange(64, total), meta, pool)[-1:])
     torch.testing.assert_close(tail, whole, atol=1e-4, rtol=1e-4)
 
