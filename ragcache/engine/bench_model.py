@@ -28,10 +28,17 @@ import torch
 
 from ragcache.engine.attention_metadata import AttentionMetadata, contiguous_metadata
 from ragcache.engine.bench_machine import machine_record
+from ragcache.engine.block_weights import Q41Blocks, Q80Blocks
 from ragcache.engine.config import ModelConfig
 from ragcache.engine.kv_pool import KVPool
 from ragcache.engine.linear import Projection
-from ragcache.engine.loader import LoadedModel, convert_gguf, load_model, locate_embedded_gguf
+from ragcache.engine.loader import (
+    PACKED_WEIGHTS_MODES,
+    LoadedModel,
+    convert_gguf,
+    load_model,
+    locate_embedded_gguf,
+)
 from ragcache.engine.model import LlamaModel
 
 MUSIQUE = Path("/work/shared/data/musique_dev.json")
@@ -88,10 +95,13 @@ def weights_name(loaded: LoadedModel) -> str:
     """Which weights products of a few rows read: how many matrices have a packed copy."""
     model = loaded.model
     matrices = [m for m in model.modules() if isinstance(m, Projection)]
-    packed = sum(m.packed is not None for m in matrices) + (model.output_packed is not None)
-    if not packed:
+    copies = [m.packed for m in matrices if m.packed is not None]
+    if model.output_packed is not None:
+        copies.append(model.output_packed)
+    if not copies:
         return "as loaded"
-    return f"4-bit copy, {packed} of {len(matrices) + 1} matrices"
+    kind = "exact blocks" if isinstance(copies[0].parts[0], Q41Blocks | Q80Blocks) else "int4/bf16"
+    return f"{kind}, {len(copies)} of {len(matrices) + 1}"
 
 
 def pool_for(model: LlamaModel, tokens: int) -> KVPool:
@@ -282,8 +292,8 @@ def run_probe(*args: str) -> dict[str, float]:
 
 def bench_process_costs(dtype_name: str) -> dict[str, Any]:
     memory = {
-        "ours": run_probe("memory", dtype_name, "ours", "off"),
-        "ours_with_packed_copy": run_probe("memory", dtype_name, "ours", "int4_bf16"),
+        "ours": run_probe("memory", dtype_name, "ours", "auto"),
+        "ours_fp32_weights_only": run_probe("memory", dtype_name, "ours", "off"),
         "transformers": run_probe("memory", dtype_name, "transformers"),
     }
     with tempfile.TemporaryDirectory(prefix="ragcache-bench-cache-") as cache_dir:
@@ -314,8 +324,8 @@ def print_table(rows: list[Row], costs: list[dict[str, Any]]) -> None:
         mem = c["memory_6000_prefill"]
         print(
             f"{c['dtype']}: peak RSS load+6000 prefill ours "
-            f"{mem['ours']['peak_rss_after_prefill_mib']:.0f} MiB (with the int4 copy "
-            f"{mem['ours_with_packed_copy']['peak_rss_after_prefill_mib']:.0f}), transformers "
+            f"{mem['ours']['peak_rss_after_prefill_mib']:.0f} MiB (without block copies "
+            f"{mem['ours_fp32_weights_only']['peak_rss_after_prefill_mib']:.0f}), transformers "
             f"{mem['transformers']['peak_rss_after_prefill_mib']:.0f} MiB; "
             f"cold load {c['cold_load_seconds']:.1f} s, warm load {c['warm_load_seconds']:.1f} s"
         )
@@ -398,8 +408,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--packed-weights",
         nargs="+",
-        default=["off", "int4_bf16"],
-        choices=["off", "int4_bf16"],
+        default=["auto", "off"],
+        choices=list(PACKED_WEIGHTS_MODES),
         help="model.packed_weights settings to decode with (prefill uses the first)",
     )
     parser.add_argument("--decode-prompt", type=int, default=512)

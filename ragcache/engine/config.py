@@ -24,11 +24,13 @@ class ModelConfig:
         metadata={"help": "where converted GGUF weights are kept for fast restarts"},
     )
     packed_weights: str = field(
-        default="off",
+        default="auto",
         metadata={
-            "help": "off: fp32 weights only; int4_bf16 (opt-in, lossy): decode and "
-            "verification products read a 4-bit copy of weights made of GGUF Q4_1/Q8_0 "
-            "blocks with bf16 activations (CPU, float32 models; greedy outputs may change)"
+            "help": "copies of weights made of GGUF Q4_1/Q8_0 blocks that decode and "
+            "verification products (a few rows) read instead of fp32 (CPU, float32 "
+            "models): exact_blocks (lossless, compiled AVX2 kernel), int4_bf16 (opt-in, "
+            "lossy: bf16 activations, greedy outputs may change), off, or auto "
+            "(exact_blocks where it applies)"
         },
     )
 

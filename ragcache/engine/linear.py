@@ -15,9 +15,9 @@ rows the weight-major product is faster still (``python -m ragcache.engine.bench
 ``eval/reports/bench_linear.md``).
 Other dtypes and devices keep ``F.linear``.
 
-Such products are bound by the bytes of weight read. With ``model.packed_weights =
-int4_bf16`` (opt-in, lossy) products of up to ``PACKED_MAX_ROWS`` rows read a 4-bit copy
-of the weights instead (``packed_weights``); prefill keeps the fp32 weights.
+Such products are bound by the bytes of weight read. Where a weight is made of exact GGUF
+blocks, products of a few rows read a block copy instead (``packed_weights``: exact by
+default, or the lossy ``int4_bf16``); prefill keeps the fp32 weights.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from ragcache.engine.packed_weights import PackedWeight
 
 SKINNY_MAX_ROWS = 16
-PACKED_MAX_ROWS = 16
 _ONEDNN_LINEAR = (
     getattr(torch.ops.mkldnn, "_linear_pointwise", None)
     if torch.backends.mkldnn.is_available()
@@ -53,7 +52,7 @@ def linear(
     bias: torch.Tensor | None = None,
     packed: PackedWeight | None = None,
 ) -> torch.Tensor:
-    if packed is not None and x.shape[0] <= PACKED_MAX_ROWS and packed.serves(x, weight):
+    if packed is not None and packed.serves(x, weight):
         out = packed.matmul(x)
         return out if bias is None else out + bias
     if x.dim() == 2 and 2 <= x.shape[0] <= SKINNY_MAX_ROWS and x.device.type == "cpu":

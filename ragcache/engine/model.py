@@ -233,15 +233,16 @@ class LlamaModel(nn.Module):
         normed = self.norm(hidden)
         return linear(normed, self.output_weight(), packed=self.output_packed).float()
 
-    def pack_weights(self) -> int:
-        """Give each projection and the output layer a 4-bit copy where its weight is made
-        of exact blocks (see ``packed_weights``); returns the bytes the copies take."""
+    def pack_weights(self, mode: str = "int4_bf16") -> int:
+        """Give each projection and the output layer a block copy (``mode`` of
+        ``packed_weights``) where its weight is made of exact blocks; returns the bytes
+        the copies take."""
         added = 0
         for module in self.modules():
             if isinstance(module, Projection):
-                module.packed = PackedWeight.of(module.weight)
+                module.packed = PackedWeight.of(module.weight, mode)
                 added += module.packed.nbytes if module.packed is not None else 0
-        self.output_packed = PackedWeight.of(self.output_weight())
+        self.output_packed = PackedWeight.of(self.output_weight(), mode)
         return added + (self.output_packed.nbytes if self.output_packed is not None else 0)
 
 

@@ -1,17 +1,17 @@
-"""An opt-in 4-bit copy of block-quantised weights for products of a few rows.
+"""Copies of block-quantised weights that products of a few rows read instead of fp32.
 
 A decode step multiplies one row (or a few) by every weight, so on CPU it costs the time
-to stream the weights from memory: 540 MB a step for SmolLM2 in fp32. The embedded
-SmolLM2 comes from a GGUF file whose projections are Q4_1 blocks (``d * q + m`` over 32
-inputs, q in 0..15, d and m fp16) and whose embedding is Q8_0 (``d * q``, q in
--127..127). Dequantised to fp32 they keep that structure, so the 4-bit codes can be read
-back from the fp32 weights exactly, and packed for torch's int4 matrix product, which
-reads 0.75 bytes per weight instead of 4.
+to stream the weights from memory: 540 MB a step for SmolLM2 in fp32. Where a weight is
+made of exact GGUF blocks (``block_weights``), two copies can stand in for it:
 
-That product is vectorised on AVX2 CPUs only for bf16 activations (with fp32 ones it
-runs 6-25x slower than MKL's fp32 product), so this path rounds each product's input
-and the blocks' scales and zero points to bf16: it is lossy, and greedy outputs may
-differ from the fp32 weights'. Only weights whose blocks are found exactly are packed.
+- ``exact_blocks``: the codes and fp16 scales, multiplied by a compiled kernel that
+  rebuilds every fp32 weight bit for bit before its fp32 product (0.625 bytes per Q4_1
+  weight). Results differ from ``x @ W.T`` only in the order of fp32 sums.
+- ``int4_bf16`` (opt-in, lossy): torch's int4 matrix product (0.75 bytes per weight),
+  vectorised on AVX2 CPUs only for bf16 activations, so each product's input and the
+  blocks' scales and zero points are rounded to bf16 and greedy outputs may change.
+
+Only weights whose blocks are found exactly get a copy; prefill keeps the fp32 weights.
 """
 
 from __future__ import annotations
@@ -20,7 +20,16 @@ from dataclasses import dataclass
 
 import torch
 
-GROUP_SIZE = 32
+from ragcache.engine.block_weights import (
+    GROUP_SIZE,
+    Q41Blocks,
+    Q80Blocks,
+    exact_blocks,
+    find_q4_1,
+    find_q8_0,
+)
+from ragcache.kernels.block_gemv import block_kernels
+
 Q4_CENTER = 8
 COMPUTE_DTYPE = torch.bfloat16
 INT4_PRODUCT_AVAILABLE = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
@@ -45,88 +54,94 @@ class Int4Blocks:
         return cls(_pack_int4(codes), scales_and_zeros.contiguous())
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` in fp32, from a bf16 copy of ``x``."""
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x, self.packed, GROUP_SIZE, self.scales_and_zeros
-        )
+            x.to(COMPUTE_DTYPE).contiguous(), self.packed, GROUP_SIZE, self.scales_and_zeros
+        ).float()
 
     @property
     def nbytes(self) -> int:
         return self.packed.nbytes + self.scales_and_zeros.nbytes
 
 
-def _blocks(weight: torch.Tensor) -> torch.Tensor | None:
-    rows, cols = weight.shape
-    if cols % GROUP_SIZE or rows % 16:
-        return None
-    return weight.reshape(rows, cols // GROUP_SIZE, GROUP_SIZE)
-
-
-def _as_fp16(values: torch.Tensor) -> torch.Tensor:
-    return values.to(torch.float16).to(torch.float32)
-
-
 def _asymmetric_4bit(weight: torch.Tensor) -> list[Int4Blocks] | None:
-    """Q4_1 blocks: the minimum is ``m`` (its code is 0), the step ``d`` is fp16."""
-    blocks = _blocks(weight)
-    if blocks is None:
+    """Q4_1 blocks, centred for torch's product: ``(q - 8) * d + (m + 8 * d)``."""
+    found = find_q4_1(weight)
+    if found is None:
         return None
-    low = blocks.amin(-1)
-    step = _as_fp16((blocks.amax(-1) - low) / 15)
-    safe_step = torch.where(step > 0, step, torch.ones_like(step))
-    codes = torch.round((blocks - low[..., None]) / safe_step[..., None]).clamp(0, 15)
-    codes = torch.where(step[..., None] > 0, codes, torch.zeros_like(codes))
-    zero = low + Q4_CENTER * step
-    restored = (codes - Q4_CENTER) * step[..., None] + zero[..., None]
-    if not torch.equal(restored, blocks):
+    zero = found.low + Q4_CENTER * found.step
+    restored = (found.codes - Q4_CENTER) * found.step[..., None] + zero[..., None]
+    if not torch.equal(restored.reshape(weight.shape), weight):
         return None
-    return [Int4Blocks.from_codes(codes.reshape(weight.shape), step, zero)]
+    return [Int4Blocks.from_codes(found.codes.reshape(weight.shape), found.step, zero)]
 
 
 def _symmetric_8bit(weight: torch.Tensor) -> list[Int4Blocks] | None:
     """Q8_0 blocks, split into a high and a low 4-bit half: q = 16 * high + low."""
-    blocks = _blocks(weight)
-    if blocks is None:
+    found = find_q8_0(weight)
+    if found is None:
         return None
-    step = _as_fp16(blocks.abs().amax(-1) / 127)
-    safe_step = torch.where(step > 0, step, torch.ones_like(step))
-    codes = torch.round(blocks / safe_step[..., None]).clamp(-127, 127)
-    if not torch.equal(codes * step[..., None], blocks):
-        return None
-    low = torch.remainder(codes, 16)
-    high = (codes - low) / 16
-    zeros = torch.zeros_like(step)
+    low = torch.remainder(found.codes, 16)
+    high = (found.codes - low) / 16
+    zeros = torch.zeros_like(found.step)
     return [
-        Int4Blocks.from_codes((high + Q4_CENTER).reshape(weight.shape), 16 * step, zeros),
-        Int4Blocks.from_codes(low.reshape(weight.shape), step, Q4_CENTER * step),
+        Int4Blocks.from_codes((high + Q4_CENTER).reshape(weight.shape), 16 * found.step, zeros),
+        Int4Blocks.from_codes(low.reshape(weight.shape), found.step, Q4_CENTER * found.step),
     ]
+
+
+PACKED_MODES = ("exact_blocks", "int4_bf16")
+# Rows up to which a product reads the copy: the exact kernel rebuilds every weight once
+# per four rows, so past eight rows the fp32 product wins (hand probe on SmolLM2:
+# all its products at 1 row took 18 ms against 35 in fp32; at 8 rows, 52 against 54).
+MAX_ROWS = {"exact_blocks": 8, "int4_bf16": 16}
+
+Part = Int4Blocks | Q41Blocks | Q80Blocks
+
+
+def packing_available(mode: str) -> bool:
+    if mode == "exact_blocks":
+        return block_kernels() is not None
+    return INT4_PRODUCT_AVAILABLE
 
 
 @dataclass(slots=True)
 class PackedWeight:
-    """The 4-bit form of one fp32 weight; the sum of its parts' products is ``x @ W.T``.
+    """A block copy of one fp32 weight; the sum of its parts' products is ``x @ W.T``.
 
     It remembers the weight it was made from and that tensor's version counter, so a
     weight replaced or changed in place after packing is never served stale.
     """
 
-    parts: list[Int4Blocks]
+    parts: list[Part]
     source: torch.Tensor
     source_version: int
+    max_rows: int
 
     @classmethod
-    def of(cls, weight: torch.Tensor) -> PackedWeight | None:
-        """The packed form of ``weight``, or None where it is not made of exact blocks."""
+    def of(cls, weight: torch.Tensor, mode: str = "int4_bf16") -> PackedWeight | None:
+        """The ``mode`` copy of ``weight``, or None where it is not made of exact blocks
+        or the mode's product is not available here."""
+        if mode not in PACKED_MODES:
+            raise ValueError(f"packed weight mode {mode!r}; use {' or '.join(PACKED_MODES)}")
         if (
-            not INT4_PRODUCT_AVAILABLE
-            or weight.dim() != 2
+            weight.dim() != 2
             or weight.dtype != torch.float32
             or weight.device.type != "cpu"
             or weight.is_inference()
         ):
             return None
         with torch.no_grad():
-            parts = _asymmetric_4bit(weight) or _symmetric_8bit(weight)
-        return None if parts is None else cls(parts, weight, weight._version)
+            parts: list[Part] | None
+            if mode == "exact_blocks":
+                found = exact_blocks(weight)
+                parts = None if found is None else [found]
+            else:
+                parts = list(_asymmetric_4bit(weight) or _symmetric_8bit(weight) or []) or None
+        # Blocks are looked for first, so a model without them never builds the kernel.
+        if parts is None or not packing_available(mode):
+            return None
+        return cls(parts, weight, weight._version, MAX_ROWS[mode])
 
     def serves(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         return (
@@ -135,14 +150,14 @@ class PackedWeight:
             and x.dtype == torch.float32
             and x.dim() == 2
             and x.device.type == "cpu"
+            and x.shape[0] <= self.max_rows
         )
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W.T`` in fp32, from a bf16 copy of ``x``."""
-        rounded = x.to(COMPUTE_DTYPE).contiguous()
-        out = self.parts[0].matmul(rounded).float()
+        """``x @ W.T`` in fp32."""
+        out = self.parts[0].matmul(x)
         for part in self.parts[1:]:
-            out += part.matmul(rounded)
+            out += part.matmul(x)
         return out
 
     @property

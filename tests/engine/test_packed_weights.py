@@ -11,12 +11,14 @@ from gguf.quants import dequantize, quantize
 
 from ragcache.engine.config import ModelConfig
 from ragcache.engine.kv_pool import KVPool
-from ragcache.engine.linear import PACKED_MAX_ROWS, Projection, linear
+from ragcache.engine.linear import Projection, linear
 from ragcache.engine.loader import ModelLoadError, build_model, load_model
 from ragcache.engine.model import LlamaModel
-from ragcache.engine.packed_weights import PackedWeight
+from ragcache.engine.packed_weights import MAX_ROWS, PackedWeight
 from ragcache.engine.spec import ModelSpec
 from tests.engine.conftest import greedy_paged, sequence_metadata, tiny_hf_model
+
+PACKED_MAX_ROWS = MAX_ROWS["int4_bf16"]
 
 # fp32 round-off of 64-256 term dot products of unit-scale values.
 ATOL, RTOL = 2e-5, 1e-5
@@ -141,7 +143,7 @@ def gguf_like_model(variant: str) -> tuple[LlamaModel, LlamaModel]:
 @pytest.mark.parametrize("variant", ["llama_tied", "qwen2"])
 def test_packed_model_decodes_like_the_fp32_weights(variant: str) -> None:
     plain, packed = gguf_like_model(variant)
-    added = packed.pack_weights()
+    added = packed.pack_weights("int4_bf16")
     projections = [m for m in packed.modules() if isinstance(m, Projection)]
     assert all(p.packed is not None for p in projections)
     # The tied output layer is the Q8_0 embedding (two 4-bit halves), else a Q4_1 lm_head.
