@@ -253,6 +253,14 @@ def bench_decode(
 
 
 def peak_rss_mib() -> float:
+    """This process's peak RSS. Linux's VmHWM starts afresh at exec; ``ru_maxrss`` keeps
+    the forking parent's peak, which here holds several models."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

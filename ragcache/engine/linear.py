@@ -1,26 +1,23 @@
-"""Projections on CPU: oneDNN's product, the weight-major product for a few rows, or
-packed 4-bit weights.
+"""Projections on CPU: block copies, the weight-major product, oneDNN or MKL, by rows.
 
-Decode steps, speculative verification and small batches multiply a handful of token
-rows by each weight. On CPU, MKL's sgemm handles ``x @ W.T`` with 2-16 rows at about
-half the speed of ``W @ x.T`` (measured on the 2-core development machine: a whole
-SmolLM2 forward of 4 tokens took 185 ms one way and 97 ms the other, against 101 ms for
-one token), so verifying a few draft tokens would cost two decode steps instead of one.
+- Up to 8 rows of a weight made of exact GGUF blocks (the embedded SmolLM2's): the
+  block copy (``packed_weights``), which reads a sixth of the fp32 bytes.
+- 2-16 rows otherwise: the weight-major product ``W @ x.T``. MKL's sgemm handles
+  ``x @ W.T`` with 2-16 rows at about half its speed, so verifying a few draft tokens
+  would cost two decode steps instead of one.
+- 1 row and 17-64 rows in float32: oneDNN's inner product
+  (``torch.ops.mkldnn._linear_pointwise``), faster than MKL there.
+- More rows (prefill): MKL's ``F.linear``, faster than oneDNN for 128 rows and up on a
+  quiet machine; ``Projection.forward_parts`` multiplies fused q/k/v and gate/up weights
+  one output slice at a time there, so each part is contiguous for what follows.
 
-One row and larger batches in float32 take oneDNN's inner-product primitive
-(``torch.ops.mkldnn._linear_pointwise``) where torch has it: on the development machine
-(AMD EPYC, AVX2) it ran SmolLM2's layer projections as fast as MKL's sgemm behind
-``F.linear`` for one row (1.01x) and 1.04-1.16x faster for 32 to 2048 rows; for 2-16
-rows the weight-major product is faster still (``python -m ragcache.engine.bench_linear``,
-``eval/reports/bench_linear.md``).
-Other dtypes and devices keep ``F.linear``.
-
-Such products are bound by the bytes of weight read. Where a weight is made of exact GGUF
-blocks, products of a few rows read a block copy instead (``packed_weights``: exact by
-default, or the lossy ``int4_bf16``); prefill keeps the fp32 weights.
+The choices come from ``python -m ragcache.engine.bench_linear``
+(``eval/reports/bench_linear.md``). Other dtypes and devices keep ``F.linear``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +25,7 @@ import torch.nn.functional as F
 from ragcache.engine.packed_weights import PackedWeight
 
 SKINNY_MAX_ROWS = 16
+ONEDNN_MAX_ROWS = 64
 _ONEDNN_LINEAR = (
     getattr(torch.ops.mkldnn, "_linear_pointwise", None)
     if torch.backends.mkldnn.is_available()
@@ -58,7 +56,7 @@ def linear(
     if x.dim() == 2 and 2 <= x.shape[0] <= SKINNY_MAX_ROWS and x.device.type == "cpu":
         out = torch.mm(weight, x.t()).t().contiguous()
         return out if bias is None else out + bias
-    if onednn_serves(x, weight):
+    if x.shape[0] <= ONEDNN_MAX_ROWS and onednn_serves(x, weight):
         assert _ONEDNN_LINEAR is not None
         return _ONEDNN_LINEAR(x.contiguous(), weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
@@ -73,3 +71,17 @@ class Projection(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.packed)
+
+    def forward_parts(self, x: torch.Tensor, sizes: Sequence[int]) -> tuple[torch.Tensor, ...]:
+        """The product cut into output slices of ``sizes`` (q/k/v, gate/up). Many rows on
+        CPU take one product per slice of the weight's rows, so each part comes out
+        contiguous for the element-wise work after it; few rows keep one product."""
+        if x.dim() != 2 or x.shape[0] <= ONEDNN_MAX_ROWS or x.device.type != "cpu":
+            return self(x).split(list(sizes), dim=-1)
+        parts = []
+        start = 0
+        for size in sizes:
+            bias = None if self.bias is None else self.bias[start : start + size]
+            parts.append(F.linear(x, self.weight[start : start + size], bias))
+            start += size
+        return tuple(parts)

@@ -9,6 +9,7 @@ model's, bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -81,6 +82,9 @@ class LoraLinear(nn.Module):
                     groups = [] if dispatch.use_triton(x) else batch.groups
                     dispatch.add_lora(window, x, *buffers, batch.token_slots, groups)
         return y
+
+    def forward_parts(self, x: torch.Tensor, sizes: Sequence[int]) -> tuple[torch.Tensor, ...]:
+        return self(x).split(list(sizes), dim=-1)
 
 
 def install_lora_layers(model: LlamaModel, state: LoraState) -> None:

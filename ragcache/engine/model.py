@@ -101,8 +101,7 @@ class Attention(nn.Module):
         pool: KVPool,
         hook: LayerHook | None,
     ) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.qkv_proj.forward_parts(x, (self.q_size, self.kv_size, self.kv_size))
         q = rope.apply(q.view(-1, self.num_heads, self.head_dim))
         k_pre = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -151,7 +150,7 @@ class MLP(nn.Module):
         self.down_proj = Projection(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        gate, up = self.gate_up_proj.forward_parts(x, (self.intermediate, self.intermediate))
         return self.down_proj(F.silu(gate) * up)
 
 

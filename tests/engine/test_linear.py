@@ -1,4 +1,5 @@
-"""Every projection product (oneDNN, weight-major) equals F.linear, with and without bias."""
+"""Every projection product (oneDNN, weight-major, per slice) equals F.linear, with and
+without bias."""
 
 from __future__ import annotations
 
@@ -10,10 +11,19 @@ import torch
 import torch.nn.functional as F
 
 from ragcache.engine import bench_linear
-from ragcache.engine.linear import _ONEDNN_LINEAR, SKINNY_MAX_ROWS, linear, onednn_serves
+from ragcache.engine.linear import (
+    _ONEDNN_LINEAR,
+    ONEDNN_MAX_ROWS,
+    SKINNY_MAX_ROWS,
+    Projection,
+    linear,
+    onednn_serves,
+)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, SKINNY_MAX_ROWS, SKINNY_MAX_ROWS + 1, 40])
+@pytest.mark.parametrize(
+    "rows", [1, 2, 5, SKINNY_MAX_ROWS, SKINNY_MAX_ROWS + 1, 40, ONEDNN_MAX_ROWS + 1, 200]
+)
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear_matches_f_linear(rows: int, with_bias: bool) -> None:
     generator = torch.Generator().manual_seed(rows)
@@ -23,6 +33,21 @@ def test_linear_matches_f_linear(rows: int, with_bias: bool) -> None:
     out = linear(x, weight, bias)
     assert out.is_contiguous() and out.shape == (rows, 80)
     torch.testing.assert_close(out, F.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [3, ONEDNN_MAX_ROWS, ONEDNN_MAX_ROWS + 1, 150])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_parts_equal_the_split_product(rows: int, with_bias: bool) -> None:
+    projection = Projection(48, 96, bias=with_bias)
+    x = torch.randn(rows, 48, generator=torch.Generator().manual_seed(rows))
+    with torch.no_grad():
+        parts = projection.forward_parts(x, (32, 16, 48))
+        expected = F.linear(x, projection.weight, projection.bias).split([32, 16, 48], dim=-1)
+    assert [p.shape for p in parts] == [(rows, 32), (rows, 16), (rows, 48)]
+    # Many rows: one product per slice, each part contiguous for what follows.
+    assert all(p.is_contiguous() for p in parts) == (rows > ONEDNN_MAX_ROWS)
+    for part, want in zip(parts, expected, strict=True):
+        torch.testing.assert_close(part, want, atol=1e-4, rtol=1e-5)
 
 
 def test_float32_cpu_products_take_onednn_where_torch_has_it() -> None:
