@@ -145,7 +145,7 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("eval/reports/bench_linear.json"))
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 32, 128, 512, 2048])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8, 16, 32, 128, 512, 2048])
     parser.add_argument("--layers", type=int, default=30, help="distinct weight sets (layers)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps default")

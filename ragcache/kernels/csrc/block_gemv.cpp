@@ -72,40 +72,52 @@ inline BlockWeights q8_0_block(const int8_t* codes, uint16_t scale) {
 }
 
 // out[r, n] for the R rows of x from ``row`` on: each block's weights are rebuilt once
-// and used for every row. Two accumulators a row keep the FMA chains short.
+// and used for every row. Up to four rows keep two accumulators a row (short FMA chains);
+// more rows keep one each, so that all of them stay in the sixteen vector registers.
 template <int R, typename MakeBlock>
 inline void dot_rows(const float* x, int64_t in_features, int64_t row, int64_t blocks,
                      MakeBlock make_block, float* out, int64_t n, int64_t out_features) {
-  __m256 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  constexpr int kAcc = R <= 4 ? 2 : 1;
+  __m256 acc[R][kAcc];
+  for (int r = 0; r < R; ++r)
+    for (int a = 0; a < kAcc; ++a) acc[r][a] = _mm256_setzero_ps();
   const float* x0 = x + row * in_features;
   for (int64_t b = 0; b < blocks; ++b) {
     const BlockWeights weights = make_block(b);
     for (int r = 0; r < R; ++r) {
       const float* xb = x0 + r * in_features + b * kBlock;
-      acc[r][0] = _mm256_fmadd_ps(weights.w[0], _mm256_loadu_ps(xb), acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(weights.w[1], _mm256_loadu_ps(xb + 8), acc[r][1]);
-      acc[r][0] = _mm256_fmadd_ps(weights.w[2], _mm256_loadu_ps(xb + 16), acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(weights.w[3], _mm256_loadu_ps(xb + 24), acc[r][1]);
+      for (int g = 0; g < 4; ++g)
+        acc[r][g % kAcc] =
+            _mm256_fmadd_ps(weights.w[g], _mm256_loadu_ps(xb + 8 * g), acc[r][g % kAcc]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    out[(row + r) * out_features + n] = horizontal_sum(_mm256_add_ps(acc[r][0], acc[r][1]));
+  for (int r = 0; r < R; ++r) {
+    __m256 sum = acc[r][0];
+    if constexpr (kAcc == 2) sum = _mm256_add_ps(sum, acc[r][kAcc - 1]);
+    out[(row + r) * out_features + n] = horizontal_sum(sum);
+  }
 }
 
-// All rows of x against output n, four rows per pass over the weights.
+template <int R, typename MakeBlock>
+inline void dot_tail(const float* x, int64_t in_features, int64_t row, int64_t left,
+                     int64_t blocks, MakeBlock make_block, float* out, int64_t n,
+                     int64_t out_features) {
+  if constexpr (R > 0) {
+    if (left == R)
+      dot_rows<R>(x, in_features, row, blocks, make_block, out, n, out_features);
+    else
+      dot_tail<R - 1>(x, in_features, row, left, blocks, make_block, out, n, out_features);
+  }
+}
+
+// All rows of x against output n, up to eight rows per pass over the weights.
 template <typename MakeBlock>
 inline void dot_all_rows(const float* x, int64_t rows, int64_t in_features, int64_t blocks,
                          MakeBlock make_block, float* out, int64_t n, int64_t out_features) {
   int64_t row = 0;
-  for (; row + 4 <= rows; row += 4)
-    dot_rows<4>(x, in_features, row, blocks, make_block, out, n, out_features);
-  switch (rows - row) {
-    case 3: dot_rows<3>(x, in_features, row, blocks, make_block, out, n, out_features); break;
-    case 2: dot_rows<2>(x, in_features, row, blocks, make_block, out, n, out_features); break;
-    case 1: dot_rows<1>(x, in_features, row, blocks, make_block, out, n, out_features); break;
-    default: break;
-  }
+  for (; row + 8 <= rows; row += 8)
+    dot_rows<8>(x, in_features, row, blocks, make_block, out, n, out_features);
+  dot_tail<7>(x, in_features, row, rows - row, blocks, make_block, out, n, out_features);
 }
 
 void check_input(const torch::Tensor& x, int64_t in_features) {
