@@ -151,7 +151,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj.forward_parts(x, (self.intermediate, self.intermediate))
-        return self.down_proj(F.silu(gate) * up)
+        # gate is this call's own product (or a slice of it): it takes the result in place.
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
 
 class DecoderLayer(nn.Module):
@@ -209,9 +210,11 @@ class LlamaModel(nn.Module):
         """Run decoder layers (all, or a range) on the computed tokens' hidden states."""
         for index in layers if layers is not None else range(self.spec.num_layers):
             layer = self.layers[index]
+            # Residual sums land in each block's fresh output (a + b is b + a exactly), so
+            # the caller's hidden states are never written.
             attn_in = layer.input_layernorm(hidden)
-            hidden = hidden + layer.self_attn(index, attn_in, rope, meta, pool, hook)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = layer.self_attn(index, attn_in, rope, meta, pool, hook).add_(hidden)
+            hidden = layer.mlp(layer.post_attention_layernorm(hidden)).add_(hidden)
         return hidden
 
     def forward(

@@ -72,11 +72,12 @@ def rope_full_width(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor,
 def apply_rope_full_width(
     x: torch.Tensor, cos_full: torch.Tensor, sin_signed: torch.Tensor
 ) -> torch.Tensor:
-    """``apply_rope_ref`` for fp32 x in four ops: x * cos + rotate_half(x) * signed sin.
-    The same products and sums in the same order (a - b is a + (-b) exactly), so the
-    result is bit-identical."""
+    """``apply_rope_ref`` for fp32 x in four ops and two new tensors: x * cos +
+    rotate_half(x) * signed sin. The same products and sums (a - b is a + (-b) exactly,
+    and a + b is b + a), so the result is bit-identical."""
     half = x.shape[-1] // 2
-    return x * cos_full + torch.cat((x[..., half:], x[..., :half]), -1) * sin_signed
+    rotated = torch.cat((x[..., half:], x[..., :half]), -1).mul_(sin_signed)
+    return rotated.add_(x * cos_full)
 
 
 def rotate_ref(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
