@@ -15,7 +15,12 @@ from ragcache.engine.loader import load_model, resolve_packed_weights
 from ragcache.engine.packed_weights import MAX_ROWS, PackedWeight
 from ragcache.kernels.block_gemv import block_kernels
 from tests.engine.conftest import greedy_paged
-from tests.engine.test_packed_weights import forced_decode_logits, gguf_like_model, gguf_weight
+from tests.engine.test_packed_weights import (
+    forced_decode_logits,
+    gguf_like_model,
+    gguf_weight,
+    pack_every_matrix,
+)
 from tests.service_helpers import tiny_model_folder
 
 pytestmark = pytest.mark.skipif(
@@ -96,11 +101,9 @@ def test_projection_reads_the_copy_up_to_eight_rows() -> None:
 @pytest.mark.parametrize("variant", ["llama_tied", "qwen2"])
 def test_exact_copies_decode_the_same_tokens(variant: str) -> None:
     plain, packed = gguf_like_model(variant)
-    added = packed.pack_weights("exact_blocks")
-    projections = [m for m in packed.modules() if isinstance(m, Projection)]
-    assert all(p.packed is not None for p in projections)
-    assert packed.output_packed is not None
-    assert added == sum(p.packed.nbytes for p in projections) + packed.output_packed.nbytes
+    output = pack_every_matrix(packed, "exact_blocks")
+    # The tied output layer is the Q8_0 embedding, else a Q4_1 lm_head.
+    assert isinstance(output.parts[0], Q80Blocks if variant == "llama_tied" else Q41Blocks)
     prompt = torch.randint(3, 256, (21,), generator=torch.Generator().manual_seed(8)).tolist()
     block_table = [4, 1, 6, 0, 3, 5, 2, 7, 9, 8, 10, 11]
     tokens = greedy_paged(plain, prompt, 24, block_table, 4)

@@ -140,16 +140,24 @@ def gguf_like_model(variant: str) -> tuple[LlamaModel, LlamaModel]:
     return build(), build()
 
 
+def pack_every_matrix(model: LlamaModel, mode: str) -> PackedWeight:
+    """Packs ``model`` in ``mode``, checks every matrix got a copy and the bytes it
+    reports, and returns the output layer's copy."""
+    added = model.pack_weights(mode)
+    projections = [m for m in model.modules() if isinstance(m, Projection)]
+    assert all(p.packed is not None for p in projections)
+    output = model.output_packed
+    assert output is not None
+    assert added == sum(p.packed.nbytes for p in projections) + output.nbytes
+    return output
+
+
 @pytest.mark.parametrize("variant", ["llama_tied", "qwen2"])
 def test_packed_model_decodes_like_the_fp32_weights(variant: str) -> None:
     plain, packed = gguf_like_model(variant)
-    added = packed.pack_weights("int4_bf16")
-    projections = [m for m in packed.modules() if isinstance(m, Projection)]
-    assert all(p.packed is not None for p in projections)
+    output = pack_every_matrix(packed, "int4_bf16")
     # The tied output layer is the Q8_0 embedding (two 4-bit halves), else a Q4_1 lm_head.
-    assert packed.output_packed is not None
-    assert len(packed.output_packed.parts) == (2 if variant == "llama_tied" else 1)
-    assert added == sum(p.packed.nbytes for p in projections) + packed.output_packed.nbytes
+    assert len(output.parts) == (2 if variant == "llama_tied" else 1)
     prompt = torch.randint(3, 256, (21,), generator=torch.Generator().manual_seed(8)).tolist()
     block_table = [4, 1, 6, 0, 3, 5, 2, 7, 9, 8, 10, 11]
     tokens = greedy_paged(plain, prompt, 24, block_table, 4)
