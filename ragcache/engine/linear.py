@@ -1,6 +1,6 @@
 """Projections on CPU: block copies, the weight-major product, oneDNN or MKL, by rows.
 
-- Up to 8 rows of a weight made of exact GGUF blocks (the embedded SmolLM2's): the
+- Up to 16 rows of a weight made of exact GGUF blocks (the embedded SmolLM2's): the
   block copy (``packed_weights``), which reads a sixth of the fp32 bytes.
 - 2-16 rows otherwise: the weight-major product ``W @ x.T``. MKL's sgemm handles
   ``x @ W.T`` with 2-16 rows at about half its speed, so verifying a few draft tokens

@@ -92,9 +92,9 @@ def _symmetric_8bit(weight: torch.Tensor) -> list[Int4Blocks] | None:
 
 PACKED_MODES = ("exact_blocks", "int4_bf16")
 # Rows up to which a product reads the copy: the exact kernel rebuilds every weight once
-# per eight rows, so past eight rows the weight-major fp32 product wins
-# (`python -m ragcache.engine.bench_linear`: 1.05 ms a layer against 1.29 at 8 rows).
-MAX_ROWS = {"exact_blocks": 8, "int4_bf16": 16}
+# per eight rows, and up to 16 rows it stays well ahead of the best fp32 product
+# (`python -m ragcache.engine.bench_linear`).
+MAX_ROWS = {"exact_blocks": 16, "int4_bf16": 16}
 
 Part = Int4Blocks | Q41Blocks | Q80Blocks
 

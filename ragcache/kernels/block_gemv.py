@@ -24,7 +24,10 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "block_gemv.cpp"
 EXTENSION_NAME = "ragcache_block_gemv"
-COMPILE_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c"]
+COMPILE_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+# at::parallel_for splits work over torch's OpenMP threads only where the extension is
+# compiled with OpenMP; without it every product runs on one thread.
+LINK_FLAGS = ["-fopenmp"]
 DISABLE_ENV = "RAGCACHE_DISABLE_BLOCK_KERNELS"
 
 
@@ -51,6 +54,7 @@ def block_kernels() -> ModuleType | None:
             name=EXTENSION_NAME,
             sources=[str(SOURCE)],
             extra_cflags=COMPILE_FLAGS,
+            extra_ldflags=LINK_FLAGS,
             verbose=False,
         )
     except Exception as exc:  # a missing compiler or ninja, or a failed build

@@ -46,7 +46,7 @@ def test_every_weight_is_rebuilt_bit_for_bit(kind: GGMLQuantizationType, part: t
 
 
 @pytest.mark.parametrize("kind", [Q4_1, Q8_0])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 11])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 11, 16])
 @pytest.mark.parametrize(("out_features", "in_features"), [(48, 64), (80, 192), (1040, 32)])
 def test_products_match_f_linear(kind, rows: int, out_features: int, in_features: int) -> None:
     weight = gguf_weight(out_features, in_features, kind, seed=rows)
@@ -84,16 +84,17 @@ def test_bad_inputs_are_refused_by_name() -> None:
         blocks.matmul(torch.randn(2, 96))
 
 
-def test_projection_reads_the_copy_up_to_eight_rows() -> None:
+def test_projection_reads_the_copy_up_to_its_row_limit() -> None:
     projection = Projection(128, 64, bias=True)
     with torch.no_grad():
         projection.weight.copy_(gguf_weight(64, 128, Q4_1, seed=3))
         projection.bias.normal_()
     projection.packed = PackedWeight.of(projection.weight, "exact_blocks")
-    assert projection.packed is not None and projection.packed.max_rows == 8
-    for rows in (1, 4, MAX_ROWS["exact_blocks"], MAX_ROWS["exact_blocks"] + 1, 100):
+    limit = MAX_ROWS["exact_blocks"]
+    assert projection.packed is not None and projection.packed.max_rows == limit
+    for rows in (1, 4, 9, limit, limit + 1, 100):
         x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows))
-        assert projection.packed.serves(x, projection.weight) == (rows <= 8)
+        assert projection.packed.serves(x, projection.weight) == (rows <= limit)
         expected = F.linear(x, projection.weight, projection.bias)
         torch.testing.assert_close(projection(x), expected, atol=2e-5, rtol=1e-5)
 
