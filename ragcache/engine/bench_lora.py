@@ -39,6 +39,7 @@ from ragcache.engine.bench_engine import (
 from ragcache.engine.bench_machine import machine_record
 from ragcache.engine.config import EngineConfig, ModelConfig, SpeculativeConfig
 from ragcache.engine.engine import Engine
+from ragcache.engine.loader import PACKED_WEIGHTS_MODES
 from ragcache.engine.lora import target_slice
 from ragcache.engine.lora_config import LoraConfig
 from ragcache.engine.sampling_params import SamplingParams
@@ -125,7 +126,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     load_at_start = list(os.getloadavg())
-    loaded = load_model(ModelConfig(dtype=args.dtype, device="cpu"))
+    loaded = load_model(
+        ModelConfig(dtype=args.dtype, device="cpu", packed_weights=args.packed_weights)
+    )
     workload = make_workload(
         loaded.tokenizer,
         args.num_requests,
@@ -289,6 +292,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("ngram", "off"),
         help="speculative decoding in every schedule (the engine default, or off to time "
         "adapter batching alone)",
+    )
+    parser.add_argument(
+        "--packed-weights",
+        default=ModelConfig().packed_weights,
+        choices=PACKED_WEIGHTS_MODES,
+        help="model.packed_weights: block copies for products of few rows (auto, the "
+        "default) speed up small batches, so they shrink what batching adapters together "
+        "gains; off times every schedule on fp32 weights",
     )
     parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default"
