@@ -28,7 +28,6 @@ import torch
 
 from ragcache.engine.attention_metadata import AttentionMetadata, contiguous_metadata
 from ragcache.engine.bench_machine import machine_record
-from ragcache.engine.block_weights import Q41Blocks, Q80Blocks
 from ragcache.engine.config import ModelConfig
 from ragcache.engine.kv_pool import KVPool
 from ragcache.engine.linear import Projection
@@ -100,7 +99,7 @@ def weights_name(loaded: LoadedModel) -> str:
         copies.append(model.output_packed)
     if not copies:
         return "as loaded"
-    kind = "exact blocks" if isinstance(copies[0].parts[0], Q41Blocks | Q80Blocks) else "int4/bf16"
+    kind = "exact blocks" if copies[0].mode == "exact_blocks" else "int4/bf16"
     return f"{kind}, {len(copies)} of {len(matrices) + 1}"
 
 

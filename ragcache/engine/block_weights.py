@@ -15,6 +15,7 @@ the order of fp32 sums, while a decode step reads a sixth of the fp32 bytes (Smo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ import torch
 from ragcache.kernels.block_gemv import block_kernels
 
 GROUP_SIZE = 32
+PROBE_ROWS = 16
 
 
 @dataclass(slots=True)
@@ -44,7 +46,7 @@ class Q80Codes:
 def as_blocks(weight: torch.Tensor) -> torch.Tensor | None:
     """[N, K / 32, 32] view of a 2-D weight, or None where its shape has no blocks."""
     rows, cols = weight.shape
-    if cols % GROUP_SIZE or rows % 16:
+    if cols % GROUP_SIZE or rows % PROBE_ROWS:
         return None
     return weight.reshape(rows, cols // GROUP_SIZE, GROUP_SIZE)
 
@@ -53,10 +55,16 @@ def as_fp16(values: torch.Tensor) -> torch.Tensor:
     return values.to(torch.float16).to(torch.float32)
 
 
+def leading_rows_fail(weight: torch.Tensor, find: Callable[[torch.Tensor], object]) -> bool:
+    """Whether the first 16 rows already lack the blocks: a weight without them (any
+    model not from a GGUF file) is turned down without a pass over all of it."""
+    return weight.shape[0] > PROBE_ROWS and find(weight[:PROBE_ROWS]) is None
+
+
 def find_q4_1(weight: torch.Tensor) -> Q41Codes | None:
     """Q4_1 blocks: the minimum is ``m`` (its code is 0), the step ``d`` is fp16."""
     blocks = as_blocks(weight)
-    if blocks is None:
+    if blocks is None or leading_rows_fail(weight, find_q4_1):
         return None
     low = blocks.amin(-1)
     step = as_fp16((blocks.amax(-1) - low) / 15)
@@ -71,7 +79,7 @@ def find_q4_1(weight: torch.Tensor) -> Q41Codes | None:
 def find_q8_0(weight: torch.Tensor) -> Q80Codes | None:
     """Q8_0 blocks: symmetric around 0 with an fp16 step."""
     blocks = as_blocks(weight)
-    if blocks is None:
+    if blocks is None or leading_rows_fail(weight, find_q8_0):
         return None
     step = as_fp16(blocks.abs().amax(-1) / 127)
     safe_step = torch.where(step > 0, step, torch.ones_like(step))

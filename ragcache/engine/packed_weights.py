@@ -116,7 +116,11 @@ class PackedWeight:
     parts: list[Part]
     source: torch.Tensor
     source_version: int
-    max_rows: int
+    mode: str
+
+    @property
+    def max_rows(self) -> int:
+        return MAX_ROWS[self.mode]
 
     @classmethod
     def of(cls, weight: torch.Tensor, mode: str = "int4_bf16") -> PackedWeight | None:
@@ -137,11 +141,12 @@ class PackedWeight:
                 found = exact_blocks(weight)
                 parts = None if found is None else [found]
             else:
-                parts = list(_asymmetric_4bit(weight) or _symmetric_8bit(weight) or []) or None
+                int4_parts = _asymmetric_4bit(weight) or _symmetric_8bit(weight)
+                parts = None if int4_parts is None else list(int4_parts)
         # Blocks are looked for first, so a model without them never builds the kernel.
         if parts is None or not packing_available(mode):
             return None
-        return cls(parts, weight, weight._version, MAX_ROWS[mode])
+        return cls(parts, weight, weight._version, mode)
 
     def serves(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         return (

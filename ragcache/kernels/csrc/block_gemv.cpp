@@ -130,62 +130,59 @@ void check_input(const torch::Tensor& x, int64_t in_features) {
 
 }  // namespace
 
-// x [M, K] fp32; codes [N, K / 2] uint8; scales, minimums [N, K / 32] fp16 -> [M, N] fp32.
-torch::Tensor q4_1_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scales,
-                          torch::Tensor minimums) {
-  const int64_t out_features = codes.size(0);
-  const int64_t in_features = codes.size(1) * 2;
-  const int64_t blocks = in_features / kBlock;
+// out [M, N] = x [M, K] times the weights whose block b of output n is
+// ``block_of_output(n)(b)``, output rows split over torch's threads.
+template <typename BlockOfOutput>
+torch::Tensor blocks_product(const torch::Tensor& x, int64_t out_features, int64_t in_features,
+                             BlockOfOutput block_of_output) {
   check_input(x, in_features);
-  TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous(), "codes: uint8");
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat16 && scales.is_contiguous() &&
-                  minimums.scalar_type() == torch::kFloat16 && minimums.is_contiguous(),
-              "scales and minimums: contiguous float16");
   const int64_t rows = x.size(0);
+  const int64_t blocks = in_features / kBlock;
   auto out = torch::empty({rows, out_features}, x.options());
   const float* xp = x.data_ptr<float>();
-  const uint8_t* cp = codes.data_ptr<uint8_t>();
-  const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
-  const auto* mp = reinterpret_cast<const uint16_t*>(minimums.data_ptr<at::Half>());
   float* op = out.data_ptr<float>();
   at::parallel_for(0, out_features, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const uint8_t* row_codes = cp + n * (in_features / 2);
-      const uint16_t* row_scales = sp + n * blocks;
-      const uint16_t* row_mins = mp + n * blocks;
-      auto make_block = [&](int64_t b) {
-        return q4_1_block(row_codes + b * (kBlock / 2), row_scales[b], row_mins[b]);
-      };
-      dot_all_rows(xp, rows, in_features, blocks, make_block, op, n, out_features);
-    }
+    for (int64_t n = begin; n < end; ++n)
+      dot_all_rows(xp, rows, in_features, blocks, block_of_output(n), op, n, out_features);
   });
   return out;
 }
 
+// x [M, K] fp32; codes [N, K / 2] uint8; scales, minimums [N, K / 32] fp16 -> [M, N] fp32.
+torch::Tensor q4_1_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scales,
+                          torch::Tensor minimums) {
+  TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous(), "codes: uint8");
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat16 && scales.is_contiguous() &&
+                  minimums.scalar_type() == torch::kFloat16 && minimums.is_contiguous(),
+              "scales and minimums: contiguous float16");
+  const int64_t in_features = codes.size(1) * 2;
+  const int64_t blocks = in_features / kBlock;
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  const auto* mp = reinterpret_cast<const uint16_t*>(minimums.data_ptr<at::Half>());
+  return blocks_product(x, codes.size(0), in_features, [=](int64_t n) {
+    return [=](int64_t b) {
+      const int64_t block = n * blocks + b;
+      return q4_1_block(cp + block * (kBlock / 2), sp[block], mp[block]);
+    };
+  });
+}
+
 // x [M, K] fp32; codes [N, K] int8; scales [N, K / 32] fp16 -> [M, N] fp32.
 torch::Tensor q8_0_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scales) {
-  const int64_t out_features = codes.size(0);
-  const int64_t in_features = codes.size(1);
-  const int64_t blocks = in_features / kBlock;
-  check_input(x, in_features);
   TORCH_CHECK(codes.scalar_type() == torch::kInt8 && codes.is_contiguous(), "codes: int8");
   TORCH_CHECK(scales.scalar_type() == torch::kFloat16 && scales.is_contiguous(),
               "scales: contiguous float16");
-  const int64_t rows = x.size(0);
-  auto out = torch::empty({rows, out_features}, x.options());
-  const float* xp = x.data_ptr<float>();
+  const int64_t in_features = codes.size(1);
+  const int64_t blocks = in_features / kBlock;
   const int8_t* cp = codes.data_ptr<int8_t>();
   const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, out_features, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const int8_t* row_codes = cp + n * in_features;
-      const uint16_t* row_scales = sp + n * blocks;
-      auto make_block = [&](int64_t b) { return q8_0_block(row_codes + b * kBlock, row_scales[b]); };
-      dot_all_rows(xp, rows, in_features, blocks, make_block, op, n, out_features);
-    }
+  return blocks_product(x, codes.size(0), in_features, [=](int64_t n) {
+    return [=](int64_t b) {
+      const int64_t block = n * blocks + b;
+      return q8_0_block(cp + block * kBlock, sp[block]);
+    };
   });
-  return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
