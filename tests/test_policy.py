@@ -155,3 +155,7 @@ def test_policy_benchmark_writes_every_variant_and_the_cost_model(tmp_path):
     pgdsf = run["results"]["pgdsf"]["saved_prefill_fraction"]
     assert run["pgdsf_minus_lru_saved_points"] == pytest.approx(100 * (pgdsf - lru))
     assert 0.0 <= lru <= 1.0 and 0.0 <= run["static_best_saved_fraction"] <= 1.0
+    oracle = run["oracle_saved_fraction"]
+    assert run["oracle_minus_lru_saved_points"] == pytest.approx(100 * (oracle - lru))
+    summary = report["summary"]["zipf"]
+    assert summary["pgdsf_minus_lru_min"] == pytest.approx(run["pgdsf_minus_lru_saved_points"])

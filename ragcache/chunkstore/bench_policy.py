@@ -16,52 +16,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ragcache.chunkstore.cost_calibration import COST_MODELS, calibration_record
+from ragcache.chunkstore.policy_traces import (
+    SMOLLM2_KV_BYTES_PER_TOKEN,
+    TRACES,
+    Trace,
+    chunk_costs,
+    popularity_oracle,
+    static_best,
+)
 from ragcache.engine.config import ModelConfig
 from ragcache.engine.loader import load_model
 from ragcache.policy import CostModel, make_policy
-
-SMOLLM2_KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 2
-
-
-def make_trace(
-    num_chunks: int,
-    num_requests: int,
-    zipf_s: float,
-    min_tokens: int,
-    max_tokens: int,
-    seed: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    lengths = np.exp(rng.uniform(np.log(min_tokens), np.log(max_tokens), num_chunks))
-    popularity = 1.0 / np.arange(1, num_chunks + 1) ** zipf_s
-    popularity /= popularity.sum()
-    # Popularity is independent of length: rank r goes to a random chunk.
-    chunk_of_rank = rng.permutation(num_chunks)
-    requests = chunk_of_rank[rng.choice(num_chunks, size=num_requests, p=popularity)]
-    return lengths.astype(np.int64), requests
-
-
-def make_shift_trace(
-    num_chunks: int,
-    num_requests: int,
-    zipf_s: float,
-    min_tokens: int,
-    max_tokens: int,
-    seed: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    half = num_requests // 2
-    lengths, first = make_trace(num_chunks, half, zipf_s, min_tokens, max_tokens, seed)
-    _, second = make_trace(
-        num_chunks, num_requests - half, zipf_s, min_tokens, max_tokens, seed + 1000
-    )
-    return lengths, np.concatenate([first, second])
-
-
-TRACES = {"zipf": make_trace, "shift": make_shift_trace}
-
 
 # Column name -> (policy, PGDSF frequency exponent, PGDSF admission filter).
 VARIANTS: dict[str, tuple[str, float, bool]] = {
@@ -75,8 +41,7 @@ VARIANTS: dict[str, tuple[str, float, bool]] = {
 
 def simulate(
     policy_name: str,
-    lengths: np.ndarray,
-    requests: np.ndarray,
+    trace: Trace,
     capacity: int,
     cost_model: CostModel,
     frequency_exponent: float = 1.0,
@@ -85,8 +50,9 @@ def simulate(
     """One tier driven as ChunkStore drives it: every request is reported, a miss is
     computed and offered to the tier, which evicts only if the policy admits it."""
     policy = make_policy(policy_name, frequency_exponent, admission)
-    sizes = lengths * SMOLLM2_KV_BYTES_PER_TOKEN
-    costs = [cost_model.seconds(int(n)) for n in lengths]
+    requests = trace.requests
+    sizes = trace.lengths * SMOLLM2_KV_BYTES_PER_TOKEN
+    costs = chunk_costs(trace.lengths, cost_model).tolist()
     cached: set[int] = set()
     frequency: dict[int, int] = {}
     used = hits = rejected = 0
@@ -126,24 +92,22 @@ def simulate(
     }
 
 
-def static_best(
-    lengths: np.ndarray, requests: np.ndarray, capacity: int, cost_model: CostModel
-) -> float:
-    """Saved prefill fraction of the best fixed set, chosen knowing the whole trace's
-    counts (greedy by count x cost / size) and missed once on each first request. An
-    offline reference, not a policy: online policies rarely beat it on a stationary trace.
-    """
-    costs = np.array([cost_model.seconds(int(n)) for n in lengths])
-    sizes = lengths * SMOLLM2_KV_BYTES_PER_TOKEN
-    counts = np.bincount(requests, minlength=len(lengths))
-    saved = used = 0.0
-    for chunk in np.argsort(-(counts * costs / sizes), kind="stable"):
-        if counts[chunk] < 2:
-            break
-        if used + sizes[chunk] <= capacity:
-            used += sizes[chunk]
-            saved += (counts[chunk] - 1) * costs[chunk]
-    return float(saved / costs[requests].sum())
+def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per trace shape: mean and worst PGDSF and oracle margins over LRU, and the share
+    of the oracle's gain that PGDSF reaches (mean of the margins' ratio)."""
+    summary = {}
+    for shape in dict.fromkeys(run["shape"] for run in runs):
+        rows = [run for run in runs if run["shape"] == shape]
+        pgdsf = [run["pgdsf_minus_lru_saved_points"] for run in rows]
+        oracle = [run["oracle_minus_lru_saved_points"] for run in rows]
+        summary[shape] = {
+            "pgdsf_minus_lru_mean": sum(pgdsf) / len(rows),
+            "pgdsf_minus_lru_min": min(pgdsf),
+            "oracle_minus_lru_mean": sum(oracle) / len(rows),
+            "oracle_minus_lru_min": min(oracle),
+            "pgdsf_share_of_oracle_gain": sum(pgdsf) / sum(oracle) if sum(oracle) else 0.0,
+        }
+    return summary
 
 
 def measured_calibration() -> dict[str, Any]:
@@ -160,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=40000)
     parser.add_argument("--zipf", type=float, default=1.1)
     parser.add_argument("--capacity-fraction", type=float, default=0.2)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
     parser.add_argument("--shapes", nargs="+", default=list(TRACES), choices=list(TRACES))
     parser.add_argument(
         "--cost-model",
@@ -173,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     calibration = measured_calibration() if args.cost_model == "measured" else None
     cost_model = CostModel(**calibration["cost_model"]) if calibration else CostModel()
     names = list(VARIANTS)
-    columns = [*names, "static-best"]
+    columns = [*names, "oracle", "static-best"]
     runs = []
     print(
         f"{args.chunks} chunks, {args.requests} requests, Zipf({args.zipf}), capacity "
@@ -185,24 +149,28 @@ def main(argv: list[str] | None = None) -> None:
         f"cost/size from 64 to 2048 tokens: {cost_model.seconds(64) / 64:.3g} to "
         f"{cost_model.seconds(2048) / 2048:.3g} s/token\n"
     )
-    print("| trace | seed | " + " | ".join(columns) + " | PGDSF-LRU (points) |")
-    print("|---|---:|" + "---:|" * (len(columns) + 1))
+    print(
+        "| trace | seed | " + " | ".join(columns) + " | PGDSF-LRU (points) | oracle-LRU (points) |"
+    )
+    print("|---|---:|" + "---:|" * (len(columns) + 2))
     for shape in args.shapes:
         for seed in args.seeds:
-            lengths, requests = TRACES[shape](args.chunks, args.requests, args.zipf, 64, 2048, seed)
-            working_set = int(lengths.sum()) * SMOLLM2_KV_BYTES_PER_TOKEN
+            trace = TRACES[shape](args.chunks, args.requests, args.zipf, 64, 2048, seed)
+            working_set = int(trace.lengths.sum()) * SMOLLM2_KV_BYTES_PER_TOKEN
             capacity = int(working_set * args.capacity_fraction)
             results = {
-                name: simulate(policy, lengths, requests, capacity, cost_model, exponent, admit)
+                name: simulate(policy, trace, capacity, cost_model, exponent, admit)
                 for name, (policy, exponent, admit) in VARIANTS.items()
             }
             saved = {name: results[name]["saved_prefill_fraction"] for name in names}
-            saved["static-best"] = static_best(lengths, requests, capacity, cost_model)
+            saved["oracle"] = popularity_oracle(trace, capacity, cost_model)
+            saved["static-best"] = static_best(trace, capacity, cost_model)
             margin = 100 * (saved["pgdsf"] - saved["lru"])
+            ceiling = 100 * (saved["oracle"] - saved["lru"])
             print(
                 f"| {shape} | {seed} | "
                 + " | ".join(f"{saved[name]:.3f}" for name in columns)
-                + f" | {margin:+.1f} |"
+                + f" | {margin:+.1f} | {ceiling:+.1f} |"
             )
             runs.append(
                 {
@@ -213,9 +181,25 @@ def main(argv: list[str] | None = None) -> None:
                     "results": results,
                     "pgdsf_minus_lru_saved_points": margin,
                     "lfu_minus_lru_saved_points": 100 * (saved["lfu"] - saved["lru"]),
+                    "oracle_minus_lru_saved_points": ceiling,
+                    "oracle_saved_fraction": saved["oracle"],
                     "static_best_saved_fraction": saved["static-best"],
                 }
             )
+    print("\nhit rate\n\n| trace | seed | " + " | ".join(names) + " |")
+    print("|---|---:|" + "---:|" * len(names))
+    for run in runs:
+        hit_rates = " | ".join(f"{run['results'][name]['hit_rate']:.3f}" for name in names)
+        print(f"| {run['shape']} | {run['seed']} | {hit_rates} |")
+    summary = summarize(runs)
+    print()
+    for shape, row in summary.items():
+        print(
+            f"{shape}: PGDSF-LRU mean {row['pgdsf_minus_lru_mean']:+.1f} points "
+            f"(min {row['pgdsf_minus_lru_min']:+.1f}); oracle-LRU mean "
+            f"{row['oracle_minus_lru_mean']:+.1f} (min {row['oracle_minus_lru_min']:+.1f}); "
+            f"PGDSF reaches {row['pgdsf_share_of_oracle_gain']:.0%} of the oracle's gain"
+        )
     report = {
         "command": "python -m ragcache.chunkstore.bench_policy "
         + shlex.join(sys.argv[1:] if argv is None else argv),
@@ -233,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
             "fixed": cost_model.fixed,
             "calibration": calibration,
         },
+        "summary": summary,
         "runs": runs,
     }
     out = Path(args.out)
