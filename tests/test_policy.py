@@ -159,3 +159,13 @@ def test_policy_benchmark_writes_every_variant_and_the_cost_model(tmp_path):
     assert run["oracle_minus_lru_saved_points"] == pytest.approx(100 * (oracle - lru))
     summary = report["summary"]["zipf"]
     assert summary["pgdsf_minus_lru_min"] == pytest.approx(run["pgdsf_minus_lru_saved_points"])
+
+
+def test_policy_benchmark_rejects_a_backward_length_range(tmp_path, capsys):
+    from ragcache.chunkstore import bench_policy
+
+    argv = ["--out", str(tmp_path / "p.json"), "--min-tokens", "600", "--max-tokens", "500"]
+    with pytest.raises(SystemExit):
+        bench_policy.main([*argv, "--cost-model", "default"])
+    assert "--min-tokens <= --max-tokens" in capsys.readouterr().err
+    assert not (tmp_path / "p.json").exists()

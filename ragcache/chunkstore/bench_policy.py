@@ -21,6 +21,7 @@ from ragcache.chunkstore.policy_traces import (
     SMOLLM2_KV_BYTES_PER_TOKEN,
     TRACES,
     Trace,
+    TraceShape,
     chunk_costs,
     popularity_oracle,
     static_best,
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunks", type=int, default=2000)
     parser.add_argument("--requests", type=int, default=40000)
     parser.add_argument("--zipf", type=float, default=1.1)
+    parser.add_argument("--min-tokens", type=int, default=64, help="shortest chunk")
+    parser.add_argument("--max-tokens", type=int, default=2048, help="longest chunk")
     parser.add_argument("--capacity-fraction", type=float, default=0.2)
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
     parser.add_argument("--shapes", nargs="+", default=list(TRACES), choices=list(TRACES))
@@ -134,20 +137,29 @@ def main(argv: list[str] | None = None) -> None:
         "the service does; default: the fixed coefficients of CostModel()",
     )
     args = parser.parse_args(argv)
+    if not 1 <= args.min_tokens <= args.max_tokens:
+        parser.error(
+            f"need 1 <= --min-tokens <= --max-tokens, got {args.min_tokens}, {args.max_tokens}"
+        )
+    trace_shape = TraceShape(
+        args.chunks, args.requests, args.zipf, args.min_tokens, args.max_tokens
+    )
     calibration = measured_calibration() if args.cost_model == "measured" else None
     cost_model = CostModel(**calibration["cost_model"]) if calibration else CostModel()
     names = list(VARIANTS)
     columns = [*names, "oracle", "static-best"]
     runs = []
     print(
-        f"{args.chunks} chunks, {args.requests} requests, Zipf({args.zipf}), capacity "
+        f"{args.chunks} chunks of {args.min_tokens}-{args.max_tokens} tokens, {args.requests} "
+        f"requests, Zipf({args.zipf}), capacity "
         f"{args.capacity_fraction:.0%} of the working set; saved prefill fraction"
     )
     print(
         f"cost model ({args.cost_model}): {cost_model.per_token:.3g} s/token + "
         f"{cost_model.per_token_pair:.3g} s/token pair + {cost_model.fixed:.3g} s; "
-        f"cost/size from 64 to 2048 tokens: {cost_model.seconds(64) / 64:.3g} to "
-        f"{cost_model.seconds(2048) / 2048:.3g} s/token\n"
+        f"cost/size from {args.min_tokens} to {args.max_tokens} tokens: "
+        f"{cost_model.seconds(args.min_tokens) / args.min_tokens:.3g} to "
+        f"{cost_model.seconds(args.max_tokens) / args.max_tokens:.3g} s/token\n"
     )
     print(
         "| trace | seed | " + " | ".join(columns) + " | PGDSF-LRU (points) | oracle-LRU (points) |"
@@ -155,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---:|" + "---:|" * (len(columns) + 2))
     for shape in args.shapes:
         for seed in args.seeds:
-            trace = TRACES[shape](args.chunks, args.requests, args.zipf, 64, 2048, seed)
+            trace = TRACES[shape](trace_shape, seed)
             working_set = int(trace.lengths.sum()) * SMOLLM2_KV_BYTES_PER_TOKEN
             capacity = int(working_set * args.capacity_fraction)
             results = {
@@ -207,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
             "chunks": args.chunks,
             "requests": args.requests,
             "zipf_s": args.zipf,
-            "tokens": [64, 2048],
+            "tokens": [args.min_tokens, args.max_tokens],
             "capacity_fraction": args.capacity_fraction,
         },
         "cost_model": {

@@ -10,7 +10,7 @@ draw's noise; it reads a little above the oracle.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -29,41 +29,37 @@ class Trace:
     phases: list[tuple[int, np.ndarray]]
 
 
-def make_trace(
-    num_chunks: int,
-    num_requests: int,
-    zipf_s: float,
-    min_tokens: int,
-    max_tokens: int,
-    seed: int,
-) -> Trace:
-    """Zipf(``zipf_s``) popularity over chunks of log-uniform length; popularity is
-    independent of length (rank r goes to a random chunk)."""
+@dataclass(slots=True)
+class TraceShape:
+    """How many chunks and requests, the Zipf exponent and the range of chunk lengths."""
+
+    num_chunks: int
+    num_requests: int
+    zipf_s: float = 1.1
+    min_tokens: int = 64
+    max_tokens: int = 2048
+
+
+def make_trace(shape: TraceShape, seed: int) -> Trace:
+    """Zipf popularity over chunks of log-uniform length; popularity is independent of
+    length (rank r goes to a random chunk)."""
     rng = np.random.default_rng(seed)
-    lengths = np.exp(rng.uniform(np.log(min_tokens), np.log(max_tokens), num_chunks))
-    popularity = 1.0 / np.arange(1, num_chunks + 1) ** zipf_s
+    bounds = np.log(shape.min_tokens), np.log(shape.max_tokens)
+    lengths = np.exp(rng.uniform(*bounds, shape.num_chunks))
+    popularity = 1.0 / np.arange(1, shape.num_chunks + 1) ** shape.zipf_s
     popularity /= popularity.sum()
-    chunk_of_rank = rng.permutation(num_chunks)
-    requests = chunk_of_rank[rng.choice(num_chunks, size=num_requests, p=popularity)]
-    probability = np.empty(num_chunks)
+    chunk_of_rank = rng.permutation(shape.num_chunks)
+    drawn = rng.choice(shape.num_chunks, size=shape.num_requests, p=popularity)
+    probability = np.empty(shape.num_chunks)
     probability[chunk_of_rank] = popularity
-    return Trace(lengths.astype(np.int64), requests, [(0, probability)])
+    return Trace(lengths.astype(np.int64), chunk_of_rank[drawn], [(0, probability)])
 
 
-def make_shift_trace(
-    num_chunks: int,
-    num_requests: int,
-    zipf_s: float,
-    min_tokens: int,
-    max_tokens: int,
-    seed: int,
-) -> Trace:
+def make_shift_trace(shape: TraceShape, seed: int) -> Trace:
     """Like ``make_trace``, but a new popularity ranking is drawn halfway through."""
-    half = num_requests // 2
-    first = make_trace(num_chunks, half, zipf_s, min_tokens, max_tokens, seed)
-    second = make_trace(
-        num_chunks, num_requests - half, zipf_s, min_tokens, max_tokens, seed + 1000
-    )
+    half = shape.num_requests // 2
+    first = make_trace(replace(shape, num_requests=half), seed)
+    second = make_trace(replace(shape, num_requests=shape.num_requests - half), seed + 1000)
     return Trace(
         first.lengths,
         np.concatenate([first.requests, second.requests]),

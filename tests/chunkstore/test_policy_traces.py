@@ -5,6 +5,7 @@ from ragcache.chunkstore.bench_policy import simulate
 from ragcache.chunkstore.policy_traces import (
     SMOLLM2_KV_BYTES_PER_TOKEN,
     Trace,
+    TraceShape,
     best_set,
     make_shift_trace,
     make_trace,
@@ -17,7 +18,7 @@ PER_TOKEN = CostModel(per_token=1e-3, per_token_pair=0.0, fixed=0.0)
 
 
 def test_trace_requests_follow_the_popularity_it_keeps():
-    trace = make_trace(50, 20000, 1.1, 64, 2048, seed=3)
+    trace = make_trace(TraceShape(50, 20000), seed=3)
     ((start, probability),) = trace.phases
     assert start == 0 and probability.sum() == pytest.approx(1.0)
     counts = np.bincount(trace.requests, minlength=50) / 20000
@@ -27,7 +28,7 @@ def test_trace_requests_follow_the_popularity_it_keeps():
 
 
 def test_shift_trace_draws_a_new_ranking_halfway():
-    trace = make_shift_trace(200, 1000, 1.1, 64, 2048, seed=0)
+    trace = make_shift_trace(TraceShape(200, 1000), seed=0)
     (first_start, first), (second_start, second) = trace.phases
     assert (first_start, second_start) == (0, 500)
     assert int(np.argmax(first)) != int(np.argmax(second))
@@ -64,7 +65,7 @@ def test_oracle_keeps_across_a_phase_only_what_both_best_sets_share():
 
 
 def test_no_policy_passes_the_hindsight_set_and_the_oracle_is_close_to_it():
-    trace = make_trace(300, 6000, 1.1, 64, 2048, seed=1)
+    trace = make_trace(TraceShape(300, 6000), seed=1)
     capacity = int(trace.lengths.sum() * SMOLLM2_KV_BYTES_PER_TOKEN * 0.2)
     hindsight = static_best(trace, capacity, PER_TOKEN)
     oracle = popularity_oracle(trace, capacity, PER_TOKEN)
