@@ -95,7 +95,7 @@ def simulate(
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Per trace shape: mean and worst PGDSF and oracle margins over LRU, and the share
-    of the oracle's gain that PGDSF reaches (mean of the margins' ratio)."""
+    of the oracle's gain that PGDSF reaches (summed margins over summed margins)."""
     summary = {}
     for shape in dict.fromkeys(run["shape"] for run in runs):
         rows = [run for run in runs if run["shape"] == shape]

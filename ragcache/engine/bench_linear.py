@@ -30,19 +30,23 @@ import torch.nn.functional as F
 
 from ragcache.engine.bench_machine import machine_record
 from ragcache.engine.block_weights import Q41Blocks, exact_blocks
-from ragcache.engine.linear import _ONEDNN_LINEAR, ONEDNN_MAX_ROWS, SKINNY_MAX_ROWS
+from ragcache.engine.linear import (
+    _ONEDNN_LINEAR,
+    ONEDNN_MAX_ROWS,
+    SKINNY_MAX_ROWS,
+    sliced_linear,
+)
 from ragcache.engine.packed_weights import MAX_ROWS
 from ragcache.kernels.block_gemv import block_kernels
 
 LAYER_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
 # Output slices of the fused weights: q, k, v and gate, up.
 SLICES = {(960, 576): (576, 192, 192), (3072, 576): (1536, 1536)}
-Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Product = Callable[[torch.Tensor, torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]]
 
 
-def per_slice(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    sizes = SLICES.get(tuple(weight.shape), (weight.shape[0],))
-    return [F.linear(x, part) for part in weight.split(list(sizes))][-1]
+def per_slice(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return sliced_linear(x, weight, None, SLICES.get(tuple(weight.shape), (weight.shape[0],)))
 
 
 def products(rows: int, copies: dict[int, Q41Blocks]) -> dict[str, Product]:

@@ -78,10 +78,13 @@ class Projection(torch.nn.Linear):
         contiguous for the element-wise work after it; few rows keep one product."""
         if x.dim() != 2 or x.shape[0] <= ONEDNN_MAX_ROWS or x.device.type != "cpu":
             return self(x).split(list(sizes), dim=-1)
-        parts = []
-        start = 0
-        for size in sizes:
-            bias = None if self.bias is None else self.bias[start : start + size]
-            parts.append(F.linear(x, self.weight[start : start + size], bias))
-            start += size
-        return tuple(parts)
+        return sliced_linear(x, self.weight, self.bias, sizes)
+
+
+def sliced_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sizes: Sequence[int]
+) -> tuple[torch.Tensor, ...]:
+    """``F.linear`` once per slice of ``weight``'s output rows."""
+    weights = weight.split(list(sizes))
+    biases = [None] * len(sizes) if bias is None else bias.split(list(sizes))
+    return tuple(F.linear(x, w, b) for w, b in zip(weights, biases, strict=True))
