@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ragcache.engine.engine import Engine
     from ragcache.engine.sampling_params import SamplingParams
-    from ragcache.query_result import QueryResult
     from ragcache.service import RagCache
+    from ragcache.service.results import QueryResult
 
 _EXPORTS = {
     "RagCache": "ragcache.service",
-    "QueryResult": "ragcache.query_result",
+    "QueryResult": "ragcache.service.results",
     "Engine": "ragcache.engine.engine",
     "SamplingParams": "ragcache.engine.sampling_params",
 }

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ragcache.config import Config, ConfigError, iter_fields, load_config
-from ragcache.service_errors import ServiceError
+from ragcache.errors import ServiceError
 
 SAMPLE_CORPUS = "sample"
 SAMPLES_DIR = Path(__file__).resolve().parents[1] / "samples"

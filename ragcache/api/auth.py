@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from ragcache.service_errors import ServiceError
+from ragcache.errors import ServiceError
 
 
 class AuthError(ServiceError):

@@ -12,8 +12,8 @@ from starlette.datastructures import UploadFile
 from ragcache.api.deps import get_server_config, get_service
 from ragcache.api.schemas import CreateCorpusRequest
 from ragcache.config import ServerConfig
+from ragcache.errors import InvalidInputError, PayloadTooLargeError
 from ragcache.service import RagCache
-from ragcache.service_errors import InvalidInputError, PayloadTooLargeError
 
 router = APIRouter()
 

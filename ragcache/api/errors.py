@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from ragcache.service_errors import PromptTooLongError, ServiceError
+from ragcache.errors import PromptTooLongError, ServiceError
 
 log = logging.getLogger(__name__)
 

@@ -42,13 +42,13 @@ from ragcache.blending.methods import METHOD_NAMES
 from ragcache.config import ServerConfig
 from ragcache.engine.outputs import RequestOutput
 from ragcache.engine.sampling_params import SamplingParams
-from ragcache.service import PreparedQuery, RagCache
-from ragcache.service_errors import (
+from ragcache.errors import (
     InvalidInputError,
     InvalidParameterError,
     NotFoundError,
     ServiceError,
 )
+from ragcache.service import PreparedQuery, RagCache
 
 log = logging.getLogger(__name__)
 router = APIRouter()

@@ -13,9 +13,9 @@ from fastapi.responses import StreamingResponse
 
 from ragcache.api.deps import get_service
 from ragcache.api.schemas import QueryRequest, RetrieveRequest
-from ragcache.query_result import QueryResult
+from ragcache.errors import ServiceError
 from ragcache.service import RagCache
-from ragcache.service_errors import ServiceError
+from ragcache.service.results import QueryResult
 
 router = APIRouter()
 

@@ -47,9 +47,9 @@ from ragcache.blending.methods import (
     make_method,
 )
 from ragcache.blending.placement import reposition
+from ragcache.blending.prompt import PromptLayout
 from ragcache.blending.selection_pass import run_query_pass
 from ragcache.engine.model import LlamaModel
-from ragcache.prompt import PromptLayout
 
 ORDERS = ("retrieved", "relevance")
 BASE_METHODS = tuple(name for name in METHOD_NAMES if name != "cachefocus")

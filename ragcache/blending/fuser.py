@@ -9,9 +9,9 @@ from ragcache.blending.chunk_kv import ChunkKV
 from ragcache.blending.focus import CacheFocus
 from ragcache.blending.methods import FusionContext, FusionMethod, MethodParam
 from ragcache.blending.placement import place_context
+from ragcache.blending.prompt import PromptLayout
 from ragcache.engine.model import LlamaModel
 from ragcache.engine.sequence import PlacedKV
-from ragcache.prompt import PromptLayout
 
 
 @dataclass(slots=True)

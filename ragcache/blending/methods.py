@@ -13,9 +13,9 @@ from typing import Protocol
 
 import torch
 
+from ragcache.blending.prompt import PromptLayout
 from ragcache.blending.selection_pass import FreshPass, run_fresh_pass
 from ragcache.engine.model import LlamaModel
-from ragcache.prompt import PromptLayout
 
 # A method parameter: a number, or a name (CacheFocus's order and base method).
 MethodParam = float | str

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ragcache.blending.prompt import PromptLayout
 from ragcache.engine.attention_metadata import AttentionMetadata, contiguous_metadata
 from ragcache.engine.kv_pool import KVPool
 from ragcache.engine.model import LlamaModel, RopeState
-from ragcache.prompt import PromptLayout
 
 BLOCK_SIZE = 16
 

@@ -27,6 +27,7 @@ import torch
 from ragcache.blending.chunk_kv import ChunkEncoder, ChunkKV
 from ragcache.blending.fuser import fuse
 from ragcache.blending.methods import make_method
+from ragcache.blending.prompt import PromptBuilder, PromptLayout
 from ragcache.chunkstore.config import ChunkStoreConfig
 from ragcache.chunkstore.entry import ChunkEntry
 from ragcache.chunkstore.lmdb_tier import LMDBTier
@@ -36,7 +37,6 @@ from ragcache.engine.loader import load_model
 from ragcache.engine.sampling_params import SamplingParams
 from ragcache.evaluation.examples import load_examples, passage_text
 from ragcache.evaluation.fusion_eval import evaluation_engine
-from ragcache.prompt import PromptBuilder, PromptLayout
 
 
 @dataclass(slots=True)

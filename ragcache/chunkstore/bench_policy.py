@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ragcache.chunkstore.cost_calibration import COST_MODELS, calibration_record
+from ragcache.chunkstore.policy import CostModel, make_policy
 from ragcache.chunkstore.policy_traces import (
     SMOLLM2_KV_BYTES_PER_TOKEN,
     TRACES,
@@ -28,7 +29,6 @@ from ragcache.chunkstore.policy_traces import (
 )
 from ragcache.engine.config import ModelConfig
 from ragcache.engine.loader import load_model
-from ragcache.policy import CostModel, make_policy
 
 # Column name -> (policy, PGDSF frequency exponent, PGDSF admission filter).
 VARIANTS: dict[str, tuple[str, float, bool]] = {

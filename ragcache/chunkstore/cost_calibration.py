@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
+from ragcache.chunkstore.policy import CostModel
 from ragcache.engine.attention_metadata import step_metadata
 from ragcache.engine.kv_pool import KVPool
 from ragcache.engine.loader import LoadedModel
 from ragcache.engine.model import LlamaModel
-from ragcache.policy import CostModel
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ragcache.policy import CostModel
+from ragcache.chunkstore.policy import CostModel
 
 SMOLLM2_KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 2
 

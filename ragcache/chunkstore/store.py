@@ -19,9 +19,9 @@ from typing import Protocol
 from ragcache.chunkstore.config import ChunkStoreConfig
 from ragcache.chunkstore.entry import ChunkEntry, CorruptEntryError, EntryHeader, LayerKV
 from ragcache.chunkstore.lmdb_tier import LMDBTier
+from ragcache.chunkstore.policy import CostModel, ReplacementPolicy, make_policy
 from ragcache.chunkstore.stats import StoreStats
 from ragcache.chunkstore.tiers import Tier, build_tiers
-from ragcache.policy import CostModel, ReplacementPolicy, make_policy
 
 logger = logging.getLogger(__name__)
 

@@ -30,12 +30,12 @@ from typing import Any
 
 import torch
 
+from ragcache.blending.prompt import PromptBuilder
 from ragcache.engine.bench_machine import machine_record
 from ragcache.engine.config import EngineConfig, ModelConfig, SpeculativeConfig
 from ragcache.engine.engine import Engine
 from ragcache.engine.loader import LoadedModel, load_model
 from ragcache.engine.sampling_params import SamplingParams
-from ragcache.prompt import PromptBuilder
 
 MUSIQUE = Path("/work/shared/data/musique_dev.json")
 RAG_SYSTEM_PROMPT = (

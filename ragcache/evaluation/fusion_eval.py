@@ -23,6 +23,7 @@ from ragcache.blending.chunk_kv import ChunkEncoder, ChunkKV
 from ragcache.blending.focus import TEXT_PARAMS
 from ragcache.blending.fuser import FusedRequest, fuse
 from ragcache.blending.methods import METHOD_NAMES, MethodParam, make_method
+from ragcache.blending.prompt import PromptBuilder, PromptLayout
 from ragcache.chunkstore.codecs import CODECS, get_codec
 from ragcache.engine.config import EngineConfig, SpeculativeConfig
 from ragcache.engine.engine import Engine
@@ -39,7 +40,6 @@ from ragcache.evaluation.metrics import (
     mean_nll,
     prefix_agreement,
 )
-from ragcache.prompt import PromptBuilder, PromptLayout
 
 
 @dataclass(slots=True)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ragcache.blending.prompt import PromptBuilder
 from ragcache.engine.config import ModelConfig
 from ragcache.engine.loader import LoadedModel, load_model
 from ragcache.evaluation.examples import ExampleFormatError, load_examples
@@ -44,7 +45,6 @@ from ragcache.evaluation.report import (
     write_json,
     write_markdown,
 )
-from ragcache.prompt import PromptBuilder
 
 # Fidelity to full prefill (NLL gap closed), then quality against the gold answers.
 PLOT_METRICS = ("gap_closed", "f1")

@@ -18,13 +18,13 @@ from ragcache.blending.focus import (
 from ragcache.blending.fuser import FusedRequest, fuse
 from ragcache.blending.methods import make_method
 from ragcache.blending.placement import reposition
+from ragcache.blending.prompt import PromptLayout
 from ragcache.engine.config import EngineConfig
 from ragcache.engine.engine import Engine
 from ragcache.engine.loader import LoadedModel
 from ragcache.engine.sampling_params import SamplingParams
 from ragcache.evaluation.fusion_eval import parse_settings
 from ragcache.kernels.rope import apply_rope_ref, rope_cos_sin
-from ragcache.prompt import PromptLayout
 from tests.blending.test_fusion import chunk_kv_at, random_layout
 
 

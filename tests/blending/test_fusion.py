@@ -11,13 +11,13 @@ from ragcache.blending.chunk_kv import ChunkEncoder, ChunkKV
 from ragcache.blending.fuser import fuse
 from ragcache.blending.methods import METHOD_NAMES, make_method
 from ragcache.blending.placement import reposition
+from ragcache.blending.prompt import PromptLayout
 from ragcache.engine.attention_metadata import contiguous_metadata
 from ragcache.engine.config import EngineConfig
 from ragcache.engine.engine import Engine
 from ragcache.engine.kv_pool import KVPool
 from ragcache.engine.loader import LoadedModel
 from ragcache.engine.sampling_params import SamplingParams
-from ragcache.prompt import PromptLayout
 
 PARAMS = SamplingParams(max_tokens=12, ignore_eos=True, prompt_logprobs=True)
 

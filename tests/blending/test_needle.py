@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from ragcache.blending.methods import METHOD_NAMES
+from ragcache.blending.prompt import PromptBuilder
 from ragcache.engine.config import EngineConfig, ModelConfig
 from ragcache.engine.engine import Engine
 from ragcache.engine.loader import load_model
 from ragcache.evaluation.fusion_eval import FusionEvaluator, Setting
-from ragcache.prompt import PromptBuilder
 
 NEEDLE = "The vault in the old library opens with the code 4721."
 QUESTION = "Which code opens the vault in the old library?"

@@ -15,10 +15,10 @@ from ragcache.chunkstore.cost_calibration import (
     cost_model_for,
     measure_prefill_seconds,
 )
+from ragcache.chunkstore.policy import CostModel
 from ragcache.engine.attention_metadata import contiguous_metadata, step_metadata
 from ragcache.engine.kv_pool import KVPool
 from ragcache.engine.loader import LoadedModel
-from ragcache.policy import CostModel
 
 POINTS = ((8, 0), (32, 0), (96, 0), (32, 64))
 

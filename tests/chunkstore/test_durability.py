@@ -39,7 +39,7 @@ def test_restart_finds_every_entry_and_rebuilds_the_tree(tmp_path):
     code = textwrap.dedent(
         f"""
         import json, sys
-        from ragcache.tree import KnowledgeTree
+        from ragcache.chunkstore.tree import KnowledgeTree
         from tests.chunkstore.helpers import CONTEXT, make_entry, make_store
         store = make_store({str(directory)!r})
         found = []

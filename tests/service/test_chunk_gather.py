@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ragcache.chunk_gather import gather_overlapped, gather_sequential
 from ragcache.engine.sampling_params import SamplingParams
-from ragcache.model_calls import QueryCost
 from ragcache.service import RagCache
+from ragcache.service.chunk_gather import gather_overlapped, gather_sequential
+from ragcache.service.model_calls import QueryCost
 from tests.service_helpers import SAMPLES, minilm, tiny_config, tiny_loaded
 
 QUESTION = "What did Lincoln say at Gettysburg about the nation?"

@@ -12,7 +12,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ragcache.service_errors import DataDirError
+from ragcache.errors import DataDirError
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1

@@ -23,9 +23,9 @@ from typing import Any
 
 import lmdb
 
+from ragcache.errors import ConflictError, InvalidParameterError, NotFoundError
 from ragcache.retriever.config import RetrieverConfig
 from ragcache.retriever.index import VectorIndex
-from ragcache.service_errors import ConflictError, InvalidParameterError, NotFoundError
 
 CORPUS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAP_SIZE = 1 << 36

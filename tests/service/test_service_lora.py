@@ -11,8 +11,8 @@ import pytest
 
 from ragcache.chunkstore.keys import KeyContext, chunk_key
 from ragcache.engine.loader import LoadedModel
+from ragcache.errors import ConflictError, InvalidInputError, NotFoundError
 from ragcache.service import RagCache
-from ragcache.service_errors import ConflictError, InvalidInputError, NotFoundError
 from tests.lora_helpers import PeftAdapter, fresh_tiny_model, make_peft_adapter
 from tests.service_helpers import SAMPLES, minilm, tiny_config, tiny_loaded
 

@@ -1,6 +1,6 @@
 import pytest
 
-from ragcache.policy import CostModel, LFUPolicy, LRUPolicy, PGDSFPolicy, make_policy
+from ragcache.chunkstore.policy import CostModel, LFUPolicy, LRUPolicy, PGDSFPolicy, make_policy
 
 COST = CostModel(per_token=1e-4, per_token_pair=1e-7, fixed=0.0)
 

@@ -13,11 +13,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ragcache.corpus_store import ChunkRecord, CorpusChange, CorpusStore, DocumentRecord
+from ragcache.corpus.store import ChunkRecord, CorpusChange, CorpusStore, DocumentRecord
+from ragcache.errors import InvalidInputError, UnsupportedTypeError
 from ragcache.retriever.chunker import Chunk, Chunker
 from ragcache.retriever.documents import ACCEPTED_TYPES, Document, DocumentError, parse_bytes
 from ragcache.retriever.embedder import Embedder
-from ragcache.service_errors import InvalidInputError, UnsupportedTypeError
 
 FileSource = str | Path | tuple[bytes, str]
 Progress = Callable[[str, int, int], None]

@@ -26,22 +26,12 @@ from ragcache.blending.chunk_kv import ChunkEncoder, ChunkKV
 from ragcache.blending.focus import CacheFocus, FocusParameterError
 from ragcache.blending.fuser import FusedRequest, FusionReport, fuse
 from ragcache.blending.methods import METHOD_NAMES, MethodParam, make_method
-from ragcache.chunk_cache import ChunkCache
-from ragcache.chunk_gather import GatheredKV, gather_overlapped, gather_sequential
+from ragcache.blending.prompt import PromptBuilder, PromptLayout
 from ragcache.chunkstore.cost_calibration import cost_model_for
 from ragcache.chunkstore.keys import KeyContext
 from ragcache.chunkstore.store import ChunkStore
-from ragcache.config import Config
-from ragcache.corpus_store import ChunkRecord, CorpusInfo, CorpusStore, DocumentRecord
-from ragcache.data_manifest import Manifest, open_manifest
-from ragcache.engine.async_engine import AsyncEngine
-from ragcache.engine.engine import Engine
-from ragcache.engine.loader import LoadedModel, load_model
-from ragcache.engine.lora import LoraLoadError, UnknownAdapterError
-from ragcache.engine.lora_manager import AdapterInfo
-from ragcache.engine.outputs import RequestOutput
-from ragcache.engine.sampling_params import InvalidRequestError, SamplingParams
-from ragcache.ingest import (
+from ragcache.config import KV_PRECOMPUTE_MODES, Config
+from ragcache.corpus.ingest import (
     FileSource,
     Ingestor,
     IngestResult,
@@ -50,15 +40,17 @@ from ragcache.ingest import (
     parse_documents,
     read_sources,
 )
-from ragcache.jobs import Job, JobRunner
-from ragcache.model_calls import ModelCallQueue, QueryCost
-from ragcache.prompt import PromptBuilder, PromptLayout
-from ragcache.query_result import CacheUsage, QueryResult, SourceChunk
-from ragcache.retriever.chunker import Chunker
-from ragcache.retriever.embedder import Embedder, SentenceTransformerEmbedder
-from ragcache.retriever.retriever import Retriever
-from ragcache.service_config import KV_PRECOMPUTE_MODES
-from ragcache.service_errors import (
+from ragcache.corpus.jobs import Job, JobRunner
+from ragcache.corpus.manifest import Manifest, open_manifest
+from ragcache.corpus.store import ChunkRecord, CorpusInfo, CorpusStore, DocumentRecord
+from ragcache.engine.async_engine import AsyncEngine
+from ragcache.engine.engine import Engine
+from ragcache.engine.loader import LoadedModel, load_model
+from ragcache.engine.lora import LoraLoadError, UnknownAdapterError
+from ragcache.engine.lora_manager import AdapterInfo
+from ragcache.engine.outputs import RequestOutput
+from ragcache.engine.sampling_params import InvalidRequestError, SamplingParams
+from ragcache.errors import (
     ConflictError,
     InvalidInputError,
     InvalidParameterError,
@@ -66,6 +58,13 @@ from ragcache.service_errors import (
     PromptTooLongError,
     ServiceError,
 )
+from ragcache.retriever.chunker import Chunker
+from ragcache.retriever.embedder import Embedder, SentenceTransformerEmbedder
+from ragcache.retriever.retriever import Retriever
+from ragcache.service.chunk_cache import ChunkCache
+from ragcache.service.chunk_gather import GatheredKV, gather_overlapped, gather_sequential
+from ragcache.service.model_calls import ModelCallQueue, QueryCost
+from ragcache.service.results import CacheUsage, QueryResult, SourceChunk
 
 _PARAM_IN_MESSAGE = re.compile(r"sampling parameter (\w+)=")
 # Stored names of a tenant's corpora start with a digest of the tenant id, so they stay

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ragcache.service_errors import NotFoundError, ServiceError
+from ragcache.errors import NotFoundError, ServiceError
 
 Progress = Callable[[str, int, int], None]
 

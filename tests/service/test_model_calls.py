@@ -15,9 +15,9 @@ from ragcache.engine.async_engine import AsyncEngine
 from ragcache.engine.config import EngineConfig
 from ragcache.engine.engine import Engine
 from ragcache.engine.sampling_params import SamplingParams
-from ragcache.model_calls import ModelCallQueue, QueryCost
-from ragcache.query_result import QueryResult
 from ragcache.service import RagCache
+from ragcache.service.model_calls import ModelCallQueue, QueryCost
+from ragcache.service.results import QueryResult
 from tests.service_helpers import SAMPLES, minilm, tiny_config, tiny_loaded
 
 

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 
 from ragcache.config import Config
-from ragcache.data_manifest import MANIFEST_FILE
+from ragcache.corpus.manifest import MANIFEST_FILE
 from ragcache.engine.sampling_params import SamplingParams
-from ragcache.service import RagCache
-from ragcache.service_errors import (
+from ragcache.errors import (
     DataDirError,
     InvalidInputError,
     InvalidParameterError,
@@ -25,6 +24,7 @@ from ragcache.service_errors import (
     PromptTooLongError,
     UnsupportedTypeError,
 )
+from ragcache.service import RagCache
 from tests.service_helpers import (
     SAMPLES,
     minilm,

@@ -15,7 +15,7 @@ from ragcache.blending.chunk_kv import ChunkKV
 from ragcache.chunkstore.entry import ChunkEntry
 from ragcache.chunkstore.keys import KeyContext
 from ragcache.chunkstore.store import ChunkStore
-from ragcache.tree import KnowledgeTree
+from ragcache.chunkstore.tree import KnowledgeTree
 
 
 def chunk_kv_from_entry(entry: ChunkEntry) -> ChunkKV:

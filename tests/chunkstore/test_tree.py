@@ -1,6 +1,6 @@
 import pytest
 
-from ragcache.tree import KnowledgeTree
+from ragcache.chunkstore.tree import KnowledgeTree
 from tests.chunkstore.helpers import CONTEXT, make_entry, make_store, token_ids_for
 
 SYSTEM = [101, 102, 103]

@@ -1,0 +1,1 @@
+"""Corpora on disk: the corpus store, ingestion, background jobs, the data-dir manifest."""
