@@ -38,7 +38,7 @@ from ragcache.api.openai_schemas import (
     EmbeddingRequest,
     GenerationFields,
 )
-from ragcache.blending.methods import METHOD_NAMES
+from ragcache.blending.registry import METHOD_NAMES
 from ragcache.config import ServerConfig
 from ragcache.engine.outputs import RequestOutput
 from ragcache.engine.sampling_params import SamplingParams

@@ -37,25 +37,13 @@ import torch
 
 from ragcache.blending.chunk_kv import ChunkKV
 from ragcache.blending.gradual import attention_to_context
-from ragcache.blending.methods import (
-    METHOD_NAMES,
-    FullReuse,
-    FusionContext,
-    FusionMethod,
-    FusionPlan,
-    MethodParam,
-    make_method,
-)
+from ragcache.blending.methods import FullReuse, FusionContext, FusionMethod, FusionPlan
 from ragcache.blending.placement import reposition
 from ragcache.blending.prompt import PromptLayout
 from ragcache.blending.selection_pass import run_query_pass
 from ragcache.engine.model import LlamaModel
 
 ORDERS = ("retrieved", "relevance")
-BASE_METHODS = tuple(name for name in METHOD_NAMES if name != "cachefocus")
-FOCUS_PARAMS = ("keep", "layers", "order", "base")
-# Parameters whose values are names, not numbers, and the names each accepts.
-TEXT_PARAMS: dict[str, tuple[str, ...]] = {"order": ORDERS, "base": BASE_METHODS}
 
 
 class FocusParameterError(ValueError):
@@ -192,12 +180,8 @@ class CacheFocus:
                 f"cachefocus order={self.order!r} is unknown; use one of {', '.join(ORDERS)}",
                 "order",
             )
-        if self.base.name not in BASE_METHODS:
-            raise FocusParameterError(
-                f"cachefocus base={self.base.name!r} is not allowed; use one of "
-                f"{', '.join(BASE_METHODS)}",
-                "base",
-            )
+        if isinstance(self.base, CacheFocus):
+            raise FocusParameterError("cachefocus cannot use cachefocus as its base", "base")
 
     def focus(
         self, model: LlamaModel, layout: PromptLayout, root: ChunkKV, chunks: list[ChunkKV]
@@ -225,32 +209,6 @@ class CacheFocus:
         return self.base.plan(ctx)
 
 
-def focus_from_params(params: dict[str, MethodParam]) -> CacheFocus:
-    """CacheFocus from flat parameters; the ones it does not own configure the base."""
-    base = str(params.get("base", "full_reuse"))
-    if base not in BASE_METHODS:
-        raise FocusParameterError(
-            f"cachefocus base={base!r} is not allowed; use one of {', '.join(BASE_METHODS)}",
-            "base",
-        )
-    layers = params.get("layers", 2)
-    if isinstance(layers, float) and layers.is_integer():
-        layers = int(layers)
-    rest = {key: value for key, value in params.items() if key not in FOCUS_PARAMS}
-    return CacheFocus(
-        keep=_number(params.get("keep", 1.0), "keep"),
-        layers=layers,  # type: ignore[arg-type]  # checked by CacheFocus
-        order=str(params.get("order", "retrieved")),
-        base=make_method(base, **rest),
-    )
-
-
-def _number(value: MethodParam, param: str) -> float:
-    if isinstance(value, str):
-        raise FocusParameterError(f"cachefocus {param}={value!r} must be a number", param)
-    return float(value)
-
-
 __all__ = [
     "CacheFocus",
     "ContextTooLongError",
@@ -259,5 +217,4 @@ __all__ = [
     "Relevance",
     "choose_chunks",
     "chunk_relevance",
-    "focus_from_params",
 ]

@@ -123,61 +123,6 @@ class CacheBlend:
         return FusionPlan(recompute=chosen, fresh_layers=self.check_layer + 1, fresh=fresh)
 
 
-METHOD_NAMES = (
-    "full_prefill",
-    "prefix_only",
-    "full_reuse",
-    "cacheblend",
-    "legolink",
-    "sinkblend",
-    "gradual",
-    "queryblend",
-    "cachefocus",
-)
-
-
-def make_method(name: str, **params: MethodParam) -> FusionMethod:
-    if name == "full_prefill":
-        return FullPrefill()
-    if name == "prefix_only":
-        return PrefixOnly()
-    if name == "full_reuse":
-        return FullReuse()
-    if name == "legolink":
-        return LegoLink(k=int(params.get("k", 32)))
-    if name == "cacheblend":
-        return CacheBlend(
-            ratio=float(params.get("ratio", 0.15)),
-            check_layer=int(params.get("check_layer", 1)),
-        )
-    if name == "sinkblend":
-        return SinkAwareBlend(
-            ratio=float(params.get("ratio", 0.15)),
-            check_layer=int(params.get("check_layer", 1)),
-            sink_tokens=int(params.get("sink_tokens", 8)),
-            query_weight=float(params.get("query_weight", 0.0)),
-        )
-    if name in ("gradual", "queryblend"):
-        from ragcache.blending.gradual import ALL_LAYERS, GradualBlend
-
-        # queryblend: gradual filtering weighted by what the query reads over every layer.
-        reads = name == "queryblend"
-        return GradualBlend(
-            ratio=float(params.get("ratio", 0.15)),
-            first_check=int(params.get("check_layer", 1)),
-            last_check=int(params.get("last_check", 3)),
-            widen=float(params.get("widen", 3.0)),
-            query_weight=float(params.get("query_weight", 2.0 if reads else 1.0)),
-            query_layers=int(params.get("query_layers", ALL_LAYERS if reads else 0)),
-            name=name,
-        )
-    if name == "cachefocus":
-        from ragcache.blending.focus import focus_from_params
-
-        return focus_from_params(params)
-    raise ValueError(f"fusion method {name!r} is unknown; use one of {', '.join(METHOD_NAMES)}")
-
-
 def query_attention(ctx: FusionContext, fresh: FreshPass, layer: int) -> torch.Tensor:
     """Mean attention of the query tokens to each context token at one layer (fresh keys)."""
     q = fresh.query_q[layer].float()  # [nq, Hq, D]

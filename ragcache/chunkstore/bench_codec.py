@@ -26,7 +26,7 @@ import torch
 
 from ragcache.blending.chunk_kv import ChunkEncoder, ChunkKV
 from ragcache.blending.fuser import fuse
-from ragcache.blending.methods import make_method
+from ragcache.blending.registry import make_method
 from ragcache.blending.prompt import PromptBuilder, PromptLayout
 from ragcache.chunkstore.config import ChunkStoreConfig
 from ragcache.chunkstore.entry import ChunkEntry

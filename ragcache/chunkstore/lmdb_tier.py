@@ -29,7 +29,7 @@ from ragcache.chunkstore.entry import (
     entry_from_header,
     view_layers,
 )
-from ragcache.chunkstore.tiers import PreparedEntry, Tier
+from ragcache.chunkstore.tier import PreparedEntry, Tier
 
 T = TypeVar("T")
 _Decoded = tuple[list[tuple[int, LayerKV]], CorruptEntryError | None]

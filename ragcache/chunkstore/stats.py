@@ -27,7 +27,3 @@ class StoreStats:
         self.evictions = self.evictions or _per_tier(self.tier_names)
         self.rejected_admissions = self.rejected_admissions or _per_tier(self.tier_names)
 
-    def reset(self) -> None:
-        fresh = StoreStats(self.tier_names)
-        for name in self.__slots__:
-            setattr(self, name, getattr(fresh, name))

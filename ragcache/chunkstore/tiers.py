@@ -1,80 +1,17 @@
-"""The storage tiers behind one interface, fastest first: device, host, disk (LMDB).
-
-A tier stores and drops entries and reports its bytes; the store decides what goes
-where and makes room (a tier never evicts on its own).
-"""
+"""The tiers a store is built from: memory tiers (device, host) and the registry that
+lists every tier, fastest first."""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ragcache.chunkstore.config import ChunkStoreConfig
-from ragcache.chunkstore.entry import ChunkEntry, EntryHeader, LayerKV
-
-TIER_NAMES = ("device", "host", "disk")
-
-
-@dataclass(slots=True)
-class PreparedEntry:
-    """An entry in the form a tier stores it, with the bytes it will take there."""
-
-    key: str
-    nbytes: int
-    payload: Any
-
-
-class Tier(ABC):
-    name: str
-    capacity_bytes: int
-
-    @property
-    def enabled(self) -> bool:
-        return self.capacity_bytes > 0
-
-    @property
-    @abstractmethod
-    def used_bytes(self) -> int: ...
-
-    @abstractmethod
-    def keys(self) -> list[str]: ...
-
-    @abstractmethod
-    def contains(self, key: str) -> bool: ...
-
-    @abstractmethod
-    def size_of(self, key: str) -> int: ...
-
-    @abstractmethod
-    def prepare(self, entry: ChunkEntry) -> PreparedEntry: ...
-
-    @abstractmethod
-    def put(self, prepared: PreparedEntry) -> None: ...
-
-    @abstractmethod
-    def read_header(self, key: str) -> EntryHeader | ChunkEntry | None:
-        """What a lookup compares token ids against, or None when absent."""
-
-    @abstractmethod
-    def get(self, key: str) -> ChunkEntry | None: ...
-
-    @abstractmethod
-    def iter_layers(self, key: str, layers: Iterable[int]) -> Iterator[tuple[int, LayerKV]]: ...
-
-    @abstractmethod
-    def delete(self, key: str) -> bool: ...
-
-    def clear(self) -> None:
-        for key in self.keys():
-            self.delete(key)
-
-    def close(self) -> None:
-        return None
+from ragcache.chunkstore.entry import ChunkEntry, LayerKV
+from ragcache.chunkstore.lmdb_tier import LMDBTier
+from ragcache.chunkstore.tier import TIER_NAMES, PreparedEntry, Tier
 
 
 class MemoryTier(Tier):
@@ -135,8 +72,6 @@ class MemoryTier(Tier):
 def build_tiers(config: ChunkStoreConfig, directory: str | Path | None) -> list[Tier]:
     """The registry of tiers, fastest first. Without CUDA the device tier has cap 0;
     without a directory the disk tier is left out."""
-    from ragcache.chunkstore.lmdb_tier import LMDBTier
-
     cuda = torch.cuda.is_available()
     tiers: list[Tier] = [
         MemoryTier("device", config.device_bytes if cuda else 0, "cuda" if cuda else "cpu", False),
@@ -145,3 +80,6 @@ def build_tiers(config: ChunkStoreConfig, directory: str | Path | None) -> list[
     if directory is not None:
         tiers.append(LMDBTier(Path(directory), config))
     return tiers
+
+
+__all__ = ["TIER_NAMES", "MemoryTier", "Tier", "build_tiers"]

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ragcache.corpus.progress import Progress, no_progress
 from ragcache.corpus.store import ChunkRecord, CorpusChange, CorpusStore, DocumentRecord
 from ragcache.errors import InvalidInputError, UnsupportedTypeError
 from ragcache.retriever.chunker import Chunk, Chunker
@@ -20,7 +21,6 @@ from ragcache.retriever.documents import ACCEPTED_TYPES, Document, DocumentError
 from ragcache.retriever.embedder import Embedder
 
 FileSource = str | Path | tuple[bytes, str]
-Progress = Callable[[str, int, int], None]
 KVPrecompute = Callable[[list[list[int]], Progress], int]
 EMBED_BATCH = 64
 
@@ -34,10 +34,6 @@ class IngestResult:
     chunks_added: int = 0
     kv_chunks_computed: int = 0
     seconds: float = 0.0
-
-
-def no_progress(stage: str, done: int, total: int) -> None:
-    return None
 
 
 def read_sources(sources: Sequence[FileSource]) -> list[tuple[bytes, str]]:

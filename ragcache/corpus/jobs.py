@@ -11,9 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ragcache.corpus.progress import Progress
 from ragcache.errors import NotFoundError, ServiceError
-
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass(slots=True)

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from ragcache.blending.chunk_kv import ChunkEncoder, ChunkKV
-from ragcache.blending.focus import TEXT_PARAMS
 from ragcache.blending.fuser import FusedRequest, fuse
-from ragcache.blending.methods import METHOD_NAMES, MethodParam, make_method
+from ragcache.blending.methods import MethodParam
 from ragcache.blending.prompt import PromptBuilder, PromptLayout
+from ragcache.blending.registry import METHOD_NAMES, TEXT_PARAMS, make_method
 from ragcache.chunkstore.codecs import CODECS, get_codec
 from ragcache.engine.config import EngineConfig, SpeculativeConfig
 from ragcache.engine.engine import Engine

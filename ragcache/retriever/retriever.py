@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from ragcache.retriever.chunker import Chunk
 from ragcache.retriever.config import RetrieverConfig
 from ragcache.retriever.embedder import Embedder
 from ragcache.retriever.index import VectorIndex
@@ -57,12 +56,6 @@ class Retriever:
             return
         vectors = self.embedder.embed(list(texts), batch_size=self.config.embed_batch_size)
         self.index.add(chunk_ids, vectors)
-
-    def add_chunks(self, chunks: Sequence[Chunk]) -> list[int]:
-        """Index chunks under their ``vector_id``; returns those ids in order."""
-        ids = [chunk.vector_id for chunk in chunks]
-        self.add(ids, [chunk.text for chunk in chunks])
-        return ids
 
     def remove(self, chunk_ids: Sequence[int]) -> int:
         return self.index.remove(chunk_ids)

@@ -1,9 +1,13 @@
-"""What a RAG query hands back: the answer, its sources, where its KV came from, timings."""
+"""What the service hands back: the answer, its sources, where its KV came from, timings;
+the prepared prompt between preparation and generation; the record observers receive."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from ragcache.blending.fuser import FusedRequest
+from ragcache.engine.sampling_params import SamplingParams
 
 
 @dataclass(slots=True)
@@ -54,3 +58,36 @@ class QueryResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(slots=True)
+class PreparedQuery:
+    prompt_ids: list[int]
+    fused: FusedRequest
+    sources: list[SourceChunk]
+    usage: CacheUsage
+    sampling: SamplingParams
+    timings: dict[str, float | None]
+    received: float = 0.0
+    cached_spans: list[tuple[int, int]] = field(default_factory=list)
+    length_param: str = "k"
+
+    def cached_tokens(self, engine_cached: int) -> int:
+        """Prompt tokens whose KV came from a cache: the engine's prefix cache, then the
+        chunk-cache hits that lie after it (never counted twice)."""
+        after = sum(max(0, end - max(start, engine_cached)) for start, end in self.cached_spans)
+        return engine_cached + after
+
+
+@dataclass(slots=True, frozen=True)
+class GenerationRecord:
+    """One finished generation, as handed to ``RagCache.observers``."""
+
+    tenant: str
+    queue_s: float  # arrival at the service -> submission to the engine
+    ttft_s: float | None
+    e2e_s: float
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    recompute_fraction: float | None  # None for prompts without chunks

@@ -16,9 +16,9 @@ from ragcache.blending.focus import (
     chunk_relevance,
 )
 from ragcache.blending.fuser import FusedRequest, fuse
-from ragcache.blending.methods import make_method
 from ragcache.blending.placement import reposition
 from ragcache.blending.prompt import PromptLayout
+from ragcache.blending.registry import make_method
 from ragcache.engine.config import EngineConfig
 from ragcache.engine.engine import Engine
 from ragcache.engine.loader import LoadedModel

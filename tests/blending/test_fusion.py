@@ -9,9 +9,9 @@ import torch
 
 from ragcache.blending.chunk_kv import ChunkEncoder, ChunkKV
 from ragcache.blending.fuser import fuse
-from ragcache.blending.methods import METHOD_NAMES, make_method
 from ragcache.blending.placement import reposition
 from ragcache.blending.prompt import PromptLayout
+from ragcache.blending.registry import METHOD_NAMES, make_method
 from ragcache.engine.attention_metadata import contiguous_metadata
 from ragcache.engine.config import EngineConfig
 from ragcache.engine.engine import Engine

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ragcache.blending.methods import METHOD_NAMES
 from ragcache.blending.prompt import PromptBuilder
+from ragcache.blending.registry import METHOD_NAMES
 from ragcache.engine.config import EngineConfig, ModelConfig
 from ragcache.engine.engine import Engine
 from ragcache.engine.loader import load_model

@@ -33,8 +33,7 @@ def sample_chunks(byte_bpe):
 @pytest.fixture(scope="module")
 def sample_retriever(minilm, sample_chunks):
     retriever = Retriever(minilm)
-    ids = retriever.add_chunks(sample_chunks)
-    assert ids == [chunk.vector_id for chunk in sample_chunks]
+    retriever.add([chunk.vector_id for chunk in sample_chunks], [c.text for c in sample_chunks])
     return retriever
 
 

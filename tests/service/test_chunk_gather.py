@@ -45,12 +45,12 @@ def copy_of(data_dir: Path, target: Path) -> Path:
 
 def retrieved_chunks(rag: RagCache, k: int) -> list[list[int]]:
     """The chunk token ids a corpus query over ``k`` chunks puts in its prompt."""
-    _, records = rag._retrieve(QUESTION, rag._stored_name("docs"), k)
+    _, records = rag.tenant_corpora.retrieve(QUESTION, "docs", k)
     return [record.token_ids + rag.prompts.separator_ids for record in records]
 
 
 def encode_now(rag: RagCache):
-    return lambda missing: rag._encode(missing, QueryCost(0, 1))
+    return lambda missing: rag.kv.encode(missing, QueryCost(0, 1))
 
 
 def kv_equal(a: list, b: list) -> bool:
@@ -98,12 +98,12 @@ def test_a_chunk_evicted_between_lookup_and_read_is_encoded_after(
         def read_after_eviction(ids: list[int]):  # the entry goes between lookup and read
             if ids == evicted:
                 rag.chunk_cache.store.delete(rag.chunk_cache.key(ids))
-            return rag._fetch_one(ids)
+            return rag.kv.fetch_one(ids)
 
         gathered = gather_overlapped(
-            chunks, rag.chunk_cache.contains, read_after_eviction, encode_now(rag), rag._kv_pool
+            chunks, rag.chunk_cache.contains, read_after_eviction, encode_now(rag), rag.kv_pool
         )
-        reference = gather_sequential(chunks, rag._fetch_one, encode_now(rag))
+        reference = gather_sequential(chunks, rag.kv.fetch_one, encode_now(rag))
         assert [hit is None for hit in gathered.hits].count(True) == 3
         assert [kv.token_ids for kv in gathered.kvs] == chunks
         assert [kv.token_ids for kv in gathered.computed] == [
@@ -133,7 +133,7 @@ def test_a_failed_read_waits_for_the_encoding_and_raises(half_cached: Path, tmp_
             raise OSError("disk went away")
 
         with pytest.raises(OSError, match="disk went away"):
-            gather_overlapped(chunks, rag.chunk_cache.contains, broken_read, encode, rag._kv_pool)
+            gather_overlapped(chunks, rag.chunk_cache.contains, broken_read, encode, rag.kv_pool)
         assert encoded == [2]
         manager = rag.engine.block_manager
         assert manager.num_free_blocks == manager.num_blocks
