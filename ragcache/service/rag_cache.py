@@ -15,8 +15,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
-import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,20 +26,17 @@ from ragcache.blending.prompt import PromptBuilder
 from ragcache.chunkstore.cost_calibration import cost_model_for
 from ragcache.chunkstore.keys import KeyContext
 from ragcache.chunkstore.store import ChunkStore
-from ragcache.config import KV_PRECOMPUTE_MODES, Config
+from ragcache.config import Config
 from ragcache.corpus.ingest import FileSource, Ingestor, IngestResult
 from ragcache.corpus.jobs import Job, JobRunner
-from ragcache.corpus.manifest import Manifest, open_manifest
 from ragcache.corpus.progress import Progress, no_progress
 from ragcache.corpus.store import CorpusInfo, CorpusStore, DocumentRecord
 from ragcache.engine.async_engine import AsyncEngine
 from ragcache.engine.engine import Engine
-from ragcache.engine.loader import LoadedModel, load_model
-from ragcache.engine.lora import LoraLoadError
+from ragcache.engine.loader import LoadedModel
 from ragcache.engine.lora_manager import AdapterInfo
 from ragcache.engine.outputs import RequestOutput
 from ragcache.engine.sampling_params import SamplingParams
-from ragcache.errors import InvalidParameterError
 from ragcache.retriever.chunker import Chunker
 from ragcache.retriever.embedder import Embedder, SentenceTransformerEmbedder
 from ragcache.service.adapters import Adapters, adapter_scope
@@ -50,8 +46,15 @@ from ragcache.service.generation import Generator, Observer
 from ragcache.service.kv_source import ChunkKVSource
 from ragcache.service.model_calls import ModelCallQueue
 from ragcache.service.prepare import QueryPreparer
-from ragcache.service.results import GenerationRecord, PreparedQuery, QueryResult, SourceChunk
+from ragcache.service.results import PreparedQuery, QueryResult, SourceChunk
+from ragcache.service.setup import (
+    check_service_config,
+    open_data_dir,
+    open_engine,
+    served_model_names,
+)
 from ragcache.service.tenancy import TenantJobs
+from ragcache.service.views import Views
 
 
 class RagCache:
@@ -68,41 +71,11 @@ class RagCache:
         if data_dir is not None:
             self.config.data_dir = str(data_dir)
         service = self.config.service
-        if service.kv_precompute not in KV_PRECOMPUTE_MODES:
-            raise InvalidParameterError(
-                f"service.kv_precompute={service.kv_precompute!r}; use one of "
-                f"{', '.join(KV_PRECOMPUTE_MODES)}",
-                "service.kv_precompute",
-            )
-        if engine is None:
-            try:
-                engine = Engine(
-                    loaded or load_model(self.config.model), self.config.engine, self.config.lora
-                )
-            except LoraLoadError as error:
-                raise InvalidParameterError(str(error), "lora.adapters") from None
-        self.engine = engine
-        self.loaded = engine.loaded
-        if self.loaded.tokenizer is None:
-            raise InvalidParameterError("the model has no tokenizer; RAG needs one", "model.path")
-        model_names = {self.loaded.name, self.config.retriever.embedder}
-        taken = model_names & set(engine.lora.infos)
-        if taken:
-            raise InvalidParameterError(
-                f"adapter name {sorted(taken)[0]!r} is the name of a served model; rename it",
-                "lora.adapters",
-            )
+        check_service_config(self.config)
+        self.engine = open_engine(self.config, loaded, engine)
+        self.loaded = self.engine.loaded
         self.embedder = embedder or SentenceTransformerEmbedder.from_config(self.config.retriever)
-        self.data_dir = self.config.data_path
-        open_manifest(
-            self.data_dir,
-            Manifest(
-                self.loaded.name,
-                self.loaded.fingerprint,
-                self.config.retriever.embedder,
-                self.embedder.dim,
-            ),
-        )
+        self.data_dir = open_data_dir(self.config, self.loaded, self.embedder)
         self.prompts = PromptBuilder(self.loaded.tokenizer, service.system_prompt)
         self.chunker = Chunker.from_config(self.loaded.tokenizer, self.config.retriever)
         self.corpora = CorpusStore(self.data_dir, self.embedder.dim, self.config.retriever)
@@ -120,12 +93,11 @@ class RagCache:
             engine_config.scheduling_policy == "cache_aware",
             engine_config.starvation_s,
         )
-        self.adapters = Adapters(self.async_engine, model_names)
+        self.adapters = Adapters(self.async_engine, served_model_names(self.config, self.loaded))
         self.job_runner = JobRunner(service.job_history)
         self.observers: list[Observer] = []
         self.ingest_totals = IngestTotals()
-        self._views: dict[tuple[str, str | None], RagCache] = {}
-        self._views_lock = threading.Lock()
+        self._views: Views[RagCache] = Views(lambda view: view.chunk_cache.tree.close())
         context = KeyContext(
             self.loaded.fingerprint, str(self.loaded.dtype), self.config.chunkstore.disk_codec
         )
@@ -140,7 +112,14 @@ class RagCache:
         self.chunk_cache = chunk_cache
         adapter_id = None if adapter is None else adapter.id
         if adapter is not None or not hasattr(self, "encoder"):
-            self.encoder = self.async_engine.run_sync(self._new_encoder(adapter_id))
+
+            def new_encoder(engine: Engine) -> ChunkEncoder:
+                with adapter_scope(engine, adapter_id):
+                    return ChunkEncoder(
+                        engine.model, self.prompts.root_ids, engine.config.block_size
+                    )
+
+            self.encoder = self.async_engine.run_sync(new_encoder)
         self.kv = ChunkKVSource(
             chunk_cache,
             self.encoder,
@@ -174,37 +153,28 @@ class RagCache:
             self.config,
             self.ingest_totals,
         )
-        self.bind_preparer()
+        self._bind_preparer()
 
-    def bind_preparer(self) -> None:
+    def _bind_preparer(self) -> None:
         self.preparer = QueryPreparer(
             self.config, self.engine, self.prompts, self.tenant_corpora, self.kv
         )
 
-    def _new_encoder(self, adapter_id: str | None) -> Callable[[Engine], ChunkEncoder]:
-        def build(engine: Engine) -> ChunkEncoder:
-            with adapter_scope(engine, adapter_id):
-                return ChunkEncoder(engine.model, self.prompts.root_ids, engine.config.block_size)
-
-        return build
-
     def _view(self, tenant: str, adapter: AdapterInfo | None) -> RagCache:
-        with self._views_lock:
-            key = (tenant, None if adapter is None else adapter.id)
-            view = self._views.get(key)
-            if view is None:
-                view = copy.copy(self)
-                changes: dict[str, Any] = {"tenant": tenant}
-                if adapter is not None:
-                    changes["adapter_id"] = adapter.id
-                context = dataclasses.replace(self.chunk_cache.tree.context, **changes)
-                view._bind(tenant, adapter, ChunkCache(self.store, context, self.prompts.root_ids))
-                if adapter is None:
-                    view._bind_ingest()
-                else:
-                    view.bind_preparer()
-                self._views[key] = view
-        return view
+        def make() -> RagCache:
+            view = copy.copy(self)
+            changes: dict[str, Any] = {"tenant": tenant}
+            if adapter is not None:
+                changes["adapter_id"] = adapter.id
+            context = dataclasses.replace(self.chunk_cache.tree.context, **changes)
+            view._bind(tenant, adapter, ChunkCache(self.store, context, self.prompts.root_ids))
+            if adapter is None:
+                view._bind_ingest()
+            else:
+                view._bind_preparer()
+            return view
+
+        return self._views.get((tenant, None if adapter is None else adapter.id), make)
 
     def for_tenant(self, tenant: str) -> RagCache:
         """This service as one tenant sees it: its own corpora, jobs, chunk-cache keys and
@@ -233,8 +203,7 @@ class RagCache:
         self.kv_pool.shutdown(wait=True)
         self.model_calls.close()
         self.async_engine.shutdown()
-        for view in self._views.values():
-            view.chunk_cache.tree.close()
+        self._views.release_all()
         self.chunk_cache.close()
         self.corpora.close()
 
@@ -244,7 +213,7 @@ class RagCache:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ---- LoRA adapters ----------------------------------------------------------------
+    # ---- LoRA adapters: the engine's registry (see adapters.py) ------------------------
 
     def list_adapters(self) -> list[AdapterInfo]:
         return self.adapters.list()
@@ -259,9 +228,7 @@ class RagCache:
         """Unload an adapter once no request uses it; its stored chunk caches stay on disk
         and serve it again if the same weights are loaded later."""
         info = self.adapters.unload(name)
-        with self._views_lock:
-            for key in [k for k in self._views if k[1] == info.id]:
-                self._views.pop(key).chunk_cache.tree.close()
+        self._views.drop_adapter(info.id)
         return info
 
     # ---- corpora and documents -------------------------------------------------------
@@ -415,6 +382,3 @@ class RagCache:
         tiers = before["tiers"]
         assert isinstance(tiers, dict)
         return {"entries_removed": max(t["entries"] for t in tiers.values()) if tiers else 0}
-
-
-__all__ = ["GenerationRecord", "PreparedQuery", "QueryResult", "RagCache"]
