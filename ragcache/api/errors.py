@@ -13,11 +13,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from ragcache.errors import PromptTooLongError, ServiceError
+from ragcache.errors import InvalidInputError, PromptTooLongError, ServiceError
 
 log = logging.getLogger(__name__)
 
 OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")
+
+
+class UnsupportedFieldError(InvalidInputError):
+    """An OpenAI request field this server does not implement."""
+
+    code = "unsupported_parameter"
 
 
 def is_openai_path(path: str) -> bool:
