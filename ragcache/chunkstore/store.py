@@ -398,35 +398,6 @@ class ChunkStore:
             with self._lock:
                 self._promote(entry, index)
 
-    # ---- report ------------------------------------------------------------------
-
     def stats(self) -> dict[str, object]:
         with self._lock:
-            counters = self.stats_counters
-            return {
-                "policy": self.config.policy,
-                "cost_model": {
-                    "per_token_s": self.cost_model.per_token,
-                    "per_token_pair_s": self.cost_model.per_token_pair,
-                    "per_call_s": self.cost_model.fixed,
-                },
-                "tiers": {
-                    tier.name: {
-                        "enabled": tier.enabled,
-                        "capacity_bytes": tier.capacity_bytes,
-                        "bytes": tier.used_bytes,
-                        "entries": len(tier.keys()),
-                        "hits": counters.hits[tier.name],
-                        "evictions": counters.evictions[tier.name],
-                        "rejected_admissions": counters.rejected_admissions[tier.name],
-                    }
-                    for tier in self.tiers
-                },
-                "hits": sum(counters.hits.values()),
-                "misses": counters.misses,
-                "collisions": counters.collisions,
-                "corruptions": counters.corruptions,
-                "promotions": counters.promotions,
-                "demotions": counters.demotions,
-                "rejected_puts": counters.rejected_puts,
-            }
+            return self.stats_counters.report(self.config.policy, self.cost_model, self.tiers)
