@@ -26,18 +26,20 @@ from ragcache.engine.loader import LoadedModel, load_model
 from ragcache.evaluation.examples import ExampleFormatError, load_examples
 from ragcache.evaluation.fusion_eval import (
     FusionEvaluator,
-    Outcome,
     Setting,
-    append_outcomes,
     default_sweep,
     evaluation_engine,
-    load_outcomes,
     parse_settings,
-    summarize,
-    summarize_groups,
 )
 from ragcache.evaluation.hf_baseline import BASELINE_LABEL, TransformersBaseline
 from ragcache.evaluation.needle import DEFAULT_DEPTHS, NeedleOptions, needle_suite
+from ragcache.evaluation.outcomes import (
+    Outcome,
+    append_outcomes,
+    load_outcomes,
+    summarize,
+    summarize_groups,
+)
 from ragcache.evaluation.report import (
     format_groups,
     format_table,

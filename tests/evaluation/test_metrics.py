@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from ragcache.evaluation.fusion_eval import Outcome, parse_settings, summarize
+from ragcache.evaluation.fusion_eval import parse_settings
 from ragcache.evaluation.metrics import (
     answer_contains,
     exact_match,
@@ -16,6 +16,7 @@ from ragcache.evaluation.metrics import (
     normalize_answer,
     prefix_agreement,
 )
+from ragcache.evaluation.outcomes import Outcome, summarize
 
 
 def test_normalisation_drops_case_punctuation_articles_and_spaces() -> None:
