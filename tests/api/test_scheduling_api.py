@@ -12,8 +12,8 @@ import httpx
 from ragcache.api.app import create_app
 from ragcache.service import RagCache
 from tests.api.live_server import running_server
-from tests.service_helpers import minilm, tiny_config, tiny_loaded
 from tests.service.test_chunk_gather import QUESTION, half_cached  # noqa: F401  (fixture)
+from tests.service_helpers import minilm, tiny_config, tiny_loaded
 
 
 def answers_over_http(data_dir: Path, overlap: bool, policy: str) -> list[dict[str, Any]]:
