@@ -7,6 +7,7 @@ from typing import Any
 
 from ragcache.config import load_config
 from ragcache.engine.loader import LoadedModel
+from ragcache.service import RagCache
 
 
 def corpus_examples(
@@ -18,8 +19,6 @@ def corpus_examples(
     config_path: str | None = None,
 ) -> list[dict[str, Any]]:
     """The questions with `ctxs` set to the top-k chunks the service retrieves for each."""
-    from ragcache.service import RagCache
-
     config = load_config(config_path)
     # Retrieval only: a small KV pool, since the evaluation runs on its own engine.
     config.engine.kv_cache_bytes = 64 << 20

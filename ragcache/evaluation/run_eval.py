@@ -23,6 +23,7 @@ from tqdm import tqdm
 from ragcache.blending.prompt import PromptBuilder
 from ragcache.engine.config import ModelConfig
 from ragcache.engine.loader import LoadedModel, load_model
+from ragcache.evaluation.corpus_examples import corpus_examples
 from ragcache.evaluation.examples import ExampleFormatError, load_examples
 from ragcache.evaluation.fusion_eval import (
     FusionEvaluator,
@@ -129,8 +130,6 @@ def _examples(args: argparse.Namespace, loaded: LoadedModel | None) -> list[dict
         questions = load_examples(args.questions_file, need_ctxs=False)
         if loaded is None:
             return []
-        from ragcache.evaluation.corpus_examples import corpus_examples
-
         return corpus_examples(
             questions, args.corpus, args.passages, loaded, args.data_dir, args.config
         )
