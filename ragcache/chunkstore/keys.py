@@ -29,7 +29,7 @@ def _field(digest: hashlib._Hash, data: bytes) -> None:
 
 
 def chunk_key(context: KeyContext, parent_keys: Sequence[str], token_ids: Sequence[int]) -> str:
-    """Hex key of a chunk cached after ``parent_keys`` (empty for a root child)."""
+    """Hex key of a chunk cached after ``parent_keys`` (the root's key first)."""
     digest = hashlib.blake2b(digest_size=KEY_DIGEST_BYTES, person=b"ragcache")
     _field(digest, KEY_FORMAT)
     for text in (

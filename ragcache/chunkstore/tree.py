@@ -56,10 +56,10 @@ class KnowledgeTree:
         return self._nodes.get(key)
 
     def parent_keys(self, parent: TreeNode) -> list[str]:
-        """Keys a child of ``parent`` is hashed after: none for a root child, else the
-        system prompt and every chunk on the path."""
+        """Keys a child of ``parent`` is hashed after: the root (the system prompt's ids as
+        the chat template renders them), then every chunk on the path."""
         if parent is self.root:
-            return []
+            return [self.root.key]
         return [self.root.key, *(node.key for node in parent.path())]
 
     def key_for(self, parent: TreeNode, token_ids: Sequence[int]) -> str:
@@ -214,10 +214,10 @@ class KnowledgeTree:
         headers = [h for h in store.headers() if h.context == context]
         headers.sort(key=lambda header: len(header.parent_keys))
         for header in headers:
-            if not header.parent_keys:
+            if not header.parent_keys or header.parent_keys[0] != tree.root.key:
+                continue  # cached after another system prompt or template
+            if len(header.parent_keys) == 1:
                 parent = tree.root
-            elif header.parent_keys[0] != tree.root.key:
-                continue
             else:
                 parent = tree._nodes.get(header.parent_keys[-1])
                 if parent is None:

@@ -10,6 +10,9 @@ import torch
 from ragcache.chunkstore import ChunkEntry, ChunkStore, ChunkStoreConfig, KeyContext, chunk_key
 
 CONTEXT = KeyContext("smollm2-135m@test", "float16", "raw", "", "tenant-a")
+ROOT_IDS = [1, 2, 3]
+# A root child's key is hashed after the root's, as the knowledge tree makes it.
+ROOT_KEY = chunk_key(CONTEXT, [], ROOT_IDS)
 
 
 def token_ids_for(seed: int, num_tokens: int) -> list[int]:

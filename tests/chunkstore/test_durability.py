@@ -12,7 +12,7 @@ import torch
 import xxhash
 
 from ragcache.chunkstore.entry import FORMAT_VERSION, CorruptEntryError, decode_header
-from tests.chunkstore.helpers import CONTEXT, assert_same_layers, make_entry, make_store
+from tests.chunkstore.helpers import CONTEXT, ROOT_KEY, assert_same_layers, make_entry, make_store
 
 WRITER = textwrap.dedent(
     """
@@ -32,7 +32,7 @@ WRITER = textwrap.dedent(
 def test_restart_finds_every_entry_and_rebuilds_the_tree(tmp_path):
     directory = tmp_path / "db"
     store = make_store(directory)
-    entries = [make_entry(seed) for seed in range(5)]
+    entries = [make_entry(seed, parent_keys=[ROOT_KEY]) for seed in range(5)]
     for entry in entries:
         store.put(entry)
     store.close()
@@ -40,11 +40,11 @@ def test_restart_finds_every_entry_and_rebuilds_the_tree(tmp_path):
         f"""
         import json, sys
         from ragcache.chunkstore.tree import KnowledgeTree
-        from tests.chunkstore.helpers import CONTEXT, make_entry, make_store
+        from tests.chunkstore.helpers import CONTEXT, ROOT_KEY, make_entry, make_store
         store = make_store({str(directory)!r})
         found = []
         for seed in range(5):
-            entry = make_entry(seed)
+            entry = make_entry(seed, parent_keys=[ROOT_KEY])
             got = store.get(entry.key, entry.token_ids)
             found.append(got is not None and got.token_ids == entry.token_ids)
         tree = KnowledgeTree.rebuild(store, CONTEXT, [1, 2, 3])

@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 
 from ragcache.chunkstore import KeyContext, chunk_key
+from ragcache.chunkstore.tree import KnowledgeTree
 from tests.chunkstore.helpers import CONTEXT, make_entry, make_store
 
 PARENTS = ["ab" * 20]
@@ -73,3 +74,16 @@ def test_hash_collision_is_a_miss(tmp_path):
     assert store.stats()["collisions"] == 2
     assert store.get(entry.key, entry.token_ids) is not None
     store.close()
+
+
+def test_a_root_child_is_keyed_after_its_system_prompt(tmp_path):
+    store = make_store(tmp_path / "db")
+    try:
+        one = KnowledgeTree(store, CONTEXT, [1, 2, 3])
+        other = KnowledgeTree(store, CONTEXT, [1, 2, 4])
+        assert one.key_for(one.root, TOKENS) != other.key_for(other.root, TOKENS)
+        assert one.key_for(one.root, TOKENS) == chunk_key(CONTEXT, [one.root.key], TOKENS)
+    finally:
+        one.close()
+        other.close()
+        store.close()

@@ -125,6 +125,6 @@ def test_rebuild_from_the_store(tmp_path):
     assert len(rebuilt.match_path([_chunk(1), _chunk(2), _chunk(3)])) == 3
     assert len(rebuilt.match_path([_chunk(4), _chunk(5)])) == 2
     assert len(rebuilt.match_path([_chunk(1), _chunk(6)])) == 1
-    # Root children are shared by every system prompt; deeper nodes are not.
-    assert len(KnowledgeTree.rebuild(reopened, CONTEXT, [9, 9])) == 3
+    # Every node, root children too, belongs to the system prompt it was cached after.
+    assert len(KnowledgeTree.rebuild(reopened, CONTEXT, [9, 9])) == 2
     reopened.close()

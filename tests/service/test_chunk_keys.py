@@ -1,0 +1,35 @@
+"""A chunk's cached KV is served only under the system prompt it was computed after."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ragcache.service import RagCache
+from tests.service_helpers import SAMPLES, minilm, tiny_config, tiny_loaded
+
+QUESTION = "What did Lincoln say at Gettysburg about the nation?"
+
+
+def open_service(data_dir: Path, system_prompt: str | None = None) -> RagCache:
+    config = tiny_config(data_dir)
+    if system_prompt is not None:
+        config.service.system_prompt = system_prompt
+    return RagCache(config=config, loaded=tiny_loaded(), embedder=minilm())
+
+
+def test_a_restart_with_another_system_prompt_recomputes_every_chunk(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with open_service(data) as rag:
+        rag.create_corpus("docs")
+        rag.ingest([SAMPLES / "gettysburg_address.md"], "docs")
+        warm = rag.query(QUESTION, "docs", k=2)
+    assert warm.cache.computed_tokens == 0 and warm.cache.cached_tokens > 0
+    with open_service(data, system_prompt="Answer in one word.") as rag:
+        other = rag.query(QUESTION, "docs", k=2)
+        again = rag.query(QUESTION, "docs", k=2)
+    assert other.cache.tokens_by_tier == {} and other.cache.computed_tokens > 0
+    assert again.cache.computed_tokens == 0, "chunks computed under the new prompt are kept"
+    with open_service(data) as rag:
+        back = rag.query(QUESTION, "docs", k=2)
+    assert back.cache.computed_tokens == 0 and back.cache.tokens_by_tier.get("disk", 0) > 0
+    assert back.answer == warm.answer
