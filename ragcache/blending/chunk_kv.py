@@ -13,12 +13,17 @@ from ragcache.engine.model import LlamaModel
 
 @dataclass(slots=True)
 class ChunkKV:
-    """K (rotated to ``positions``) and V per layer, each [num_tokens, Hkv, D]."""
+    """K (rotated to ``positions``) and V per layer, each [num_tokens, Hkv, D].
+
+    ``exact`` is False when the KV may differ from what the encoder computes (it went
+    through a lossy codec): such KV is never handed on as an exact prefix.
+    """
 
     token_ids: list[int]
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     positions: torch.Tensor
+    exact: bool = True
 
     @property
     def num_tokens(self) -> int:

@@ -108,7 +108,9 @@ def fuse(
             vs[layer] = plan.fresh.v[layer][:end].to(vs[layer].dtype)
     recompute = [i for i in plan.recompute if i < end]
     reused = max(0, end - len(layout.root_ids) - len(recompute))
-    exact = plan.exact_prefix if plan.exact_prefix is not None else len(layout.root_ids)
+    exact = len(layout.root_ids)
+    if plan.exact_prefix is not None and (plan.exact_prefix <= exact or chunks[0].exact):
+        exact = plan.exact_prefix
     placed = PlacedKV([k.contiguous() for k in ks], [v.contiguous() for v in vs], recompute, exact)
     return FusedRequest(prompt_ids, placed, True, report(reused))
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ragcache.blending.chunk_kv import ChunkKV
+from ragcache.chunkstore.codecs import get_codec
 from ragcache.chunkstore.entry import ChunkEntry
 from ragcache.chunkstore.keys import KeyContext
 from ragcache.chunkstore.store import ChunkStore
@@ -19,11 +20,14 @@ from ragcache.chunkstore.tree import KnowledgeTree
 
 
 def chunk_kv_from_entry(entry: ChunkEntry) -> ChunkKV:
+    """The entry's KV; exact only where its namespace's codec keeps every bit (a copy in
+    memory may have been promoted from a lossy disk record)."""
     return ChunkKV(
         list(entry.token_ids),
         [k for k, _ in entry.layers],
         [v for _, v in entry.layers],
         torch.tensor(entry.positions, dtype=torch.long),
+        entry.context is not None and get_codec(entry.context.codec).stores_raw_bytes,
     )
 
 

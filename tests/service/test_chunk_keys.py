@@ -33,3 +33,22 @@ def test_a_restart_with_another_system_prompt_recomputes_every_chunk(tmp_path: P
         back = rag.query(QUESTION, "docs", k=2)
     assert back.cache.computed_tokens == 0 and back.cache.tokens_by_tier.get("disk", 0) > 0
     assert back.answer == warm.answer
+
+
+def test_kv_read_through_a_lossy_codec_never_enters_the_exact_prefix(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path / "data")
+    config.chunkstore.disk_codec = "int8"
+    config.chunkstore.host_bytes = 0  # every read comes from the disk tier, decoded
+    with RagCache(config=config, loaded=tiny_loaded(), embedder=minilm()) as rag:
+        rag.create_corpus("docs")
+        rag.ingest([SAMPLES / "gettysburg_address.md"], "docs")
+        lossy = rag.prepare_corpus(QUESTION, "docs", 2, "prefix_only", {}, None)
+    assert lossy.usage.tokens_by_tier.get("disk", 0) > 0
+    assert lossy.fused.placed is not None
+    assert lossy.fused.placed.exact_prefix == len(rag.prompts.root_ids)
+    with open_service(tmp_path / "raw") as rag:
+        rag.create_corpus("docs")
+        rag.ingest([SAMPLES / "gettysburg_address.md"], "docs")
+        exact = rag.prepare_corpus(QUESTION, "docs", 2, "prefix_only", {}, None)
+    assert exact.fused.placed is not None
+    assert exact.fused.placed.exact_prefix > len(rag.prompts.root_ids)
