@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ragcache-installed
 
-.PHONY: setup serve test test-fast test-slow lint bench clean
+.PHONY: setup serve test test-fast test-slow test-cluster redis lint bench clean
 
 setup: $(STAMP)
 
@@ -23,16 +23,28 @@ $(STAMP): pyproject.toml Makefile
 serve: $(STAMP)
 	$(BIN)/ragcache serve --sample
 
-test: $(STAMP)
+test: $(STAMP) redis
 	$(BIN)/ruff check ragcache tests eval
 	$(BIN)/python -m pytest -q
 	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m cluster
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# The cluster tests start their own redis-server (and Ray) on loopback ports.
+test-cluster: $(STAMP) redis
+	$(BIN)/python -m pytest -q -m cluster
+
+# Debian's redis-server, installed when missing (as root, or with passwordless sudo).
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check ragcache tests eval

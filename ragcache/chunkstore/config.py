@@ -55,6 +55,41 @@ class ChunkStoreConfig:
         default=True,
         metadata={"help": "also write every put to LMDB so a restart finds a warm cache"},
     )
+    remote_url: str = field(
+        default="",
+        metadata={
+            "help": "Redis URL of the remote tier that replicas share, e.g. "
+            "redis://127.0.0.1:6379/0 (empty: no remote tier); it comes after the disk tier"
+        },
+    )
+    remote_bytes: int = field(
+        default=16 * 1024 * 1024 * 1024,
+        metadata={"help": "byte cap of the remote tier, all replicas together"},
+    )
+    remote_codec: str = field(
+        default="raw", metadata={"help": "remote tier codec: raw, int8 or cachegen"}
+    )
+    remote_namespace: str = field(
+        default="ragcache",
+        metadata={
+            "help": "prefix of every Redis key of the remote tier, so deployments "
+            "can share one Redis"
+        },
+    )
+    remote_write_through: bool = field(
+        default=True,
+        metadata={"help": "also write every put to the remote tier so other replicas find it"},
+    )
+    remote_timeout_s: float = field(
+        default=1.0, metadata={"help": "socket timeout of one call to the remote tier"}
+    )
+    remote_retry_s: float = field(
+        default=2.0,
+        metadata={
+            "help": "after a failed call to the remote tier, serve from the local tiers "
+            "for this long before trying it again"
+        },
+    )
     pin_host_memory: bool = field(
         default=True, metadata={"help": "pin host-tier tensors when CUDA is available"}
     )

@@ -20,6 +20,7 @@ from ragcache.chunkstore.config import ChunkStoreConfig
 from ragcache.chunkstore.entry import ChunkEntry, CorruptEntryError, EntryHeader, LayerKV
 from ragcache.chunkstore.lmdb_tier import LMDBTier
 from ragcache.chunkstore.policy import CostModel, ReplacementPolicy, make_policy
+from ragcache.chunkstore.redis_tier import RedisTier
 from ragcache.chunkstore.stats import StoreStats
 from ragcache.chunkstore.tiers import Tier, build_tiers
 
@@ -71,14 +72,23 @@ class ChunkStore:
 
     @property
     def disk(self) -> LMDBTier | None:
-        last = self.tiers[-1]
-        return last if isinstance(last, LMDBTier) else None
+        return next((tier for tier in self.tiers if isinstance(tier, LMDBTier)), None)
+
+    @property
+    def _disk_index(self) -> int:
+        return next(i for i, tier in enumerate(self.tiers) if isinstance(tier, LMDBTier))
+
+    def _write_through_indices(self) -> list[int]:
+        """The tiers every put is also written to: disk (a restart finds it) and remote
+        (other replicas find it), as configured."""
+        wanted = {"disk": self.config.write_through, "remote": self.config.remote_write_through}
+        return [i for i, tier in enumerate(self.tiers) if wanted.get(tier.name, False)]
 
     def _load_disk(self) -> None:
         disk = self.disk
         if disk is None:
             return
-        index = len(self.tiers) - 1
+        index = self._disk_index
         for key, header in list(disk.scan_headers()):
             if isinstance(header, CorruptEntryError):
                 self._drop_corrupt(index, key, header)
@@ -127,7 +137,7 @@ class ChunkStore:
         for key, header in list(disk.scan_headers()):
             if isinstance(header, CorruptEntryError):
                 with self._lock:
-                    self._drop_corrupt(len(self.tiers) - 1, key, header)
+                    self._drop_corrupt(self._disk_index, key, header)
             else:
                 found.append(header)
         return found
@@ -147,9 +157,9 @@ class ChunkStore:
                 if self._place(entry, index):
                     placed = True
                     break
-            disk = self.disk
-            if placed and self.config.write_through and disk is not None:
-                self._place(entry, len(self.tiers) - 1)
+            if placed:
+                for index in self._write_through_indices():
+                    self._place(entry, index)
             if not placed:
                 self.stats_counters.rejected_puts += 1
                 self._costs.pop(entry.key, None)
@@ -379,11 +389,11 @@ class ChunkStore:
     def _stream_disk(
         self, key: str, index: int, header: EntryHeader, wanted: list[int], promote: bool
     ) -> LayerStream:
-        disk = self.tiers[index]
-        assert isinstance(disk, LMDBTier)
+        tier = self.tiers[index]
+        assert isinstance(tier, LMDBTier | RedisTier)
         collected: dict[int, LayerKV] = {}
         try:
-            for layer, kv in disk.iter_layers(key, wanted, header):
+            for layer, kv in tier.iter_layers(key, wanted, header):
                 collected[layer] = kv
                 yield layer, kv
         except CorruptEntryError as error:
@@ -400,4 +410,9 @@ class ChunkStore:
 
     def stats(self) -> dict[str, object]:
         with self._lock:
-            return self.stats_counters.report(self.config.policy, self.cost_model, self.tiers)
+            report = self.stats_counters.report(self.config.policy, self.cost_model, self.tiers)
+            per_tier = report["tiers"]
+            assert isinstance(per_tier, dict)
+            for tier in self.tiers:
+                per_tier[tier.name].update(tier.counters())
+            return report

@@ -1,4 +1,5 @@
-"""The interface every storage tier implements: device, host, disk (LMDB), fastest first.
+"""The interface every storage tier implements: device, host, disk (LMDB), remote (Redis),
+fastest first.
 
 A tier stores and drops entries and reports its bytes; the store decides what goes
 where and makes room (a tier never evicts on its own).
@@ -13,7 +14,7 @@ from typing import Any
 
 from ragcache.chunkstore.entry import ChunkEntry, EntryHeader, LayerKV
 
-TIER_NAMES = ("device", "host", "disk")
+TIER_NAMES = ("device", "host", "disk", "remote")
 
 
 @dataclass(slots=True)
@@ -68,6 +69,10 @@ class Tier(ABC):
     def clear(self) -> None:
         for key in self.keys():
             self.delete(key)
+
+    def counters(self) -> dict[str, int]:
+        """Tier-specific counters that ``ChunkStore.stats`` reports beside the common ones."""
+        return {}
 
     def close(self) -> None:
         return None

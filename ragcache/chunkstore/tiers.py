@@ -1,5 +1,5 @@
 """The tiers a store is built from: memory tiers (device, host) and the registry that
-lists every tier, fastest first."""
+lists every tier, fastest first: device, host, disk (LMDB), remote (Redis)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from ragcache.chunkstore.config import ChunkStoreConfig
 from ragcache.chunkstore.entry import ChunkEntry, LayerKV
 from ragcache.chunkstore.lmdb_tier import LMDBTier
+from ragcache.chunkstore.redis_tier import RedisTier
 from ragcache.chunkstore.tier import TIER_NAMES, PreparedEntry, Tier
 
 
@@ -71,7 +72,8 @@ class MemoryTier(Tier):
 
 def build_tiers(config: ChunkStoreConfig, directory: str | Path | None) -> list[Tier]:
     """The registry of tiers, fastest first. Without CUDA the device tier has cap 0;
-    without a directory the disk tier is left out."""
+    without a directory the disk tier is left out; with ``remote_url`` the Redis tier
+    that replicas share comes last."""
     cuda = torch.cuda.is_available()
     tiers: list[Tier] = [
         MemoryTier("device", config.device_bytes if cuda else 0, "cuda" if cuda else "cpu", False),
@@ -79,6 +81,8 @@ def build_tiers(config: ChunkStoreConfig, directory: str | Path | None) -> list[
     ]
     if directory is not None:
         tiers.append(LMDBTier(Path(directory), config))
+    if config.remote_url:
+        tiers.append(RedisTier(config))
     return tiers
 
 
