@@ -11,9 +11,9 @@ class FusionConfig:
         default="cacheblend",
         metadata={
             "help": "full_prefill, prefix_only, full_reuse, cacheblend, legolink, "
-            "gradual (gradual filtering, query-weighted at the scoring layer), queryblend "
-            "(gradual filtering weighted by what the query reads over every layer), "
-            "sinkblend, cachefocus"
+            "gradual (CacheBlend's gradual filtering by value deviation), gradual_weighted "
+            "(query-weighted at the scoring layer), queryblend (weighted by what the query "
+            "reads over every layer), sinkblend, cachefocus"
         },
     )
     recompute_ratio: float = field(
@@ -22,7 +22,10 @@ class FusionConfig:
     )
     check_layer: int = field(
         default=1,
-        metadata={"help": "cacheblend/gradual/queryblend: first layer that scores tokens"},
+        metadata={
+            "help": "cacheblend/gradual/queryblend: first layer that scores tokens, >= 1 "
+            "(below 3, the last check layer, for the gradual family)"
+        },
     )
     legolink_k: int = field(
         default=32, metadata={"help": "LegoLink: leading tokens recomputed per chunk"}

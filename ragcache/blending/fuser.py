@@ -33,6 +33,7 @@ class FusionReport:
     chunk_order: list[int] = field(default_factory=list)
     pruned_chunks: list[int] = field(default_factory=list)
     pruned_tokens: int = 0
+    selection_fraction: float = 0.0  # work spent choosing, as a share of a full prefill
 
     @property
     def recompute_fraction(self) -> float:
@@ -70,15 +71,21 @@ def fuse(
     context = layout.context_end - len(layout.root_ids)
     retrieved = len(chunks)
     order = list(range(retrieved))
+    focus_work = 0
     if isinstance(method, CacheFocus) and chunks:
-        order = method.focus(model, layout, root, chunks).chunk_order
+        focused = method.focus(model, layout, root, chunks)
+        order = focused.chunk_order
+        if focused.relevance is not None:
+            focus_work = len(layout.query_ids) * method.layers
         layout = PromptLayout(
             layout.root_ids, [layout.chunk_ids[i] for i in order], layout.query_ids
         )
         chunks = [chunks[i] for i in order]
     kept = layout.context_end - len(layout.root_ids)
 
-    def report(reused: int) -> FusionReport:
+    def report(reused: int, selection_work: int = 0) -> FusionReport:
+        full_prefill = max(1, len(layout) * model.spec.num_layers)
+        selection_work += focus_work
         return FusionReport(
             method.name,
             context,
@@ -89,6 +96,7 @@ def fuse(
             order,
             sorted(set(range(retrieved)) - set(order)),
             context - kept,
+            selection_work / full_prefill,
         )
 
     prompt_ids = layout.prompt_ids
@@ -106,13 +114,17 @@ def fuse(
         for layer in range(plan.fresh_layers):
             ks[layer] = plan.fresh.k[layer][:end].to(ks[layer].dtype)
             vs[layer] = plan.fresh.v[layer][:end].to(vs[layer].dtype)
+    for layer, (indices, k, v) in plan.layer_kv.items():
+        inside = indices < end
+        ks[layer][indices[inside]] = k[inside].to(ks[layer].dtype)
+        vs[layer][indices[inside]] = v[inside].to(vs[layer].dtype)
     recompute = [i for i in plan.recompute if i < end]
     reused = max(0, end - len(layout.root_ids) - len(recompute))
     exact = len(layout.root_ids)
     if plan.exact_prefix is not None and (plan.exact_prefix <= exact or chunks[0].exact):
         exact = plan.exact_prefix
     placed = PlacedKV([k.contiguous() for k in ks], [v.contiguous() for v in vs], recompute, exact)
-    return FusedRequest(prompt_ids, placed, True, report(reused))
+    return FusedRequest(prompt_ids, placed, True, report(reused, plan.selection_work))
 
 
 __all__ = ["FusedRequest", "FusionReport", "fuse"]

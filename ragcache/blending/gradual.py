@@ -5,11 +5,12 @@ attention; deviations keep growing with depth. Continuing the fresh computation 
 a shrinking candidate set (e.g. 3r tokens at layer 2, 2r at layer 3, keep r) scores
 tokens where the deviation has developed, at a fraction of a deep full pass.
 
-Scores are weighted by the query's attention to each token. ``queryblend`` takes that
-attention from a query-only pass over every layer against the cached context (what the
-answer will read), instead of from the scoring layer itself, where attention is still
-mostly positional: on held-out MuSiQue questions this doubles the share of the gap closed
-at the same budget (eval/reports/fusion_musique.md).
+``gradual`` follows the paper: tokens are ranked by value deviation alone. With a
+``query_weight``, scores are weighted by the query's attention to each token:
+``gradual_weighted`` takes it at the scoring layer, ``queryblend`` from a query-only pass
+over every layer against the cached context (what the answer will read).
+A candidate computed at a deeper layer keeps that layer's fresh KV even when it is
+dropped later, and at most ``ratio`` of the context is recomputed at every setting.
 """
 
 from __future__ import annotations
@@ -81,40 +82,48 @@ class GradualBlend:
     first_check: int = 1
     last_check: int = 3
     widen: float = 3.0
-    query_weight: float = 1.0
+    query_weight: float = 0.0
     query_layers: int = 0
     name: str = "gradual"
 
     def plan(self, ctx: FusionContext) -> FusionPlan:
         layout = ctx.layout
-        last_check = min(self.last_check, ctx.model.spec.num_layers - 1)
+        last_check = max(self.first_check, min(self.last_check, ctx.model.spec.num_layers - 1))
         fresh = run_fresh_pass(ctx.model, layout, self.first_check + 1, last_check + 1)
+        plan = FusionPlan(fresh_layers=self.first_check + 1, fresh=fresh)
+        plan.selection_work = len(layout) * (self.first_check + 1)
         context = ctx.context_indices
         budget = round(self.ratio * len(context))
         if budget <= 0:
-            return FusionPlan(fresh_layers=self.first_check + 1, fresh=fresh)
+            return plan
         reads = None
         if self.query_layers > 0 and self.query_weight != 0:
-            reads = query_reads(ctx, min(self.query_layers, ctx.model.spec.num_layers))
-        attention = (
-            reads[context]
-            if reads is not None
-            else attention_to_context(
-                fresh.query_q[self.first_check], fresh.k[self.first_check], context
+            query_layers = min(self.query_layers, ctx.model.spec.num_layers)
+            reads = query_reads(ctx, query_layers)
+            plan.selection_work += len(layout.query_ids) * query_layers
+        attention = None
+        if self.query_weight != 0:
+            attention = (
+                reads[context]
+                if reads is not None
+                else attention_to_context(
+                    fresh.query_q[self.first_check], fresh.k[self.first_check], context
+                )
             )
-        )
         scores = weighted(
             value_deviation(ctx, fresh, self.first_check), attention, self.query_weight
         )
         steps = last_check - self.first_check
-        keep = min(len(context), round(budget * self.widen))
+        keep = min(len(context), round(budget * self.widen) if steps > 0 else budget)
         candidates = context[scores.topk(keep).indices].sort().values
         for depth in range(1, steps + 1):
             layer = self.first_check + depth
-            candidates = self._deeper(ctx, fresh, layer, candidates, budget, depth / steps, reads)
-        return FusionPlan(
-            recompute=candidates.tolist(), fresh_layers=self.first_check + 1, fresh=fresh
-        )
+            plan.selection_work += len(candidates) + len(layout.query_ids)
+            candidates = self._deeper(
+                ctx, fresh, layer, candidates, budget, depth / steps, reads, plan
+            )
+        plan.recompute = candidates.tolist()
+        return plan
 
     @torch.inference_mode()
     def _deeper(
@@ -125,9 +134,11 @@ class GradualBlend:
         candidates: torch.Tensor,
         budget: int,
         progress: float,
-        reads: torch.Tensor | None = None,
+        reads: torch.Tensor | None,
+        plan: FusionPlan,
     ) -> torch.Tensor:
-        """Compute candidates (and the query) at ``layer`` and keep the most deviating."""
+        """Compute candidates (and the query) at ``layer``, keep their fresh KV there, and
+        keep the most deviating as candidates."""
         layout = ctx.layout
         n = len(layout)
         query = torch.arange(layout.context_end, n)
@@ -152,12 +163,20 @@ class GradualBlend:
             keep,
         )
         count = len(candidates)
+        k_layer, v_layer = pool.layer(layer)
+        candidate_slots = slots[candidates]
+        plan.layer_kv[layer] = (
+            candidates,
+            k_layer.reshape(-1, *k_layer.shape[2:])[candidate_slots].clone(),
+            v_layer.reshape(-1, *v_layer.shape[2:])[candidate_slots].clone(),
+        )
         v_new = captured["v"][:count].float()
         deviation = (v_new - ctx.placed_v[layer][candidates].float()).pow(2).sum(dim=(1, 2))
-        if reads is not None:
+        if self.query_weight == 0:
+            attention = None
+        elif reads is not None:
             attention = reads[candidates]
         else:
-            k_layer, _ = pool.layer(layer)
             keys = k_layer.reshape(-1, *k_layer.shape[2:])[slots[:n]]
             attention = attention_to_context(captured["q"][count:], keys, candidates)
         scores = weighted(deviation, attention, self.query_weight)

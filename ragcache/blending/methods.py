@@ -36,12 +36,21 @@ class FusionContext:
 
 @dataclass(slots=True)
 class FusionPlan:
+    """``selection_work`` counts the token-layers the method computed to choose (fresh
+    passes, deeper candidate passes, query passes); the fusion report states it as a
+    fraction of a full prefill's token-layers."""
+
     use_cache: bool = True
     reuse_until: int | None = None
     recompute: list[int] = field(default_factory=list)
     fresh_layers: int = 0
     fresh: FreshPass | None = None
     exact_prefix: int | None = None
+    selection_work: int = 0
+    # Fresh KV of some tokens at deeper layers: layer -> (prompt indices, K, V).
+    layer_kv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict
+    )
 
 
 class FusionMethod(Protocol):
@@ -117,10 +126,12 @@ class CacheBlend:
     name: str = "cacheblend"
 
     def plan(self, ctx: FusionContext) -> FusionPlan:
-        fresh = run_fresh_pass(ctx.model, ctx.layout, self.check_layer + 1)
+        layers = self.check_layer + 1
+        fresh = run_fresh_pass(ctx.model, ctx.layout, layers)
         scores = value_deviation(ctx, fresh, self.check_layer)
         chosen = top_fraction(scores, ctx.context_indices, self.ratio)
-        return FusionPlan(recompute=chosen, fresh_layers=self.check_layer + 1, fresh=fresh)
+        work = len(ctx.layout) * layers
+        return FusionPlan(recompute=chosen, fresh_layers=layers, fresh=fresh, selection_work=work)
 
 
 def query_attention(ctx: FusionContext, fresh: FreshPass, layer: int) -> torch.Tensor:
@@ -171,4 +182,6 @@ class SinkAwareBlend:
         rest = budget - len(heads)
         extra = scores.topk(rest).indices if rest > 0 else torch.empty(0, dtype=torch.long)
         chosen = sorted(heads + context[extra].tolist())
-        return FusionPlan(recompute=chosen, fresh_layers=self.check_layer + 1, fresh=fresh)
+        layers = self.check_layer + 1
+        work = len(layout) * layers
+        return FusionPlan(recompute=chosen, fresh_layers=layers, fresh=fresh, selection_work=work)

@@ -65,6 +65,10 @@ METHODS: dict[str, MethodEntry] = {
         SinkAwareBlend, {**_BLEND, "sink_tokens": "sink_tokens", "query_weight": "query_weight"}
     ),
     "gradual": MethodEntry(GradualBlend, _GRADUAL),
+    # gradual filtering with scores weighted by the query's attention at the scoring layer
+    "gradual_weighted": MethodEntry(
+        GradualBlend, _GRADUAL, {"name": "gradual_weighted", "query_weight": 1.0}
+    ),
     # queryblend: gradual filtering weighted by what the query reads over every layer.
     "queryblend": MethodEntry(
         GradualBlend,
@@ -157,9 +161,10 @@ def method_for_request(
     check_layer, legolink_k = fields["check_layer"], fields["legolink_k"]
     if not 0.0 <= ratio <= 1.0:
         raise MethodParameterError(f"recompute_ratio={ratio} must be in [0, 1]", "recompute_ratio")
-    if not isinstance(check_layer, int) or not 0 <= check_layer < num_layers - 1:
+    # V at layer 0 does not depend on other tokens: deviations there are all zero.
+    if not isinstance(check_layer, int) or not 1 <= check_layer < num_layers - 1:
         raise MethodParameterError(
-            f"check_layer={check_layer!r} must be an integer in [0, {num_layers - 2}]",
+            f"check_layer={check_layer!r} must be an integer in [1, {num_layers - 2}]",
             "check_layer",
         )
     if not isinstance(legolink_k, int) or legolink_k < 0:
@@ -168,7 +173,14 @@ def method_for_request(
         )
     used: dict[str, MethodParam] = {"ratio": ratio, "check_layer": check_layer, "k": legolink_k}
     if name != "cachefocus":
-        return make_method(name, **used), used
+        method = make_method(name, **used)
+        if isinstance(method, GradualBlend) and check_layer >= method.last_check:
+            raise MethodParameterError(
+                f"check_layer={check_layer} must be below {name}'s last check layer "
+                f"{method.last_check}",
+                "check_layer",
+            )
+        return method, used
     used.update(
         {REQUEST_FIELDS[key]: fields[key] for key in REQUEST_FIELDS if key.startswith("focus_")}
     )

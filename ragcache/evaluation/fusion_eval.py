@@ -70,6 +70,7 @@ def default_sweep() -> list[Setting]:
     for k in (8, 16, 32, 64):
         sweep.append(Setting(f"legolink-{k}", "legolink", {"k": k}))
     sweep.append(Setting("gradual-0.15", "gradual", {"ratio": 0.15}))
+    sweep.append(Setting("gradual_weighted-0.15", "gradual_weighted", {"ratio": 0.15}))
     sweep.append(Setting("queryblend-0.15", "queryblend", {"ratio": 0.15}))
     return sweep
 

@@ -214,6 +214,7 @@ class QueryPreparer:
         usage.recomputed_tokens = fused.report.recomputed_tokens
         usage.pruned_chunks = len(fused.report.pruned_chunks)
         usage.pruned_tokens = fused.report.pruned_tokens
+        usage.selection_fraction = fused.report.selection_fraction
         timings["fusion"] = fused.report.prepare_s
         return PreparedQuery(
             fused.prompt_ids,

@@ -39,6 +39,7 @@ class CacheUsage:
     engine_cached_tokens: int = 0
     pruned_chunks: int = 0
     pruned_tokens: int = 0
+    selection_fraction: float = 0.0  # work spent choosing what to recompute / full prefill
 
     @property
     def cached_tokens(self) -> int:

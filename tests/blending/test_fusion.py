@@ -164,3 +164,39 @@ def test_queryblend_is_gradual_weighted_by_reads_over_every_layer(
     assert plans[0].placed is not None and plans[1].placed is not None
     assert plans[0].placed.recompute == plans[1].placed.recompute
     assert plans[0].report.method == "queryblend"
+
+
+@pytest.mark.parametrize("method", ["gradual", "gradual_weighted", "queryblend"])
+def test_gradual_recomputes_its_budget_at_every_legal_check_layer(
+    engine_model: LoadedModel, method: str
+) -> None:
+    layout = random_layout(4, seed=5)
+    encoder = ChunkEncoder(engine_model.model, layout.root_ids)
+    chunks = encoder.encode(layout.chunk_ids)
+    context = layout.context_end - len(layout.root_ids)
+    last_check = make_method(method).last_check  # type: ignore[attr-defined]
+    for check_layer in range(1, engine_model.spec.num_layers - 1):
+        fusion = make_method(method, ratio=0.2, check_layer=check_layer)
+        fused = fuse(engine_model.model, layout, encoder.root, chunks, fusion)
+        assert fused.placed is not None
+        assert len(fused.placed.recompute) == round(0.2 * context), check_layer
+        assert fused.report.selection_fraction > 0
+        if check_layer >= last_check:
+            break
+
+
+def test_a_dropped_candidate_keeps_its_fresh_kv_at_the_layer_it_was_computed(
+    engine_model: LoadedModel,
+) -> None:
+    layout = random_layout(4, seed=6)
+    encoder = ChunkEncoder(engine_model.model, layout.root_ids)
+    chunks = encoder.encode(layout.chunk_ids)
+    gradual = make_method("gradual", ratio=0.1)
+    reuse = fuse(engine_model.model, layout, encoder.root, chunks, make_method("full_reuse"))
+    fused = fuse(engine_model.model, layout, encoder.root, chunks, gradual)
+    assert fused.placed is not None and reuse.placed is not None
+    chosen = set(fused.placed.recompute)
+    layer = 2  # computed for 3x the budget, a third of them kept
+    changed = (fused.placed.v[layer] != reuse.placed.v[layer]).flatten(1).any(dim=1)
+    refreshed = set(changed.nonzero().flatten().tolist())
+    assert refreshed - chosen, "candidates dropped at layer 3 keep their layer-2 KV"

@@ -157,6 +157,16 @@ BAD_QUERIES = {
     "k zero": (dict(k=0), InvalidParameterError, "k"),
     "unknown method": (dict(method="magic"), InvalidParameterError, "method"),
     "check layer": (dict(method_params={"check_layer": 9}), InvalidParameterError, "check_layer"),
+    "check layer zero": (
+        dict(method_params={"check_layer": 0}),
+        InvalidParameterError,
+        "check_layer",
+    ),
+    "check layer past gradual's last": (
+        dict(method="gradual", method_params={"check_layer": 3}),
+        InvalidParameterError,
+        "check_layer",
+    ),
     "ratio": (
         dict(method_params={"recompute_ratio": 2.0}),
         InvalidParameterError,
