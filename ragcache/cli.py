@@ -181,9 +181,11 @@ def _serve(args: argparse.Namespace, config: Config) -> None:
     import uvicorn
 
     from ragcache.api.app import create_app
+    from ragcache.api.auth import AccessKeys
 
     server = config.server
-    if not server.api_keys.strip():
+    # Parsed before the model loads: a key setting that does not parse stops here.
+    if not AccessKeys(server.api_keys, server.admin_keys).enabled:
         if server.host not in LOOPBACK:
             print(f"no API keys configured (server.api_keys): not binding {server.host}")
             server.host = "127.0.0.1"

@@ -49,6 +49,10 @@ class ServerConfig:
         default="",
         metadata={"help": "comma-separated admin API keys (key or key=tenant); any key works too"},
     )
+    public_docs: bool = field(
+        default=False,
+        metadata={"help": "serve /docs, /redoc and /openapi.json without a key when keys are set"},
+    )
     max_n: int = field(
         default=8, metadata={"help": "most choices (n) one OpenAI-style request may ask for"}
     )

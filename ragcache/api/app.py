@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
-from ragcache.api import corpora, lora, metrics, openai_routes, query, system
+from ragcache.api import corpora, docs, lora, metrics, openai_routes, query, system
 from ragcache.api.auth import AccessKeys, require_admin_key, require_api_key
 from ragcache.api.errors import install_error_handlers
 from ragcache.api.metrics import ServiceMetrics
@@ -21,9 +21,13 @@ def create_app(
     """An app serving ``service``; with ``close_service`` it closes it on shutdown.
 
     Tenant routes (corpora, queries, OpenAI-compatible routes) take any API key and see
-    only the key's tenant; cache routes, LoRA adapter loading and /metrics take admin keys.
+    only the key's tenant; cache routes, LoRA adapter loading and /metrics take admin keys;
+    the API docs take any key unless server.public_docs. A key setting that does not parse
+    raises ConfigError naming it.
     """
     server = server or service.config.server
+    keys = AccessKeys(server.api_keys, server.admin_keys)
+    docs_behind_key = keys.enabled and not server.public_docs
     service_metrics = ServiceMetrics(service)
 
     @asynccontextmanager
@@ -36,17 +40,25 @@ def create_app(
             if close_service:
                 service.close()
 
-    app = FastAPI(title="ragcache", version="0.1.0", lifespan=lifespan)
+    # The docs routes come from docs.router, which can take the key check.
+    app = FastAPI(
+        title="ragcache",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.service = service
     app.state.server_config = server
     app.state.metrics = service_metrics
     install_error_handlers(app)
-    keys = AccessKeys(server.api_keys, server.admin_keys)
     tenant = [Depends(require_api_key(keys))]
     admin = [Depends(require_admin_key(keys))]
     app.include_router(system.health_router)
     for router in (corpora.router, query.router, openai_routes.router):
         app.include_router(router, dependencies=tenant)
+    app.include_router(docs.router, dependencies=tenant if docs_behind_key else [])
     for router in (system.router, lora.router, metrics.router):
         app.include_router(router, dependencies=admin)
     return app
