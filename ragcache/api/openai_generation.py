@@ -21,7 +21,7 @@ from ragcache.api.openai_format import (
     usage,
 )
 from ragcache.engine.outputs import RequestOutput
-from ragcache.engine.sampling_params import SamplingParams
+from ragcache.engine.sampling_params import MAX_SEED, SamplingParams
 from ragcache.errors import ServiceError
 from ragcache.service import PreparedQuery, RagCache
 
@@ -29,10 +29,11 @@ log = logging.getLogger(__name__)
 
 
 def _choice_samplings(base: SamplingParams, n: int) -> list[SamplingParams]:
-    """Seeded requests give every choice its own seed, so n choices are not n copies."""
+    """Seeded requests give every choice its own seed, so n choices are not n copies
+    (wrapping past the largest seed rather than overflowing it)."""
     if base.seed is None:
         return [base] * n
-    return [dataclasses.replace(base, seed=base.seed + i) for i in range(n)]
+    return [dataclasses.replace(base, seed=(base.seed + i) % (MAX_SEED + 1)) for i in range(n)]
 
 
 async def _merge(

@@ -11,8 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ragcache.api.schemas import MAX_TEMPERATURE
 from ragcache.blending.methods import MethodParam
-from ragcache.engine.sampling_params import SamplingParams
+from ragcache.engine.sampling_params import MAX_INT64, MAX_LOGPROBS, MAX_SEED, SamplingParams
 
 
 class _Strict(BaseModel):
@@ -54,16 +55,16 @@ class RagFields(_Strict):
 
 class GenerationFields(RagFields):
     model: str
-    max_tokens: int | None = None
-    temperature: float = 1.0
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT64)
+    temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = 1.0
-    top_k: int = 0
+    top_k: int = Field(0, ge=0, le=MAX_INT64)
     min_p: float = 0.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     n: int = 1
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -79,6 +80,11 @@ class GenerationFields(RagFields):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    @property
+    def asked_max_tokens(self) -> int | None:
+        """The answer length the caller set (None: the server's default applies)."""
+        return self.max_tokens
+
     def sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -93,6 +99,9 @@ class GenerationFields(RagFields):
             stop=self.stop_list(),
             logprobs=logprobs,
             num_speculative_tokens=self.num_speculative_tokens,
+            # A length the caller set must fit the context (400 otherwise), as in vLLM; the
+            # default stops where the context ends.
+            strict_max_tokens=self.asked_max_tokens is not None,
         )
 
     @property
@@ -120,18 +129,22 @@ class ChatMessage(_Strict):
 
 class ChatCompletionRequest(GenerationFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT64)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
 
+    @property
+    def asked_max_tokens(self) -> int | None:
+        return self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
+
 
 class CompletionRequest(GenerationFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None

@@ -5,7 +5,10 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from ragcache.blending.methods import MethodParam
-from ragcache.engine.sampling_params import SamplingParams
+from ragcache.engine.sampling_params import MAX_INT64, MAX_SEED, SamplingParams
+
+# The HTTP API bounds temperature as OpenAI does; the engine itself accepts more.
+MAX_TEMPERATURE = 2.0
 
 
 class CreateCorpusRequest(BaseModel):
@@ -30,11 +33,11 @@ class QueryRequest(RetrieveRequest):
     focus_layers: int | None = None
     focus_order: str | None = None
     focus_base: str | None = None
-    max_tokens: int | None = None
-    temperature: float = 0.0
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT64)
+    temperature: float = Field(0.0, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
+    top_k: int = Field(0, ge=0, le=MAX_INT64)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: list[str] = Field(default_factory=list)
     stream: bool = False
     num_speculative_tokens: int | None = None
@@ -60,4 +63,6 @@ class QueryRequest(RetrieveRequest):
             seed=self.seed,
             stop=list(self.stop),
             num_speculative_tokens=self.num_speculative_tokens,
+            # A length the caller set must fit the context; the default ends with it.
+            strict_max_tokens=self.max_tokens is not None,
         )

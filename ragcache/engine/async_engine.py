@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ragcache.engine.engine import Engine
-from ragcache.engine.outputs import RequestOutput
+from ragcache.engine.outputs import RequestFailedError, RequestOutput
 from ragcache.engine.sampling_params import SamplingParams
 from ragcache.engine.sequence import PlacedKV
 
@@ -160,6 +160,7 @@ class AsyncEngine:
             try:
                 outputs = self.engine.step()
             except Exception as exc:
+                # Per-sequence faults are isolated inside the step; this one hit the step itself.
                 log.exception("engine step failed; failing the running requests")
                 for rid, sink in list(self._sinks.items()):
                     self.engine.abort(rid)
@@ -169,6 +170,12 @@ class AsyncEngine:
             for output in outputs:
                 sink = self._sinks.get(output.request_id)
                 if sink is not None:
-                    sink(output)
+                    sink(output if output.failure is None else _failed(output))
                 if output.finished:
                     self._sinks.pop(output.request_id, None)
+
+
+def _failed(output: RequestOutput) -> RequestFailedError:
+    error = RequestFailedError(output.error or "the engine failed on this request")
+    error.__cause__ = output.failure
+    return error

@@ -103,7 +103,7 @@ class Engine:
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
-            raise InvalidRequestError("this engine has no tokenizer; pass token ids")
+            raise InvalidRequestError("this engine has no tokenizer; pass token ids", "prompt")
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def add_request(
@@ -121,22 +121,33 @@ class Engine:
         self.speculator.validate(params)
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
-            raise InvalidRequestError("prompt is empty; send at least one token")
+            raise InvalidRequestError("prompt is empty; send at least one token", "prompt")
         if any(not 0 <= t < self.spec.vocab_size for t in ids):
-            raise InvalidRequestError(f"prompt has token ids outside [0, {self.spec.vocab_size})")
+            raise InvalidRequestError(
+                f"prompt has token ids outside [0, {self.spec.vocab_size})", "prompt"
+            )
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError(
                 f"prompt has {len(ids)} tokens; this model and KV pool accept at most "
-                f"{self.max_model_len - 1}"
+                f"{self.max_model_len - 1}",
+                "prompt",
+            )
+        room = self.max_model_len - len(ids)
+        if params.strict_max_tokens and params.max_tokens > room:
+            raise InvalidRequestError(
+                f"max_tokens={params.max_tokens} is more than the {room} tokens this prompt "
+                f"leaves: this model and KV pool hold {self.max_model_len} tokens and the prompt "
+                f"takes {len(ids)}; send max_tokens <= {room} or shorten the prompt",
+                "max_tokens",
             )
         if placed is not None:
             self._validate_placed(placed, len(ids))
         if request_id is not None and request_id in self.requests:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         try:
             lora = None if adapter is None else self.lora.get(adapter)
         except (UnknownAdapterError, ValueError) as error:
-            raise InvalidRequestError(str(error)) from None
+            raise InvalidRequestError(str(error), "adapter") from None
         salt = cache_salt if lora is None else adapter_salt(cache_salt, lora.id)
         seq = Sequence(ids, params, request_id, placed, salt, use_prefix_cache, lora)
         self.requests[seq.request_id] = seq
@@ -146,14 +157,18 @@ class Engine:
     def _validate_placed(self, placed: PlacedKV, prompt_len: int) -> None:
         spec = self.spec
         if len(placed.k) != spec.num_layers or len(placed.v) != spec.num_layers:
-            raise InvalidRequestError(f"placed KV must have {spec.num_layers} layers")
+            raise InvalidRequestError(f"placed KV must have {spec.num_layers} layers", "placed")
         shape = (placed.num_tokens, spec.num_kv_heads, spec.head_dim)
         if placed.num_tokens > prompt_len or any(
             tuple(t.shape) != shape for t in (*placed.k, *placed.v)
         ):
-            raise InvalidRequestError(f"placed KV tensors must be {shape} with N <= prompt length")
+            raise InvalidRequestError(
+                f"placed KV tensors must be {shape} with N <= prompt length", "placed"
+            )
         if any(not 0 <= i < placed.num_tokens for i in placed.recompute):
-            raise InvalidRequestError("placed.recompute indices must lie below its token count")
+            raise InvalidRequestError(
+                "placed.recompute indices must lie below its token count", "placed"
+            )
 
     def _swap_out(self, seq: Sequence) -> None:
         """Copy a decoding sequence's KV to host memory before its blocks are freed."""
@@ -223,13 +238,18 @@ class Engine:
         return self.scheduler.has_work()
 
     def step(self) -> list[RequestOutput]:
+        """One scheduler step. A sequence whose part of the step raises (its admission,
+        its forward pass when run alone, its sampling, its bookkeeping) finishes with
+        finish_reason "error" and its ``failure``; the other sequences go on."""
         scheduled = self.scheduler.schedule()
+        failed = [self._fail(seq, error) for seq, error in self.scheduler.take_failed()]
         if not scheduled:
-            if self.scheduler.waiting and not self.scheduler.running:
+            if self.scheduler.waiting and not self.scheduler.running and not failed:
                 return self._reject_unschedulable()
-            return []
+            return failed
         self.speculator.propose(scheduled)
-        logits = self.runner.execute(scheduled)
+        logits, scheduled, broken = self._execute(scheduled)
+        failed.extend(self._fail(item.seq, error) for item, error in broken)
         self.scheduler.advance(scheduled)
         self.num_steps += 1
         self.num_prompt_tokens_computed += sum(
@@ -237,12 +257,62 @@ class Engine:
         )
         sampling = [item for item in scheduled if item.samples]
         if logits is None:
-            return []
+            return failed
         kept = self.speculator.verify(logits, sampling)
         now = time.perf_counter()
-        return [
-            self._append(item, tokens, now) for item, tokens in zip(sampling, kept, strict=True)
-        ]
+        outputs = failed
+        for item, tokens in zip(sampling, kept, strict=True):
+            if isinstance(tokens, Exception):
+                outputs.append(self._fail(item.seq, tokens))
+                continue
+            try:
+                outputs.append(self._append(item, tokens, now))
+            except Exception as error:
+                outputs.append(self._fail(item.seq, error))
+        return outputs
+
+    def _execute(
+        self, scheduled: list[ScheduledSeq]
+    ) -> tuple[torch.Tensor | None, list[ScheduledSeq], list[tuple[ScheduledSeq, Exception]]]:
+        """The step's logits, the items they cover and the items that failed.
+
+        When the batch raises, each item runs alone (rewriting the same KV slots, as nothing
+        has advanced yet), so a fault of one request fails that request alone.
+        """
+        try:
+            return self.runner.execute(scheduled), scheduled, []
+        except Exception as error:
+            if len(scheduled) == 1:
+                return None, [], [(scheduled[0], error)]
+            log.warning("a batch of %d sequences failed; running each alone", len(scheduled))
+        kept: list[ScheduledSeq] = []
+        broken: list[tuple[ScheduledSeq, Exception]] = []
+        rows: list[torch.Tensor] = []
+        for item in scheduled:
+            try:
+                logits = self.runner.execute([item])
+            except Exception as error:
+                broken.append((item, error))
+                continue
+            kept.append(item)
+            if logits is not None:
+                rows.append(logits)
+        return (torch.cat(rows) if rows else None), kept, broken
+
+    def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
+        log.error(
+            "request %s failed in the engine; the others go on", seq.request_id, exc_info=error
+        )
+        seq.finish_reason = "error"
+        seq.finish_time = time.perf_counter()
+        self.scheduler.finish(seq)
+        self.sampler.forget(seq)
+        self.speculator.forget(seq)
+        self.requests.pop(seq.request_id, None)
+        output = self._output(seq, [])
+        output.error = f"the engine failed on this request: {type(error).__name__}: {error}"
+        output.failure = error
+        return output
 
     def _reject_unschedulable(self) -> list[RequestOutput]:
         seq = self.scheduler.waiting.pop(0)
@@ -359,7 +429,8 @@ class Engine:
         if users:
             raise InvalidRequestError(
                 f"adapter {name!r} is in use by {len(users)} unfinished requests; "
-                "unload it once they finish"
+                "unload it once they finish",
+                "adapter",
             )
         return self.lora.remove(name)
 

@@ -40,3 +40,11 @@ class RequestOutput:
     new_token_ids: list[int] = field(default_factory=list)
     new_text: str = ""
     error: str | None = None
+    # The exception that stopped this request inside the engine (finish_reason "error");
+    # None when the engine refused the request on purpose (its error says why).
+    failure: Exception | None = None
+
+
+class RequestFailedError(RuntimeError):
+    """A request the engine stopped because its part of a step raised; the other requests
+    went on. ``__cause__`` holds the original exception."""

@@ -59,16 +59,17 @@ def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return probs / probs.sum(dim=-1, keepdim=True)
 
 
+def top_logprobs(raw_logprobs: torch.Tensor, top_n: int) -> list[tuple[int, float]]:
+    """The ``top_n`` most likely tokens of one row with their log-probabilities."""
+    if top_n <= 0:
+        return []
+    top = raw_logprobs.topk(top_n)
+    return list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+
+
 def token_logprob(raw_logprobs: torch.Tensor, token: int, top_n: int) -> TokenLogprob:
     """The chosen token's log-probability and the ``top_n`` most likely, from one row."""
-    top = raw_logprobs.topk(top_n) if top_n > 0 else None
-    return TokenLogprob(
-        token,
-        float(raw_logprobs[token]),
-        list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
-        if top is not None
-        else [],
-    )
+    return TokenLogprob(token, float(raw_logprobs[token]), top_logprobs(raw_logprobs, top_n))
 
 
 class Sampler:
@@ -88,11 +89,39 @@ class Sampler:
             self.generators[seq.seq_id] = gen
         return gen
 
+    def sample_each(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | Exception]:
+        """``sample``, except that a row whose request breaks sampling gets the error it
+        raised and every other row its token.
+
+        The batch runs first; only when it raises does each row run alone. ``sample`` does
+        every row's fallible work before its first draw, so a seeded row draws the same
+        tokens beside a row whose parameters fail.
+        """
+        try:
+            return list(self.sample(logits, seqs))
+        except Exception as error:
+            if len(seqs) == 1:
+                return [error]
+        out: list[int | Exception] = []
+        for row, seq in enumerate(seqs):
+            try:
+                out.append(self.sample(logits[row : row + 1], [seq])[0])
+            except Exception as error:
+                out.append(error)
+        return out
+
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         logits = logits.float()
         raw_logprobs = None
         if any(s.params.logprobs is not None for s in seqs):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
+        # Every row's fallible work (top logprobs, truncation tensors, generators) comes
+        # before the first draw, so a failing row costs no other row its draws.
+        tops: dict[int, list[tuple[int, float]]] = {}
+        if raw_logprobs is not None:
+            for row, seq in enumerate(seqs):
+                if seq.params.logprobs is not None:
+                    tops[row] = top_logprobs(raw_logprobs[row], seq.params.logprobs)
         logits = apply_penalties(logits.clone(), seqs)
         greedy = [s.params.greedy for s in seqs]
         tokens = logits.argmax(dim=-1)
@@ -109,14 +138,13 @@ class Sampler:
             )
             probs = probs * keep
             probs = probs / probs.sum(dim=-1, keepdim=True)
+            generators = [self.generator(seqs[row]) for row in sampled_rows]
             for j, row in enumerate(sampled_rows):
-                draw = torch.multinomial(probs[j], 1, generator=self.generator(seqs[row]))
+                draw = torch.multinomial(probs[j], 1, generator=generators[j])
                 tokens[row] = draw[0]
         chosen = tokens.tolist()
         if raw_logprobs is not None:
-            for row, seq in enumerate(seqs):
-                if seq.params.logprobs is not None:
-                    seq.logprobs.append(
-                        token_logprob(raw_logprobs[row], chosen[row], seq.params.logprobs)
-                    )
+            for row, top in tops.items():
+                token = chosen[row]
+                seqs[row].logprobs.append(TokenLogprob(token, float(raw_logprobs[row, token]), top))
         return chosen

@@ -216,6 +216,8 @@ class Scheduler:
         self.can_admit = can_admit
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
+        # Sequences whose admission (on_admit) raised, with the error, for the engine to fail.
+        self.failed: list[tuple[Sequence, Exception]] = []
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -280,7 +282,13 @@ class Scheduler:
             self.waiting.pop(0)
             self.blocks.allocate(seq)
             if self.on_admit is not None:
-                self.on_admit(seq)
+                try:
+                    self.on_admit(seq)
+                except Exception as error:
+                    # Its set-up (placed KV, adapter, swap-in) fails this request alone.
+                    self.blocks.free(seq)
+                    self.failed.append((seq, error))
+                    continue
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             chunk = seq.remaining_plan[:budget]
@@ -288,6 +296,10 @@ class Scheduler:
             budget -= len(chunk)
         self.waiting[:0] = held_back
         return out
+
+    def take_failed(self) -> list[tuple[Sequence, Exception]]:
+        failed, self.failed = self.failed, []
+        return failed
 
     def advance(self, scheduled: list[ScheduledSeq]) -> None:
         for item in scheduled:

@@ -188,12 +188,14 @@ class Speculator:
         if self.proposer is None:
             raise InvalidRequestError(
                 f"num_speculative_tokens={asked} asks for speculative decoding, which this "
-                "engine runs without (engine.speculative.method=off); send 0 or leave it unset"
+                "engine runs without (engine.speculative.method=off); send 0 or leave it unset",
+                "num_speculative_tokens",
             )
         if uses_penalties(params):
             raise InvalidRequestError(
                 f"num_speculative_tokens={asked} cannot be combined with repetition, presence "
-                "or frequency penalties; send 0 or drop the penalties"
+                "or frequency penalties; send 0 or drop the penalties",
+                "num_speculative_tokens",
             )
 
     def draft_limit(self, seq: Sequence) -> int:
@@ -249,33 +251,42 @@ class Speculator:
             item.draft_ids = list(draft.token_ids)
             self.pending[seq.seq_id] = draft
 
-    def verify(self, logits: torch.Tensor, sampling: list[ScheduledSeq]) -> list[list[int]]:
-        """Tokens each sampling sequence keeps; ``logits`` has 1 + len(drafts) rows per item."""
+    def verify(
+        self, logits: torch.Tensor, sampling: list[ScheduledSeq]
+    ) -> list[list[int] | Exception]:
+        """Tokens each sampling sequence keeps, or the error its sampling raised (the other
+        sequences keep theirs); ``logits`` has 1 + len(drafts) rows per item."""
+        kept: list[list[int] | Exception]
         if not self.pending:
-            tokens = self.sampler.sample(logits, [item.seq for item in sampling])
-            kept = [[token] for token in tokens]
+            tokens = self.sampler.sample_each(logits, [item.seq for item in sampling])
+            kept = [token if isinstance(token, Exception) else [token] for token in tokens]
         else:
             kept = self._verify_drafts(logits, sampling)
         for item, tokens in zip(sampling, kept, strict=True):
-            if item.seq.seq_id in self.decoding:
+            if item.seq.seq_id in self.decoding and not isinstance(tokens, Exception):
                 self.num_decode_steps += 1
                 self.num_decode_tokens += len(tokens)
         return kept
 
-    def _verify_drafts(self, logits: torch.Tensor, sampling: list[ScheduledSeq]) -> list[list[int]]:
+    def _verify_drafts(
+        self, logits: torch.Tensor, sampling: list[ScheduledSeq]
+    ) -> list[list[int] | Exception]:
         offsets = [0]
         for item in sampling:
             offsets.append(offsets[-1] + 1 + len(item.draft_ids))
-        kept: list[list[int]] = [[] for _ in sampling]
+        kept: list[list[int] | Exception] = [[] for _ in sampling]
         plain = [i for i, item in enumerate(sampling) if not item.draft_ids]
         if plain:
             rows = torch.tensor([offsets[i] for i in plain], device=logits.device)
-            tokens = self.sampler.sample(logits[rows], [sampling[i].seq for i in plain])
+            tokens = self.sampler.sample_each(logits[rows], [sampling[i].seq for i in plain])
             for i, token in zip(plain, tokens, strict=True):
-                kept[i] = [token]
+                kept[i] = token if isinstance(token, Exception) else [token]
         for i, item in enumerate(sampling):
             if item.draft_ids:
-                kept[i] = self._verify_one(item.seq, logits[offsets[i] : offsets[i + 1]])
+                try:
+                    kept[i] = self._verify_one(item.seq, logits[offsets[i] : offsets[i + 1]])
+                except Exception as error:
+                    kept[i] = error
         self.pending.clear()
         return kept
 
@@ -292,7 +303,7 @@ class Speculator:
         if params.logprobs is not None:
             raw = torch.log_softmax(logits, dim=-1)
             seq.logprobs.extend(
-                token_logprob(raw[j], token, params.logprobs) for j, token in enumerate(emitted)
+                [token_logprob(raw[j], token, params.logprobs) for j, token in enumerate(emitted)]
             )
         accepted = len(emitted) - 1
         self.blocks.release_lookahead(seq, len(seq) + len(emitted))

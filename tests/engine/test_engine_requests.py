@@ -54,6 +54,11 @@ BAD_PARAMS = [
     ("min_p", SamplingParams(min_p=1.01)),
     ("min_p", SamplingParams(min_p=-0.5)),
     ("max_tokens", SamplingParams(max_tokens=0)),
+    ("max_tokens", SamplingParams(max_tokens=2**63)),
+    ("max_tokens", SamplingParams(max_tokens=True)),
+    ("top_k", SamplingParams(top_k=2**63)),
+    ("seed", SamplingParams(seed=2**64)),
+    ("seed", SamplingParams(seed=-1)),
     ("logprobs", SamplingParams(logprobs=21)),
     ("logprobs", SamplingParams(logprobs=-1)),
     ("repetition_penalty", SamplingParams(repetition_penalty=0.0)),
@@ -76,8 +81,9 @@ def test_invalid_sampling_value_names_the_field(
     engine_model: LoadedModel, valid_tokens: list[int], field_name: str, params: SamplingParams
 ) -> None:
     engine = make_engine(engine_model)
-    with pytest.raises(InvalidRequestError, match=field_name):
+    with pytest.raises(InvalidRequestError, match=field_name) as raised:
         engine.add_request(VALID_PROMPT, params)
+    assert raised.value.param == field_name
     assert_still_serves(engine, valid_tokens)
 
 
@@ -95,8 +101,9 @@ def test_invalid_prompts_name_the_prompt(
         ("text needs a tokenizer", "no tokenizer; pass token ids"),
     ]
     for prompt, message in cases:
-        with pytest.raises(InvalidRequestError, match=message):
+        with pytest.raises(InvalidRequestError, match=message) as raised:
             engine.add_request(prompt, VALID_PARAMS)
+        assert raised.value.param == "prompt"
         assert_still_serves(engine, valid_tokens)
     longest = engine.add_request([5] * (engine.max_model_len - 1), SamplingParams(max_tokens=4))
     drain(engine)
@@ -118,6 +125,27 @@ def test_duplicate_request_id_is_refused_while_the_first_runs(
     drain(engine)
     assert again.output_ids == valid_tokens
     assert_still_serves(engine, valid_tokens)
+
+
+def test_strict_max_tokens_past_the_context_is_refused_with_the_limit(
+    engine_model: LoadedModel,
+) -> None:
+    engine = make_engine(engine_model, kv_cache_bytes=80_000)
+    room = engine.max_model_len - len(VALID_PROMPT)
+    assert 0 < room < 200
+    too_many = SamplingParams(max_tokens=room + 1, strict_max_tokens=True)
+    with pytest.raises(InvalidRequestError, match=f"send max_tokens <= {room}") as raised:
+        engine.add_request(VALID_PROMPT, too_many)
+    assert raised.value.param == "max_tokens"
+    fits = engine.add_request(
+        VALID_PROMPT, SamplingParams(max_tokens=room, strict_max_tokens=True, ignore_eos=True)
+    )
+    drain(engine)
+    # Without strict_max_tokens (the library's default) the answer ends with the context.
+    lenient = engine.add_request(VALID_PROMPT, SamplingParams(max_tokens=10**6, ignore_eos=True))
+    drain(engine)
+    assert fits.num_output_tokens == lenient.num_output_tokens == room
+    assert fits.finish_reason == lenient.finish_reason == "length"
 
 
 # ---- stop conditions ---------------------------------------------------------------------
