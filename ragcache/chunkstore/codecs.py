@@ -7,6 +7,9 @@ raw keeps the stored dtype and is exact. int8 quantises symmetrically per token 
 per head with an fp32 scale ``s = max|x| / 127`` over head_dim, so every element
 decodes within ``s / 2 = max|x| / 254`` of its value, plus the rounding of the
 output dtype (half an ulp of ``|x|``: 2**-11 relative for fp16, 2**-8 for bf16).
+cachegen (codec_cachegen.py) quantises per channel with finer steps on early layers,
+codes deltas between neighbouring tokens and entropy-codes the symbols: several times
+smaller than int8, each element within half its channel's step.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from ragcache.chunkstore import codec_cachegen
+from ragcache.chunkstore.codec_cachegen import DEFAULT_PLAN, CacheGenPlan
 
 DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
@@ -54,6 +60,16 @@ class Codec:
     stores_raw_bytes: bool = False
     """True when the encoded bytes are the tensor's own bytes, so a reader may copy a
     whole layer (K then V) in one go."""
+    encode_layer: Callable[[torch.Tensor, int, int], bytes] | None = None
+    """When set, encodes one layer's K or V knowing (layer, num_layers): CacheGen spends
+    more bits on early layers."""
+
+    def encode_for_layer(
+        self, tensor: torch.Tensor, layer: int, num_layers: int
+    ) -> bytes | memoryview:
+        if self.encode_layer is None:
+            return self.encode(tensor)
+        return self.encode_layer(tensor, layer, num_layers)
 
     def decode(
         self, data: memoryview | bytes, dtype: torch.dtype, shape: tuple[int, ...]
@@ -92,9 +108,21 @@ def _int8_size(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return count + (count // shape[-1]) * INT8_SCALE_BYTES
 
 
+def cachegen_codec(name: str = "cachegen", plan: CacheGenPlan = DEFAULT_PLAN) -> Codec:
+    encode, encode_layer = codec_cachegen.codec_functions(plan)
+    return Codec(
+        name,
+        encode,
+        codec_cachegen.decode_into,
+        codec_cachegen.encoded_size,
+        encode_layer=encode_layer,
+    )
+
+
 CODECS: dict[str, Codec] = {
     "raw": Codec("raw", tensor_to_bytes, _raw_decode_into, _raw_size, stores_raw_bytes=True),
     "int8": Codec("int8", _int8_encode, _int8_decode_into, _int8_size),
+    "cachegen": cachegen_codec(),
 }
 
 

@@ -16,7 +16,9 @@ class ChunkStoreConfig:
     disk_bytes: int = field(
         default=64 * 1024 * 1024 * 1024, metadata={"help": "byte cap of the LMDB tier"}
     )
-    disk_codec: str = field(default="raw", metadata={"help": "LMDB tier codec: raw or int8"})
+    disk_codec: str = field(
+        default="raw", metadata={"help": "LMDB tier codec: raw, int8 or cachegen"}
+    )
     policy: str = field(default="pgdsf", metadata={"help": "replacement policy: pgdsf, lru, lfu"})
     pgdsf_frequency_exponent: float = field(
         default=1.0,

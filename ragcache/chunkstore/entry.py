@@ -172,8 +172,9 @@ def encode_record(entry: ChunkEntry, codec: Codec) -> bytes:
     k_bytes: list[int] = []
     layer_bytes: list[int] = []
     checksums: list[str] = []
-    for k, v in entry.layers:
-        encoded_k, encoded_v = codec.encode(k), codec.encode(v)
+    for index, (k, v) in enumerate(entry.layers):
+        encoded_k = codec.encode_for_layer(k, index, entry.num_layers)
+        encoded_v = codec.encode_for_layer(v, index, entry.num_layers)
         k_bytes.append(len(encoded_k))
         layer_bytes.append(len(encoded_k) + len(encoded_v))
         checksums.append(layer_checksum(encoded_k, encoded_v).hex())

@@ -215,3 +215,17 @@ def test_redis_killed_and_restarted_never_fails_a_read_or_put(
     # Redis came back empty (no persistence); the next put writes through again.
     assert writer.put(entries[6])
     assert writer.tiers[-1].contains(entries[6].key)
+
+
+def test_remote_tier_with_the_cachegen_codec(redis_server: LocalRedis) -> None:
+    config = remote_config(redis_server, remote_codec="cachegen")
+    writer, reader = replica(config), replica(config)
+    entry = make_entry(30, num_tokens=48, num_layers=4, head_dim=16, dtype=torch.float32)
+    assert writer.put(entry)
+    raw_bytes = entry.nbytes
+    assert writer.tiers[-1].size_of(entry.key) < raw_bytes / 4
+    got = reader.get(entry.key, entry.token_ids)
+    assert got is not None
+    for (k, v), (k_ref, v_ref) in zip(got.layers, entry.layers, strict=True):
+        assert (k - k_ref).abs().max() < 0.5 * k_ref.abs().max()
+        assert (v - v_ref).abs().max() < 0.5 * v_ref.abs().max()
