@@ -28,6 +28,7 @@ from ragcache.retriever.config import RetrieverConfig
 
 ENV_PREFIX = "RAGCACHE_"
 KV_PRECOMPUTE_MODES = ("eager", "lazy", "off")
+TREE_PATH_MODES = ("reuse", "always", "off")
 
 
 class ConfigError(ValueError):
@@ -80,6 +81,15 @@ class ServiceConfig:
             "help": "encode a query's missing chunks on the engine while its cached chunks "
             "are read from their tiers (false: read all, then encode); pays where encoding "
             "is about as fast as an LMDB read, as on a GPU"
+        },
+    )
+    tree_paths: str = field(
+        default="reuse",
+        metadata={
+            "help": "exact knowledge-tree paths: reuse (every query reuses the longest cached "
+            "path of its chunks with no repair; full_prefill queries store theirs), always "
+            "(as reuse, and every query computes the rest of its path exactly and stores it, "
+            "as RAGCache does; no fusion) or off"
         },
     )
     system_prompt: str = field(

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from ragcache.blending.chunk_kv import ChunkKV
 from ragcache.blending.focus import CacheFocus
-from ragcache.blending.methods import FusionContext, FusionMethod, MethodParam
+from ragcache.blending.methods import FusionContext, FusionMethod, FusionPlan, MethodParam
 from ragcache.blending.placement import place_context
 from ragcache.blending.prompt import PromptLayout
 from ragcache.engine.model import LlamaModel
@@ -34,6 +34,7 @@ class FusionReport:
     pruned_chunks: list[int] = field(default_factory=list)
     pruned_tokens: int = 0
     selection_fraction: float = 0.0  # work spent choosing, as a share of a full prefill
+    exact_tokens: int = 0  # context tokens on an exact tree path (reused, never repaired)
 
     @property
     def recompute_fraction(self) -> float:
@@ -56,9 +57,12 @@ def fuse(
     chunks: list[ChunkKV],
     method: FusionMethod,
     params: dict[str, MethodParam] | None = None,
+    exact_chunks: int = 0,
 ) -> FusedRequest:
     """Place the root and chunks at their offsets and let ``method`` choose the repair.
 
+    The first ``exact_chunks`` chunks carry exact path KV (computed after the root and
+    the chunks before them): they are reused as they are and enter the exact prefix.
     CacheFocus first drops and reorders chunks; the prompt is then built from the kept
     ones, so ``prompt_ids`` may be shorter than the layout's.
     """
@@ -72,6 +76,8 @@ def fuse(
     retrieved = len(chunks)
     order = list(range(retrieved))
     focus_work = 0
+    if exact_chunks and isinstance(method, CacheFocus):
+        raise ValueError("CacheFocus reorders chunks; it cannot keep an exact path")
     if isinstance(method, CacheFocus) and chunks:
         focused = method.focus(model, layout, root, chunks)
         order = focused.chunk_order
@@ -82,6 +88,7 @@ def fuse(
         )
         chunks = [chunks[i] for i in order]
     kept = layout.context_end - len(layout.root_ids)
+    exact_tokens = sum(len(ids) for ids in layout.chunk_ids[:exact_chunks])
 
     def report(reused: int, selection_work: int = 0) -> FusionReport:
         full_prefill = max(1, len(layout) * model.spec.num_layers)
@@ -97,6 +104,7 @@ def fuse(
             sorted(set(range(retrieved)) - set(order)),
             context - kept,
             selection_work / full_prefill,
+            exact_tokens,
         )
 
     prompt_ids = layout.prompt_ids
@@ -104,7 +112,8 @@ def fuse(
         return FusedRequest(prompt_ids, None, True, report(0))
     starts = [0, *layout.chunk_starts]
     placed_k, placed_v = place_context([root, *chunks], starts, model.inv_freq)
-    plan = method.plan(FusionContext(model, layout, placed_k, placed_v))
+    ctx = FusionContext(model, layout, placed_k, placed_v, exact_chunks)
+    plan = FusionPlan() if exact_chunks >= len(chunks) else method.plan(ctx)
     if not plan.use_cache:
         return FusedRequest(prompt_ids, None, False, report(0))
     end = layout.context_end if plan.reuse_until is None else plan.reuse_until
@@ -123,6 +132,8 @@ def fuse(
     exact = len(layout.root_ids)
     if plan.exact_prefix is not None and (plan.exact_prefix <= exact or chunks[0].exact):
         exact = plan.exact_prefix
+    if all(chunk.exact for chunk in chunks[:exact_chunks]):
+        exact = max(exact, min(end, ctx.repair_start))
     placed = PlacedKV([k.contiguous() for k in ks], [v.contiguous() for v in vs], recompute, exact)
     return FusedRequest(prompt_ids, placed, True, report(reused, plan.selection_work))
 

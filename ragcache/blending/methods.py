@@ -23,15 +23,34 @@ MethodParam = float | str
 
 @dataclass(slots=True)
 class FusionContext:
+    """The placed KV of one prompt; its first ``exact_chunks`` chunks lie on an exact
+    knowledge-tree path (their KV is a full prefill's) and are never repaired."""
+
     model: LlamaModel
     layout: PromptLayout
     placed_k: list[torch.Tensor]
     placed_v: list[torch.Tensor]
+    exact_chunks: int = 0
+
+    @property
+    def repair_start(self) -> int:
+        """Prompt index of the first token whose cached KV may deviate."""
+        layout = self.layout
+        if self.exact_chunks >= len(layout.chunk_ids):
+            return layout.context_end
+        return layout.chunk_starts[self.exact_chunks] if self.exact_chunks else len(layout.root_ids)
 
     @property
     def context_indices(self) -> torch.Tensor:
-        """Prompt indices of chunk tokens (the ones whose cached KV may deviate)."""
-        return torch.arange(len(self.layout.root_ids), self.layout.context_end)
+        """Prompt indices of the chunk tokens whose cached KV may deviate."""
+        return torch.arange(self.repair_start, self.layout.context_end)
+
+    def repaired_chunks(self) -> list[tuple[int, list[int]]]:
+        """(start, token ids) of every chunk cached alone after another chunk: the ones
+        whose leading tokens carry attention-sink keys in the fused prompt."""
+        layout = self.layout
+        first = max(1, self.exact_chunks)
+        return list(zip(layout.chunk_starts[first:], layout.chunk_ids[first:], strict=True))
 
 
 @dataclass(slots=True)
@@ -75,7 +94,8 @@ class PrefixOnly:
 
     def plan(self, ctx: FusionContext) -> FusionPlan:
         layout = ctx.layout
-        end = layout.chunk_starts[1] if len(layout.chunk_ids) > 1 else layout.context_end
+        first = max(1, ctx.exact_chunks)
+        end = layout.chunk_starts[first] if len(layout.chunk_ids) > first else layout.context_end
         return FusionPlan(reuse_until=end, exact_prefix=end)
 
 
@@ -95,9 +115,8 @@ class LegoLink:
     name: str = "legolink"
 
     def plan(self, ctx: FusionContext) -> FusionPlan:
-        layout = ctx.layout
         chosen: list[int] = []
-        for start, ids in zip(layout.chunk_starts[1:], layout.chunk_ids[1:], strict=True):
+        for start, ids in ctx.repaired_chunks():
             chosen.extend(range(start, start + min(self.k, len(ids))))
         return FusionPlan(recompute=chosen)
 
@@ -168,14 +187,14 @@ class SinkAwareBlend:
         context = ctx.context_indices
         budget = round(self.ratio * len(context))
         heads: list[int] = []
-        for start, ids in zip(layout.chunk_starts[1:], layout.chunk_ids[1:], strict=True):
+        for start, ids in ctx.repaired_chunks():
             heads.extend(range(start, start + min(self.sink_tokens, len(ids))))
         heads = heads[:budget]
         scores = value_deviation(ctx, fresh, self.check_layer)
         if self.query_weight > 0:
             attention = query_attention(ctx, fresh, self.check_layer)
             scores = scores * (attention / attention.mean()).pow(self.query_weight)
-        offset = len(layout.root_ids)
+        offset = ctx.repair_start
         taken = torch.zeros(len(context), dtype=torch.bool)
         taken[[h - offset for h in heads]] = True
         scores = scores.masked_fill(taken, float("-inf"))

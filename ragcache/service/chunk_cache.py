@@ -1,7 +1,9 @@
 """Chunk KV between the fusion code (ChunkKV) and the tiered store (ChunkEntry).
 
 Every chunk is cached as a child of the knowledge tree's root: its KV computed right
-after the system prompt, reusable at any offset through fusion.
+after the system prompt, reusable at any offset through fusion. A chunk computed after
+other chunks is cached deeper, on the exact path of the chunks before it: a query whose
+chunks start with that path reuses it with no repair.
 """
 
 from __future__ import annotations
@@ -56,6 +58,31 @@ class ChunkCache:
         if entry is None:
             return CachedChunk(None, None)
         return CachedChunk(chunk_kv_from_entry(entry), tier)
+
+    def match_path(self, chunks: Sequence[Sequence[int]]) -> list[tuple[ChunkKV, str]]:
+        """KV (and tier) of the longest exact path of ``chunks``, in prompt order; empty
+        where the namespace's codec is lossy, since such KV is never exact."""
+        found: list[tuple[ChunkKV, str]] = []
+        for node in self.tree.match_path(chunks):
+            tier = self.store.tier_of(node.key)
+            entry = self.store.get(node.key, node.token_ids)
+            if entry is None:
+                break
+            kv = chunk_kv_from_entry(entry)
+            if not kv.exact:
+                break
+            found.append((kv, tier or "?"))
+        return found
+
+    def put_path(self, chunks: Sequence[Sequence[int]], start: int, kvs: Sequence[ChunkKV]) -> int:
+        """Stores the exact KV of ``chunks[start:]`` on their path (the chunks before
+        ``start`` are on it already); returns how many entered before a tier refused."""
+        for offset, kv in enumerate(kvs):
+            layers = list(zip(kv.k, kv.v, strict=True))
+            path = chunks[: start + offset + 1]
+            if self.tree.insert(path, layers, kv.positions.tolist()) is None:
+                return offset
+        return len(kvs)
 
     def put(self, kv: ChunkKV) -> bool:
         layers = list(zip(kv.k, kv.v, strict=True))

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from concurrent.futures import Executor
 
 from ragcache.blending.chunk_kv import ChunkEncoder, ChunkKV
+from ragcache.blending.exact_path import encode_after
 from ragcache.blending.fuser import FusedRequest, fuse
 from ragcache.blending.methods import FusionMethod, MethodParam
 from ragcache.blending.prompt import PromptLayout
@@ -118,6 +119,25 @@ class ChunkKVSource:
         progress("kv", done, len(todo))
         return len(todo)
 
+    def match_path(self, chunks: list[list[int]]) -> list[tuple[ChunkKV, str]]:
+        """The exact KV (and tier) of the longest cached path of ``chunks``."""
+        return self.chunk_cache.match_path(chunks) if self.stores else []
+
+    def encode_path(
+        self, prefix: list[ChunkKV], chunks: list[list[int]], cost: QueryCost
+    ) -> list[ChunkKV]:
+        """Exact KV of ``chunks`` after the root and ``prefix``, in the query's turn."""
+
+        def encode(engine: Engine) -> list[ChunkKV]:
+            with adapter_scope(engine, self.adapter_id):
+                return encode_after(engine.model, self.encoder.root, prefix, chunks)
+
+        return self.model_calls.run(encode, cost) if chunks else []
+
+    def store_path(self, chunks: list[list[int]], start: int, kvs: list[ChunkKV]) -> None:
+        if self.stores:
+            self.chunk_cache.put_path(chunks, start, kvs)
+
     def fuse(
         self,
         layout: PromptLayout,
@@ -125,9 +145,11 @@ class ChunkKVSource:
         method: FusionMethod,
         params: dict[str, MethodParam],
         cost: QueryCost,
+        exact_chunks: int = 0,
     ) -> FusedRequest:
         def place_and_repair(engine: Engine) -> FusedRequest:
             with adapter_scope(engine, self.adapter_id):
-                return fuse(engine.model, layout, self.encoder.root, kvs, method, params)
+                root = self.encoder.root
+                return fuse(engine.model, layout, root, kvs, method, params, exact_chunks)
 
         return self.model_calls.run(place_and_repair, cost)

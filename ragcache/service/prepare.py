@@ -7,6 +7,7 @@ import re
 import time
 from collections.abc import Sequence
 
+from ragcache.blending.chunk_kv import ChunkKV
 from ragcache.blending.focus import CacheFocus
 from ragcache.blending.fuser import FusedRequest, FusionReport
 from ragcache.blending.methods import FusionMethod, MethodParam
@@ -182,30 +183,56 @@ class QueryPreparer:
         usage = CacheUsage(method.name)
         spans: list[tuple[int, int]] = []
         timings: dict[str, float | None] = {"cache_fetch": 0.0, "kv_compute": 0.0}
-        if method.name == "full_prefill":
+        paths = self.config.service.tree_paths
+        on_path = paths != "off" and self.kv.stores and not isinstance(method, CacheFocus)
+        exact_compute = on_path and (method.name == "full_prefill" or paths == "always")
+        if method.name == "full_prefill" and not exact_compute:
             context = layout.context_end - len(layout.root_ids)
             report = FusionReport(method.name, context, 0, context, 0.0, params)
             fused = FusedRequest(layout.prompt_ids, None, False, report)
         else:
             cost = self.kv.query_cost(chunks, layout, received)
-            gathered = self.kv.gather(chunks, cost)
-            cached = gathered.hits
-            timings["cache_fetch"] = gathered.fetch_s
-            timings["kv_compute"] = gathered.compute_s
-            for source, hit, ids in zip(sources, cached, chunks, strict=True):
+            began = time.perf_counter()
+            # A full prefill is the reference: it reuses nothing, but stores its path.
+            reuse_path = on_path and method.name != "full_prefill"
+            path = self.kv.match_path(chunks) if reuse_path else []
+            if len(path) < 2 and not exact_compute:
+                # A path of one chunk is a root child, which fusion has always placed
+                # unrepaired in front; only a deeper path changes what is repaired.
+                path = []
+            prefix = [kv for kv, _ in path]
+            rest = chunks[len(path) :]
+            hits: list[tuple[ChunkKV, str] | None] = list(path)
+            timings["cache_fetch"] = time.perf_counter() - began
+            if exact_compute:
+                began = time.perf_counter()
+                computed = self.kv.encode_path(prefix, rest, cost)
+                timings["kv_compute"] = time.perf_counter() - began
+                self.kv.store_path(chunks, len(path), computed)
+                kvs, hits, exact = prefix + computed, hits + [None] * len(rest), len(chunks)
+            else:
+                gathered = self.kv.gather(rest, cost)
+                timings["cache_fetch"] = (timings["cache_fetch"] or 0.0) + gathered.fetch_s
+                timings["kv_compute"] = gathered.compute_s
+                kvs, hits, exact = prefix + gathered.kvs, hits + gathered.hits, len(path)
+                if self.kv.stores:
+                    for kv in gathered.computed:
+                        self.kv.chunk_cache.put(kv)
+            for source, hit, ids in zip(sources, hits, chunks, strict=True):
                 if hit is not None:
                     source.cache_tier = hit[1]
                     usage.tokens_by_tier[hit[1]] = usage.tokens_by_tier.get(hit[1], 0) + len(ids)
                 else:
                     usage.computed_tokens += len(ids)
-            fused = self.kv.fuse(layout, gathered.kvs, method, params, cost)
-            if self.kv.stores:
-                for kv in gathered.computed:
-                    self.kv.chunk_cache.put(kv)
+            fused = self.kv.fuse(layout, kvs, method, params, cost, exact)
+            if exact_compute:  # computed now, exactly: reused only what the path held
+                report = fused.report
+                report.reused_tokens = sum(kv.num_tokens for kv in prefix)
+                report.recomputed_tokens = report.context_tokens - report.reused_tokens
             start = len(layout.root_ids)
             for index in fused.report.chunk_order:
                 end = start + len(chunks[index])
-                if cached[index] is not None:
+                if hits[index] is not None:
                     spans.append((start, end))
                 start = end
             for index in fused.report.pruned_chunks:
@@ -215,6 +242,7 @@ class QueryPreparer:
         usage.pruned_chunks = len(fused.report.pruned_chunks)
         usage.pruned_tokens = fused.report.pruned_tokens
         usage.selection_fraction = fused.report.selection_fraction
+        usage.exact_tokens = fused.report.exact_tokens
         timings["fusion"] = fused.report.prepare_s
         return PreparedQuery(
             fused.prompt_ids,

@@ -29,6 +29,9 @@ class CacheUsage:
 
     ``tokens_by_tier`` and ``computed_tokens`` cover every retrieved chunk; the
     ``pruned_tokens`` of the ``pruned_chunks`` CacheFocus dropped are not in the prompt.
+    Of the context in the prompt, ``exact_tokens`` came from an exact tree path,
+    ``recomputed_tokens`` were repaired and the rest of ``reused_tokens`` were reused
+    as cached.
     """
 
     method: str
@@ -40,6 +43,7 @@ class CacheUsage:
     pruned_chunks: int = 0
     pruned_tokens: int = 0
     selection_fraction: float = 0.0  # work spent choosing what to recompute / full prefill
+    exact_tokens: int = 0  # context tokens reused from an exact tree path, never repaired
 
     @property
     def cached_tokens(self) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ragcache.config import KV_PRECOMPUTE_MODES, Config
+from ragcache.config import KV_PRECOMPUTE_MODES, TREE_PATH_MODES, Config
 from ragcache.corpus.manifest import Manifest, open_manifest
 from ragcache.engine.engine import Engine
 from ragcache.engine.loader import LoadedModel, load_model
@@ -21,6 +21,12 @@ def check_service_config(config: Config) -> None:
         raise InvalidParameterError(
             f"service.kv_precompute={mode!r}; use one of {', '.join(KV_PRECOMPUTE_MODES)}",
             "service.kv_precompute",
+        )
+    paths = config.service.tree_paths
+    if paths not in TREE_PATH_MODES:
+        raise InvalidParameterError(
+            f"service.tree_paths={paths!r}; use one of {', '.join(TREE_PATH_MODES)}",
+            "service.tree_paths",
         )
 
 
