@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ragcache.api.method_fields import MethodFields
 from ragcache.api.schemas import MAX_TEMPERATURE
-from ragcache.blending.methods import MethodParam
 from ragcache.engine.sampling_params import MAX_INT64, MAX_LOGPROBS, MAX_SEED, SamplingParams
 
 
@@ -25,32 +25,13 @@ class StreamOptions(_Strict):
     continuous_usage_stats: bool = False
 
 
-class RagFields(_Strict):
+class RagFields(_Strict, MethodFields):
     """Extra body: where the context comes from and how its cached KV is fused."""
 
     corpus: str | None = None
     k: int | None = None
     documents: list[str] | None = None
     fusion_method: str | None = None
-    recompute_ratio: float | None = None
-    check_layer: int | None = None
-    legolink_k: int | None = None
-    focus_keep: float | None = None
-    focus_layers: int | None = None
-    focus_order: str | None = None
-    focus_base: str | None = None
-
-    def method_params(self) -> dict[str, MethodParam]:
-        params: dict[str, MethodParam | None] = {
-            "recompute_ratio": self.recompute_ratio,
-            "check_layer": self.check_layer,
-            "legolink_k": self.legolink_k,
-            "focus_keep": self.focus_keep,
-            "focus_layers": self.focus_layers,
-            "focus_order": self.focus_order,
-            "focus_base": self.focus_base,
-        }
-        return {name: value for name, value in params.items() if value is not None}
 
 
 class GenerationFields(RagFields):

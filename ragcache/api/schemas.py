@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ragcache.blending.methods import MethodParam
+from ragcache.api.method_fields import MethodFields
 from ragcache.engine.sampling_params import MAX_INT64, MAX_SEED, SamplingParams
 
 # The HTTP API bounds temperature as OpenAI does; the engine itself accepts more.
@@ -24,15 +24,8 @@ class RetrieveRequest(BaseModel):
     k: int | None = None
 
 
-class QueryRequest(RetrieveRequest):
+class QueryRequest(RetrieveRequest, MethodFields):
     method: str | None = None
-    recompute_ratio: float | None = None
-    check_layer: int | None = None
-    legolink_k: int | None = None
-    focus_keep: float | None = None
-    focus_layers: int | None = None
-    focus_order: str | None = None
-    focus_base: str | None = None
     max_tokens: int | None = Field(None, ge=1, le=MAX_INT64)
     temperature: float = Field(0.0, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = 1.0
@@ -41,18 +34,6 @@ class QueryRequest(RetrieveRequest):
     stop: list[str] = Field(default_factory=list)
     stream: bool = False
     num_speculative_tokens: int | None = None
-
-    def method_params(self) -> dict[str, MethodParam]:
-        params: dict[str, MethodParam | None] = {
-            "recompute_ratio": self.recompute_ratio,
-            "check_layer": self.check_layer,
-            "legolink_k": self.legolink_k,
-            "focus_keep": self.focus_keep,
-            "focus_layers": self.focus_layers,
-            "focus_order": self.focus_order,
-            "focus_base": self.focus_base,
-        }
-        return {name: value for name, value in params.items() if value is not None}
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         return SamplingParams(

@@ -55,7 +55,7 @@ class Generator:
                 last = out
                 yield out
         except InvalidRequestError as error:
-            raise InvalidInputError(str(error)) from None
+            raise InvalidInputError(str(error), error.param) from None
         finished = time.perf_counter()
         assert last is not None
         self._record(prepared, last, submitted, first, finished)

@@ -3,7 +3,6 @@ a plain prompt, checked against the engine's limits before any model work."""
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Sequence
 
@@ -20,8 +19,6 @@ from ragcache.errors import InvalidInputError, InvalidParameterError, PromptTooL
 from ragcache.service.corpora import TenantCorpora
 from ragcache.service.kv_source import ChunkKVSource
 from ragcache.service.results import CacheUsage, PreparedQuery, SourceChunk
-
-_PARAM_IN_MESSAGE = re.compile(r"sampling parameter (\w+)=")
 
 
 class QueryPreparer:
@@ -44,9 +41,7 @@ class QueryPreparer:
         try:
             return sampling.validate(self.engine.loaded.spec.vocab_size)
         except InvalidRequestError as error:
-            match = _PARAM_IN_MESSAGE.search(str(error))
-            param = match.group(1) if match else "stop_token_ids"
-            raise InvalidParameterError(str(error), param) from None
+            raise InvalidParameterError(str(error), error.param) from None
 
     def method(
         self, name: str | None, params: dict[str, MethodParam]

@@ -1,0 +1,24 @@
+"""Request fields that tune the fusion method, shared by the native and OpenAI bodies;
+their names are the fusion config's, and the registry checks their values."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from ragcache.blending.methods import MethodParam
+from ragcache.blending.registry import REQUEST_FIELDS
+
+
+class MethodFields(BaseModel):
+    recompute_ratio: float | None = None
+    check_layer: int | None = None
+    legolink_k: int | None = None
+    focus_keep: float | None = None
+    focus_layers: int | None = None
+    focus_order: str | None = None
+    focus_base: str | None = None
+
+    def method_params(self) -> dict[str, MethodParam]:
+        """The fields the caller set, by name."""
+        values = {name: getattr(self, name) for name in REQUEST_FIELDS}
+        return {name: value for name, value in values.items() if value is not None}
