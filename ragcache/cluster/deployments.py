@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
 
 from ragcache.cluster.router import CacheAwareRequestRouter
 from ragcache.cluster.routing import SeenChunks, chunk_fingerprint
@@ -36,7 +38,9 @@ from ragcache.service.tenancy import tenant_corpus_prefix
 
 MEMORY_TIERS = ("device", "host")
 # A generation lost with its replica (SIGKILL, node loss) is sent again: it is idempotent.
-GENERATION_ATTEMPTS = 3
+# Ray drops the dead replica from the candidates once it notices; the pause lets it.
+GENERATION_ATTEMPTS = 4
+RETRY_PAUSE_S = 0.5
 
 
 @dataclass(slots=True)
@@ -122,6 +126,7 @@ class Generation:
             assert last is not None
             return {
                 "replica": self.replica_id,
+                "pid": os.getpid(),
                 "answer": last.text,
                 "chunk_tiers": [source.cache_tier for source in prepared.sources],
                 "usage": dataclasses.asdict(prepared.usage),
@@ -194,10 +199,23 @@ class Frontend:
             except (RayActorError, ActorUnavailableError):
                 if attempt == GENERATION_ATTEMPTS:
                     raise
+                await asyncio.sleep(RETRY_PAUSE_S * attempt)
                 attempt += 1
 
     async def cache_stats(self) -> dict[str, Any]:
         return await self.generation.cache_stats.remote()
+
+    async def __call__(self, http: Request) -> dict[str, Any]:
+        """POST JSON ``{"question", "corpus", "k"}`` or ``{"question", "documents"}``, with
+        an optional ``max_tokens``; the default tenant (this route has no auth)."""
+        body = await http.json()
+        if not isinstance(body, dict) or not isinstance(body.get("question"), str):
+            raise ValueError('send a JSON object with "question" and "corpus" or "documents"')
+        max_tokens = body.get("max_tokens")
+        if "documents" in body:
+            return await self.answer(list(body["documents"]), body["question"], "", max_tokens)
+        k = int(body.get("k", 3))
+        return await self.query(body["question"], str(body["corpus"]), k, "", max_tokens)
 
 
 def build_app(spec: ClusterSpec) -> serve.Application:

@@ -3,10 +3,13 @@ replica encodes is served to the other from Redis, and the router follows the ch
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator
 
+import httpx
 import pytest
 import ray
 from ray import serve
@@ -14,11 +17,12 @@ from ray import serve
 from ragcache.cluster.deployments import ClusterSpec, build_app
 from ragcache.cluster.redis_server import LocalRedis
 from ragcache.service.rag_cache import RagCache
-from tests.service_helpers import SAMPLES, tiny_config
+from tests.service_helpers import SAMPLES, free_port, tiny_config
 
 pytestmark = pytest.mark.cluster
 
 STATS_PERIOD_S = 0.2
+HTTP_PORT = free_port()
 
 
 def passages(count: int) -> list[str]:
@@ -48,7 +52,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[object, 
         generator_cpus=1.0,
     )
     try:
-        handle = serve.run(build_app(spec), name="ragcache", route_prefix=None)
+        serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
+        handle = serve.run(build_app(spec), name="ragcache", route_prefix="/")
         yield handle, redis_server
     finally:
         serve.shutdown()
@@ -96,3 +101,47 @@ def test_query_retrieves_from_the_corpus_store_and_answers(cluster: tuple) -> No
     assert len(result["sources"]) == 2
     assert len(result["chunk_tiers"]) == 2
     assert result["completion_tokens"] == 2
+
+
+def test_the_frontend_answers_json_over_http(cluster: tuple) -> None:
+    response = httpx.post(
+        f"http://127.0.0.1:{HTTP_PORT}/",
+        json={"question": "Who wrote it?", "corpus": "samples", "k": 1, "max_tokens": 2},
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["completion_tokens"] == 2 and len(body["sources"]) == 1
+
+
+def bounded_load(handle: object, count: int) -> list[object]:
+    texts = passages(8)
+    return [
+        handle.answer.remote([texts[i % 8], texts[(i + 3) % 8]], f"Question {i}?", max_tokens=2)  # type: ignore[attr-defined]
+        for i in range(count)
+    ]
+
+
+def test_redis_killed_and_restarted_under_load_fails_no_request(cluster: tuple) -> None:
+    handle, redis_server = cluster
+    responses = bounded_load(handle, 6)
+    redis_server.kill()
+    responses += bounded_load(handle, 6)
+    time.sleep(1.0)
+    redis_server.start()  # empty: no persistence, so every entry is recomputed or local
+    responses += bounded_load(handle, 6)
+    results = [response.result(timeout_s=300) for response in responses]  # type: ignore[attr-defined]
+    assert all(result["completion_tokens"] == 2 for result in results)
+    stats = handle.cache_stats.remote().result()
+    assert stats["tiers"]["remote"]["outages"] >= 1
+
+
+def test_a_replica_killed_with_sigkill_fails_no_request(cluster: tuple) -> None:
+    handle, _ = cluster
+    victim = answer(handle, passages(1))["pid"]
+    responses = bounded_load(handle, 10)
+    os.kill(victim, signal.SIGKILL)
+    responses += bounded_load(handle, 10)
+    results = [response.result(timeout_s=600) for response in responses]  # type: ignore[attr-defined]
+    assert all(result["completion_tokens"] == 2 for result in results)
+    assert any(result["pid"] != victim for result in results)
