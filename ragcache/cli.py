@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ragcache.bench import BENCHMARKS
 from ragcache.config import Config, ConfigError, iter_fields, load_config
 from ragcache.errors import ServiceError
 
@@ -66,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
         "eval", help="quality-vs-latency sweep of fusion methods", add_help=False
     )
     evaluate.add_argument("rest", nargs=argparse.REMAINDER)
-    bench = commands.add_parser("bench", help="benchmarks", add_help=False)
+    bench = commands.add_parser("bench", help="benchmarks (ragcache bench lists them)")
     bench.add_argument("target", choices=tuple(BENCHMARKS), help="what to benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
@@ -204,17 +205,23 @@ def _serve(args: argparse.Namespace, config: Config) -> None:
     uvicorn.run(app, host=server.host, port=server.port, log_level=config.log_level)
 
 
-BENCHMARKS = {
-    "model": "ragcache.engine.bench_model",
-    "engine": "ragcache.engine.bench_engine",
-    "speculate": "ragcache.engine.bench_speculate",
-    "policy": "ragcache.chunkstore.bench_policy",
-    "tiers": "ragcache.chunkstore.bench_tiers",
-    "recall": "ragcache.retriever.bench_recall",
-    "serve": "ragcache.evaluation.bench_serve",
-    "scheduling": "ragcache.evaluation.bench_scheduling",
-    "lora": "ragcache.engine.bench_lora",
-}
+def _bench(argv: list[str]) -> int:
+    """``ragcache bench NAME [options]`` runs one benchmark; without a name, the list."""
+    if not argv or argv[0] in ("-h", "--help"):
+        width = max(map(len, BENCHMARKS))
+        print("usage: ragcache bench NAME [options]   (ragcache bench NAME --help for its options)")
+        print("\nbenchmarks:")
+        for name, what in BENCHMARKS.items():
+            print(f"  {name:<{width}}  {what}")
+        return 0
+    name = argv[0]
+    if name not in BENCHMARKS:
+        print(
+            f"ragcache bench: unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}",
+            file=sys.stderr,
+        )
+        return 2
+    return _delegate(f"ragcache.bench.{name}", argv[1:])
 
 
 def _delegate(module_name: str, rest: list[str]) -> int:
@@ -230,8 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # eval and bench hand every later argument, options included, to their own parsers.
     if argv[:1] == ["eval"]:
         return _delegate("ragcache.evaluation.run_eval", argv[1:])
-    if argv[:1] == ["bench"] and len(argv) > 1 and argv[1] in BENCHMARKS:
-        return _delegate(BENCHMARKS[argv[1]], argv[2:])
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
     args, extra = _parser().parse_known_args(argv)
     try:
         config = load_config(args.config, _config_flags(extra))

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ragcache.bench import BENCHMARKS
 from ragcache.cli import main
 from ragcache.config import Config, iter_fields
 from tests.service_helpers import SAMPLES, free_port, tiny_flags
@@ -33,6 +34,24 @@ def test_serve_help_lists_every_config_option(capsys: pytest.CaptureFixture[str]
     out = capsys.readouterr().out
     for name, _, text in iter_fields(Config()):
         assert f"--{name} " in out and text in out, name
+
+
+@pytest.mark.parametrize("argv", [["bench"], ["bench", "--help"]])
+def test_bench_lists_every_benchmark(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for name, what in BENCHMARKS.items():
+        assert f"  {name} " in out and what in out, name
+
+
+def test_every_listed_benchmark_shows_its_own_options(capsys: pytest.CaptureFixture[str]) -> None:
+    for name in BENCHMARKS:
+        with pytest.raises(SystemExit) as done:
+            main(["bench", name, "--help"])
+        assert done.value.code == 0, name
+        assert "--out" in capsys.readouterr().out, name
+    assert main(["bench", "nonexistent"]) == 2
+    assert "unknown benchmark 'nonexistent'" in capsys.readouterr().err
 
 
 def test_bench_speculate_is_wired_and_refuses_unknown_proposers(

@@ -11,7 +11,7 @@
   quiet machine; ``Projection.forward_parts`` multiplies fused q/k/v and gate/up weights
   one output slice at a time there, so each part is contiguous for what follows.
 
-The choices come from ``python -m ragcache.engine.bench_linear``
+The choices come from ``python -m ragcache.bench.linear``
 (``eval/reports/bench_linear.md``). Other dtypes and devices keep ``F.linear``.
 """
 

@@ -93,7 +93,7 @@ def _symmetric_8bit(weight: torch.Tensor) -> list[Int4Blocks] | None:
 PACKED_MODES = ("exact_blocks", "int4_bf16")
 # Rows up to which a product reads the copy: the exact kernel rebuilds every weight once
 # per eight rows, and up to 16 rows it stays well ahead of the best fp32 product
-# (`python -m ragcache.engine.bench_linear`).
+# (`python -m ragcache.bench.linear`).
 MAX_ROWS = {"exact_blocks": 16, "int4_bf16": 16}
 
 Part = Int4Blocks | Q41Blocks | Q80Blocks

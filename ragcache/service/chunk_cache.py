@@ -59,11 +59,17 @@ class ChunkCache:
             return CachedChunk(None, None)
         return CachedChunk(chunk_kv_from_entry(entry), tier)
 
-    def match_path(self, chunks: Sequence[Sequence[int]]) -> list[tuple[ChunkKV, str]]:
+    def match_path(
+        self, chunks: Sequence[Sequence[int]], min_length: int = 1
+    ) -> list[tuple[ChunkKV, str]]:
         """KV (and tier) of the longest exact path of ``chunks``, in prompt order; empty
-        where the namespace's codec is lossy, since such KV is never exact."""
+        when it is shorter than ``min_length`` (nothing is read then), and where the
+        namespace's codec is lossy, since such KV is never exact."""
+        nodes = self.tree.match_path(chunks)
+        if len(nodes) < min_length:
+            return []
         found: list[tuple[ChunkKV, str]] = []
-        for node in self.tree.match_path(chunks):
+        for node in nodes:
             tier = self.store.tier_of(node.key)
             entry = self.store.get(node.key, node.token_ids)
             if entry is None:

@@ -119,9 +119,9 @@ class ChunkKVSource:
         progress("kv", done, len(todo))
         return len(todo)
 
-    def match_path(self, chunks: list[list[int]]) -> list[tuple[ChunkKV, str]]:
+    def match_path(self, chunks: list[list[int]], min_length: int = 1) -> list[tuple[ChunkKV, str]]:
         """The exact KV (and tier) of the longest cached path of ``chunks``."""
-        return self.chunk_cache.match_path(chunks) if self.stores else []
+        return self.chunk_cache.match_path(chunks, min_length) if self.stores else []
 
     def encode_path(
         self, prefix: list[ChunkKV], chunks: list[list[int]], cost: QueryCost

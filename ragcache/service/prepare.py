@@ -190,11 +190,10 @@ class QueryPreparer:
             began = time.perf_counter()
             # A full prefill is the reference: it reuses nothing, but stores its path.
             reuse_path = on_path and method.name != "full_prefill"
-            path = self.kv.match_path(chunks) if reuse_path else []
-            if len(path) < 2 and not exact_compute:
-                # A path of one chunk is a root child, which fusion has always placed
-                # unrepaired in front; only a deeper path changes what is repaired.
-                path = []
+            # A path of one chunk is a root child, which fusion has always placed
+            # unrepaired in front; only a deeper path changes what is repaired.
+            shortest = 1 if exact_compute else 2
+            path = self.kv.match_path(chunks, shortest) if reuse_path else []
             prefix = [kv for kv, _ in path]
             rest = chunks[len(path) :]
             hits: list[tuple[ChunkKV, str] | None] = list(path)

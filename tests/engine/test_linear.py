@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ragcache.engine import bench_linear
+from ragcache.bench import linear as bench_linear
 from ragcache.engine.linear import (
     _ONEDNN_LINEAR,
     ONEDNN_MAX_ROWS,

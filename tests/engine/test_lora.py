@@ -242,7 +242,7 @@ def test_missing_files_and_large_ranks_are_named(
 def test_benchmark_adapters_are_peft_folders_that_peft_itself_loads(tmp_path: Path) -> None:
     from peft import PeftModel
 
-    from ragcache.engine.bench_lora import write_peft_adapter
+    from ragcache.bench.lora import write_peft_adapter
 
     engine = Engine(base_model(), EngineConfig(kv_cache_bytes=4 << 20))
     write_peft_adapter(tmp_path / "bench", engine.spec, 0, 4, 8.0, ["q_proj", "v_proj"])

@@ -285,7 +285,7 @@ def test_bad_speculative_configs_name_the_field(
 
 @pytest.mark.slow
 def test_smollm2_rag_answer_is_identical_with_prompt_lookup(shared_data: Path) -> None:
-    from ragcache.engine.bench_speculate import rag_prompts
+    from ragcache.bench.speculate import rag_prompts
     from ragcache.engine.config import ModelConfig
     from ragcache.engine.loader import load_model
 

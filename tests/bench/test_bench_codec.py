@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ragcache.chunkstore.bench_codec import main
+from ragcache.bench.codec import main
 from tests.service_helpers import tiny_model_folder
 
 ITEMS = [
@@ -29,7 +29,7 @@ def test_compares_int8_answers_with_raw_and_writes_the_report(tmp_path: Path) ->
     argv = ["--data", str(data), "--model", str(tiny_model_folder()), "--dtype", "float32"]
     main([*argv, "--passages", "2", "3", "--max-tokens", "4", "--out", str(out)])
     report = json.loads(out.read_text())
-    assert report["command"].startswith("python -m ragcache.chunkstore.bench_codec --data")
+    assert report["command"].startswith("python -m ragcache.bench.codec --data")
     assert set(report["summary"]) == {"2", "3", "all"}
     assert report["summary"]["all"]["questions"] == 6
     assert len(report["pairs"]) == 6

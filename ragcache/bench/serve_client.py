@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from ragcache.evaluation.serve_workload import Workload
+from ragcache.bench.serve_workload import Workload
 
 COMPUTED = "computed"  # tier label of a chunk whose KV was computed for the request
 

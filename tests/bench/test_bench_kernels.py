@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ragcache.kernels import bench_kernels
+from ragcache.bench import kernels as bench_kernels
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present; the benchmark would run")

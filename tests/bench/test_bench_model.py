@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from ragcache.engine import bench_model
+from ragcache.bench import model as bench_model
+from ragcache.bench import model_passes
 from tests.engine.conftest import TinyModel, greedy_paged
 from tests.engine.test_model_parity import random_prompt, reference_greedy
 
 
 def test_benchmark_greedy_loop_matches_greedy_decode_and_generate(tiny_llama: TinyModel) -> None:
     model, prompt, new_tokens = tiny_llama.ours, random_prompt(40, seed=6), 30
-    pool = bench_model.pool_for(model, len(prompt) + new_tokens)
+    pool = model_passes.pool_for(model, len(prompt) + new_tokens)
     with torch.inference_mode():
-        timed_loop = bench_model.ours_greedy(model, pool, torch.tensor(prompt), new_tokens)
+        timed_loop = model_passes.ours_greedy(model, pool, torch.tensor(prompt), new_tokens)
     blocks = list(range(pool.num_blocks))
     assert timed_loop == greedy_paged(model, prompt, new_tokens, blocks, bench_model.BLOCK_SIZE)
     assert timed_loop == reference_greedy(tiny_llama.reference, prompt, new_tokens)
@@ -21,7 +22,7 @@ def test_benchmark_greedy_loop_matches_greedy_decode_and_generate(tiny_llama: Ti
 
 def test_timed_transformers_decode_returns_generate_tokens(tiny_llama: TinyModel) -> None:
     prompt, new_tokens = random_prompt(24, seed=7), 12
-    tokens, seconds = bench_model.transformers_greedy_timed(
+    tokens, seconds = model_passes.transformers_greedy_timed(
         tiny_llama.reference, torch.tensor(prompt), new_tokens
     )
     assert tokens == reference_greedy(tiny_llama.reference, prompt, new_tokens)

@@ -1,6 +1,6 @@
 """Retrieval recall on MuSiQue: every passage of every question forms one corpus.
 
-    python -m ragcache.retriever.bench_recall --data ../shared/data/musique_dev.json \
+    python -m ragcache.bench.recall --data ../shared/data/musique_dev.json \
         --out eval/reports/retrieval_musique.json
 
 For each question, recall@k is the fraction of its own (deduplicated) passages found in
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ragcache.bench.report import bench_parser, write_json
 from ragcache.retriever.config import RetrieverConfig
 from ragcache.retriever.embedder import SentenceTransformerEmbedder
 from ragcache.retriever.retriever import Retriever
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             recall[k].append(found / len(own))
             hit[k].append(float(found > 0))
     return {
-        "command": "python -m ragcache.retriever.bench_recall " + shlex.join(sys.argv[1:]),
+        "command": "python -m ragcache.bench.recall " + shlex.join(sys.argv[1:]),
         "data": str(args.data),
         "questions": len(corpus.questions),
         "passages_listed": corpus.num_listed,
@@ -146,9 +147,8 @@ def markdown(report: dict[str, object]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = bench_parser("recall", __doc__, None)
     parser.add_argument("--data", required=True, help="MuSiQue JSON: [{question, answers, ctxs}]")
-    parser.add_argument("--out", required=True, help="report JSON path (a .md is written beside)")
     parser.add_argument("--embedder", default=RetrieverConfig().embedder)
     parser.add_argument("--index", choices=("auto", "flat", "hnsw"), default="auto")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -157,8 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     report = run(args)
     print(table(report))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out, report)
     out.with_suffix(".md").write_text(markdown(report))
 
 

@@ -1,6 +1,6 @@
 """Times each Triton kernel against its torch reference on a CUDA GPU.
 
-    python -m ragcache.kernels.bench_kernels --dtype float16 --out bench_kernels.json
+    python -m ragcache.bench.kernels --dtype float16 --out bench_kernels.json
 
 Prints one table row per case and writes the rows, with the device and versions, as JSON.
 """

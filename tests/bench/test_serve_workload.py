@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ragcache.evaluation.serve_workload import (
+from ragcache.bench.serve_workload import (
     MusiqueItem,
     build_workload,
     corpus_files,

@@ -6,13 +6,11 @@ verifies the layers in place and hands out views of the map, and "view + copy ou
 then copies them into a buffer the caller already holds, as a reader filling its own
 KV buffers would.
 
-    python -m ragcache.chunkstore.bench_tiers [--out eval/reports/bench_tiers.json]
+    python -m ragcache.bench.tiers [--out eval/reports/bench_tiers.json]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import shlex
 import sys
 import tempfile
@@ -23,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ragcache.bench.report import bench_parser, write_json
 from ragcache.chunkstore.codecs import get_codec
 from ragcache.chunkstore.config import ChunkStoreConfig
 from ragcache.chunkstore.entry import ChunkEntry
@@ -65,8 +64,7 @@ def make_chunk() -> ChunkEntry:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="eval/reports/bench_tiers.json")
+    parser = bench_parser("tiers", __doc__, "eval/reports/bench_tiers.json")
     parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--runs", type=int, default=5, help="report the median over runs")
     args = parser.parse_args(argv)
@@ -131,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     ).encoded_size(shape, torch.float16)
     print(f"\nint8 codec bytes / raw bytes: {int8_ratio:.3f}")
     report = {
-        "command": "python -m ragcache.chunkstore.bench_tiers "
+        "command": "python -m ragcache.bench.tiers "
         + shlex.join(sys.argv[1:] if argv is None else argv),
         "chunk": {
             "tokens": TOKENS,
@@ -147,8 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         "int8_bytes_ratio": int8_ratio,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out, report)
 
 
 if __name__ == "__main__":

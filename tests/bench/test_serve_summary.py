@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ragcache.evaluation.serve_client import COMPUTED, RequestSample
-from ragcache.evaluation.serve_summary import (
+from ragcache.bench.serve_client import COMPUTED, RequestSample
+from ragcache.bench.serve_summary import (
     RateComparison,
     percentile,
     rate_over,

@@ -1,6 +1,6 @@
 """Throughput of the engine's own forward pass against transformers on the same weights.
 
-    python -m ragcache.engine.bench_model --out eval/reports/bench_model.json
+    python -m ragcache.bench.model --out eval/reports/bench_model.json
 
 Both implementations load SmolLM2 from the same converted folder in the same dtype and
 run interleaved in one process: prefill tokens/s at several prompt lengths (last-token
@@ -12,24 +12,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ragcache.engine.attention_metadata import AttentionMetadata, contiguous_metadata
-from ragcache.engine.bench_machine import machine_record
+from ragcache.bench.model_passes import (
+    BLOCK_SIZE,
+    corpus_token_ids,
+    interleaved,
+    ours_greedy_timed,
+    ours_prefill,
+    pool_for,
+    transformers_greedy_timed,
+    transformers_prefill,
+)
+from ragcache.bench.report import bench_parser, end_machine_record, machine_record, write_json
 from ragcache.engine.config import ModelConfig
-from ragcache.engine.kv_pool import KVPool
 from ragcache.engine.linear import Projection
 from ragcache.engine.loader import (
     PACKED_WEIGHTS_MODES,
@@ -38,10 +44,7 @@ from ragcache.engine.loader import (
     load_model,
     locate_embedded_gguf,
 )
-from ragcache.engine.model import LlamaModel
 
-MUSIQUE = Path("/work/shared/data/musique_dev.json")
-BLOCK_SIZE = 16
 PREFIX_PROBE_LENGTH = 6000
 
 
@@ -72,17 +75,6 @@ class Row:
         self.ratio = statistics.median(self.pair_ratios)
 
 
-def corpus_token_ids(tokenizer: Any, length: int) -> list[int]:
-    """``length`` token ids of real MuSiQue passages (as many records as it takes)."""
-    ids: list[int] = []
-    for record in json.loads(MUSIQUE.read_text()):
-        text = "\n\n".join(f"{c['title']}\n{c['text']}".strip() for c in record["ctxs"])
-        ids.extend(tokenizer(text)["input_ids"])
-        if len(ids) >= length:
-            return ids[:length]
-    raise ValueError(f"the corpus holds fewer than {length} tokens")
-
-
 def packed_copy_bytes(loaded: LoadedModel) -> int:
     model = loaded.model
     copies = [m.packed for m in model.modules() if isinstance(m, Projection)]
@@ -101,110 +93,6 @@ def weights_name(loaded: LoadedModel) -> str:
         return "as loaded"
     kind = "exact blocks" if copies[0].mode == "exact_blocks" else "int4/bf16"
     return f"{kind}, {len(copies)} of {len(matrices) + 1}"
-
-
-def pool_for(model: LlamaModel, tokens: int) -> KVPool:
-    return KVPool(model.spec, (tokens + BLOCK_SIZE - 1) // BLOCK_SIZE, BLOCK_SIZE, model.dtype)
-
-
-def ours_prefill(model: LlamaModel, pool: KVPool, ids: torch.Tensor) -> torch.Tensor:
-    meta = contiguous_metadata([ids.shape[0]], BLOCK_SIZE)
-    hidden = model(ids, torch.arange(ids.shape[0]), meta, pool)
-    return model.compute_logits(hidden[-1:])
-
-
-def ours_greedy(model: LlamaModel, pool: KVPool, ids: torch.Tensor, new_tokens: int) -> list[int]:
-    """Prefill, then one token per step over the paged pool, with no host sync per step."""
-    return ours_greedy_timed(model, pool, ids, new_tokens)[0]
-
-
-def ours_greedy_timed(
-    model: LlamaModel, pool: KVPool, ids: torch.Tensor, new_tokens: int
-) -> tuple[list[int], float]:
-    """``ours_greedy``'s tokens and the seconds from the first token to the last."""
-    prompt_len = ids.shape[0]
-    token = ours_prefill(model, pool, ids).argmax(-1)
-    first = time.perf_counter()
-    generated = [token]
-    slot = torch.tensor([prompt_len])
-    meta = AttentionMetadata(
-        slot_mapping=slot,
-        query_slots=torch.zeros(1, dtype=torch.int32),
-        query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
-        seq_lens=torch.zeros(1, dtype=torch.int32),
-        block_tables=torch.arange(pool.num_blocks, dtype=torch.int32)[None, :],
-        max_query_len=1,
-        fresh=False,
-    )
-    for _ in range(new_tokens - 1):
-        meta.query_slots.copy_(slot)
-        meta.seq_lens.copy_(slot + 1)
-        meta.plans = None  # resolved from seq_lens, which changed
-        token = model.compute_logits(model(token, slot, meta, pool)).argmax(-1)
-        generated.append(token)
-        slot += 1
-    tokens = torch.cat(generated).tolist()
-    return tokens, time.perf_counter() - first
-
-
-def transformers_prefill(reference: Any, ids: torch.Tensor) -> torch.Tensor:
-    return reference(ids[None], use_cache=True, logits_to_keep=1).logits[0].float()
-
-
-class FirstAndLastToken:
-    """A transformers streamer that stamps when the first and the last new token arrive."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.first = self.last = 0.0
-
-    def put(self, value: torch.Tensor) -> None:
-        now = time.perf_counter()
-        self.calls += 1
-        if self.calls == 2:  # the first call carries the prompt
-            self.first = now
-        self.last = now
-
-    def end(self) -> None:
-        return None
-
-
-def transformers_greedy(reference: Any, ids: torch.Tensor, new_tokens: int) -> list[int]:
-    return transformers_greedy_timed(reference, ids, new_tokens)[0]
-
-
-def transformers_greedy_timed(
-    reference: Any, ids: torch.Tensor, new_tokens: int
-) -> tuple[list[int], float]:
-    """``generate``'s greedy tokens and the seconds from the first token to the last."""
-    clock = FirstAndLastToken()
-    out = reference.generate(
-        ids[None],
-        attention_mask=torch.ones(1, ids.shape[0], dtype=torch.long),
-        do_sample=False,
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        pad_token_id=reference.generation_config.pad_token_id or 0,
-        streamer=clock,
-    )
-    return out[0, ids.shape[0] :].tolist(), clock.last - clock.first
-
-
-def timed(run: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
-
-
-def interleaved(ours: Callable[[], Any], theirs: Callable[[], Any], repeats: int):
-    """Seconds of each implementation, alternating, after one untimed warm-up each."""
-    ours()
-    theirs()
-    ours_s, theirs_s = [], []
-    for _ in range(repeats):
-        ours_s.append(timed(ours))
-        theirs_s.append(timed(theirs))
-    return ours_s, theirs_s
 
 
 def bench_prefill(
@@ -292,7 +180,7 @@ def probe_load(dtype_name: str, cache_dir: str) -> dict[str, float]:
 
 
 def run_probe(*args: str) -> dict[str, float]:
-    command = [sys.executable, "-m", "ragcache.engine.bench_model", "--probe", *args]
+    command = [sys.executable, "-m", "ragcache.bench.model", "--probe", *args]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -344,7 +232,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     rows: list[Row] = []
     report: dict[str, Any] = {
-        "command": " ".join(["python -m ragcache.engine.bench_model", *sys.argv[1:]]),
+        "command": " ".join(["python -m ragcache.bench.model", *sys.argv[1:]]),
         "machine": machine_record(),
         "settings": {
             "block_size": BLOCK_SIZE,
@@ -393,20 +281,18 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             report["process_costs"].append(bench_process_costs(dtype_name))
             write_report(args.out, report, rows)
     print_table(rows, report["process_costs"])
-    report["machine"]["load_average_at_end"] = list(os.getloadavg())
+    end_machine_record(report)
     write_report(args.out, report, rows)
     return report
 
 
 def write_report(path: Path, report: dict[str, Any], rows: list[Row]) -> None:
     report["rows"] = [asdict(r) for r in rows]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(path, report)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("eval/reports/bench_model.json"))
+    parser = bench_parser("model", __doc__, "eval/reports/bench_model.json")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--prefill-lengths", nargs="+", type=int, default=[512, 2048, 6000])
     parser.add_argument(

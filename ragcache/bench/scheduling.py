@@ -26,8 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ragcache.bench.report import bench_parser, end_machine_record, machine_record, write_json
 from ragcache.config import Config
-from ragcache.engine.bench_machine import machine_record
 from ragcache.engine.config import ModelConfig
 from ragcache.engine.loader import LoadedModel, load_model
 from ragcache.engine.sampling_params import SamplingParams
@@ -243,7 +243,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             rag.create_corpus("bench")
             ingest = rag.ingest([work / "passages.jsonl"], "bench")
         report: dict[str, Any] = {
-            "command": " ".join(["python -m ragcache.evaluation.bench_scheduling", *sys.argv[1:]]),
+            "command": " ".join(["python -m ragcache.bench.scheduling", *sys.argv[1:]]),
             "machine": machine_record(load_start),
             "settings": {
                 "model": loaded.name,
@@ -266,7 +266,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             questions[warm_count : warm_count + cold_count],
             args,
         )
-    report["machine"]["load_average_at_end"] = list(os.getloadavg())
+    end_machine_record(report)
     report["seconds"] = time.perf_counter() - began
     for line in table_lines(report):
         print(line)
@@ -302,8 +302,7 @@ def table_lines(report: dict[str, Any]) -> list[str]:
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(path, report)
     settings, overlap, order = report["settings"], report["overlap"], report["order"]
     state = overlap["example_cache_state"]
     ratio_o = overlap["ttft_off_over_on"]
@@ -349,8 +348,7 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("eval/reports/bench_scheduling.json"))
+    parser = bench_parser("scheduling", __doc__, "eval/reports/bench_scheduling.json")
     parser.add_argument("--data", type=Path, default=MUSIQUE, help="MuSiQue JSON file")
     parser.add_argument("--model", default="smollm2", help="smollm2 or a local HF folder")
     parser.add_argument("--questions", type=int, default=6, help="overlap: questions asked")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from ragcache.evaluation.serve_summary import QUEUE_GROWTH_LIMIT, SUSTAIN_FRACTION
+from ragcache.bench.report import write_json
+from ragcache.bench.serve_summary import QUEUE_GROWTH_LIMIT, SUSTAIN_FRACTION
 
 
 def _ms(seconds: float | None) -> str:
@@ -167,8 +167,7 @@ def setup_lines(report: dict[str, Any]) -> list[str]:
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(path, report)
     markdown = [
         "# Serving benchmark: chunk caching on and off under Poisson load",
         "",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ragcache.evaluation.bench_scheduling import main
-from tests.evaluation.test_bench_serve import musique_file
+from ragcache.bench.scheduling import main
+from tests.bench.test_bench_serve import musique_file
 from tests.service_helpers import tiny_model_folder
 
 

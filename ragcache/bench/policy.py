@@ -4,21 +4,17 @@ Two trace shapes, each on several seeds: "zipf" keeps one popularity ranking for
 whole trace; "shift" draws a new ranking halfway through, so yesterday's hot chunks
 go cold.
 
-    python -m ragcache.chunkstore.bench_policy [--out eval/reports/bench_policy.json]
+    python -m ragcache.bench.policy [--out eval/reports/bench_policy.json]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
-from ragcache.chunkstore.cost_calibration import COST_MODELS, calibration_record
-from ragcache.chunkstore.policy import CostModel, make_policy
-from ragcache.chunkstore.policy_traces import (
+from ragcache.bench.policy_traces import (
     SMOLLM2_KV_BYTES_PER_TOKEN,
     TRACES,
     Trace,
@@ -27,6 +23,9 @@ from ragcache.chunkstore.policy_traces import (
     popularity_oracle,
     static_best,
 )
+from ragcache.bench.report import bench_parser, write_json
+from ragcache.chunkstore.cost_calibration import COST_MODELS, calibration_record
+from ragcache.chunkstore.policy import CostModel, make_policy
 from ragcache.engine.config import ModelConfig
 from ragcache.engine.loader import load_model
 
@@ -119,8 +118,7 @@ def measured_calibration() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="eval/reports/bench_policy.json")
+    parser = bench_parser("policy", __doc__, "eval/reports/bench_policy.json")
     parser.add_argument("--chunks", type=int, default=2000)
     parser.add_argument("--requests", type=int, default=40000)
     parser.add_argument("--zipf", type=float, default=1.1)
@@ -213,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
             f"PGDSF reaches {row['pgdsf_share_of_oracle_gain']:.0%} of the oracle's gain"
         )
     report = {
-        "command": "python -m ragcache.chunkstore.bench_policy "
+        "command": "python -m ragcache.bench.policy "
         + shlex.join(sys.argv[1:] if argv is None else argv),
         "trace": {
             "chunks": args.chunks,
@@ -233,8 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         "runs": runs,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out, report)
 
 
 if __name__ == "__main__":

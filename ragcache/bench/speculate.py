@@ -1,6 +1,6 @@
 """Speculative decoding benchmark: decode speed with and without drafts, in the same run.
 
-    python -m ragcache.engine.bench_speculate --out eval/reports/bench_speculate.json
+    python -m ragcache.bench.speculate --out eval/reports/bench_speculate.json
 
 Two workloads on SmolLM2-135M-Instruct, greedy, one request at a time (batch-1 decode,
 where a memory-bound CPU has compute to spare for verifying drafts):
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -30,8 +29,8 @@ from typing import Any
 
 import torch
 
+from ragcache.bench.report import bench_parser, end_machine_record, machine_record, write_json
 from ragcache.blending.prompt import PromptBuilder
-from ragcache.engine.bench_machine import machine_record
 from ragcache.engine.config import EngineConfig, ModelConfig, SpeculativeConfig
 from ragcache.engine.engine import Engine
 from ragcache.engine.loader import LoadedModel, load_model
@@ -199,7 +198,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     loaded = load_model(ModelConfig(dtype=args.dtype, device="cpu"))
     engines = {method: make_engine(loaded, method, args) for method in args.proposers}
     report: dict[str, Any] = {
-        "command": " ".join(["python -m ragcache.engine.bench_speculate", *sys.argv[1:]]),
+        "command": " ".join(["python -m ragcache.bench.speculate", *sys.argv[1:]]),
         "machine": machine_record(),
         "settings": {
             "model": loaded.name,
@@ -225,7 +224,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         report["free_form"] = run_workload(
             engines, free, args.max_tokens, args.repeats, "free-form"
         )
-    report["machine"]["load_average_at_end"] = list(os.getloadavg())
+    end_machine_record(report)
     if "ngram" in engines:
         rag_speedup = report["rag"]["ngram"]["speedup"]
         report["meets_rag_target"] = rag_speedup >= RAG_TARGET
@@ -257,8 +256,7 @@ def table_lines(report: dict[str, Any]) -> list[str]:
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(path, report)
     settings = report["settings"]
     markdown = [
         "# Speculative decoding: decode speed with and without drafts",
@@ -286,8 +284,7 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("eval/reports/bench_speculate.json"))
+    parser = bench_parser("speculate", __doc__, "eval/reports/bench_speculate.json")
     parser.add_argument("--data", type=Path, default=MUSIQUE, help="MuSiQue JSON file")
     parser.add_argument("--questions", type=int, default=8, help="MuSiQue questions")
     parser.add_argument("--passages", type=int, default=3, help="passages per RAG prompt")

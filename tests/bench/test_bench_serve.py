@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from ragcache.api.app import create_app
+from ragcache.bench.serve import main
 from ragcache.cli import main as cli_main
-from ragcache.evaluation.bench_serve import main
 from tests.api.live_server import running_server, tiny_service
 from tests.service_helpers import SAMPLES, tiny_flags
 
@@ -73,7 +73,7 @@ def test_bench_serve_starts_a_server_and_compares_both_modes(tmp_path: Path) -> 
     assert report["server"]["started_here"] and report["corpus"]["uploaded"]
     assert report["calibration"]["rates"] == [entry["rate"] for entry in report["rates"]]
     assert report["warmup"]["requests"] == 3
-    assert report["command"].startswith("python -m ragcache.evaluation.bench_serve --data")
+    assert report["command"].startswith("python -m ragcache.bench.serve --data")
 
 
 def test_bench_serve_drives_a_running_server(tmp_path: Path) -> None:

@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
 
-from ragcache.chunkstore.bench_policy import simulate
-from ragcache.chunkstore.policy import CostModel
-from ragcache.chunkstore.policy_traces import (
+from ragcache.bench.policy import simulate
+from ragcache.bench.policy_traces import (
     SMOLLM2_KV_BYTES_PER_TOKEN,
     Trace,
     TraceShape,
@@ -13,6 +12,7 @@ from ragcache.chunkstore.policy_traces import (
     popularity_oracle,
     static_best,
 )
+from ragcache.chunkstore.policy import CostModel
 
 PER_TOKEN = CostModel(per_token=1e-3, per_token_pair=0.0, fixed=0.0)
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ragcache.evaluation.serve_client import RequestSample
+from ragcache.bench.serve_client import RequestSample
 
 SUSTAIN_FRACTION = 0.9
 QUEUE_GROWTH_LIMIT = 2.0

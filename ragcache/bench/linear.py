@@ -1,7 +1,7 @@
 """Projection products on CPU: MKL's ``F.linear`` against oneDNN, the weight-major product,
 exact block copies and one product per output slice.
 
-    python -m ragcache.engine.bench_linear --out eval/reports/bench_linear.json
+    python -m ragcache.bench.linear --out eval/reports/bench_linear.json
 
 Times one decoder layer's projections of SmolLM2-135M's shape (fused q/k/v 960 x 576,
 o 576 x 576, fused gate/up 3072 x 576, down 576 x 1536) for a range of token rows, in
@@ -18,7 +18,6 @@ per row count from these figures.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ragcache.engine.bench_machine import machine_record
+from ragcache.bench.report import bench_parser, machine_record, write_json
 from ragcache.engine.block_weights import Q41Blocks, exact_blocks
 from ragcache.engine.linear import (
     _ONEDNN_LINEAR,
@@ -117,8 +116,7 @@ def run(rows_list: list[int], num_layers: int, repeats: int, seed: int) -> list[
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(path, report)
     names = list(dict.fromkeys(r["product"] for r in report["results"]))
     lines = [
         "# bench_linear: projection products on CPU (one SmolLM2 layer, float32)",
@@ -147,8 +145,7 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("eval/reports/bench_linear.json"))
+    parser = bench_parser("linear", __doc__, "eval/reports/bench_linear.json")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8, 16, 32, 128, 512, 2048])
     parser.add_argument("--layers", type=int, default=30, help="distinct weight sets (layers)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -168,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     with torch.inference_mode():
         results = run(args.rows, args.layers, args.repeats, args.seed)
     report = {
-        "command": " ".join(["python -m ragcache.engine.bench_linear", *sys.argv[1:]]),
+        "command": " ".join(["python -m ragcache.bench.linear", *sys.argv[1:]]),
         "machine": machine,
         "results": results,
     }

@@ -1,6 +1,6 @@
 """Multi-LoRA benchmark: requests of many adapters in mixed batches against one batch per adapter.
 
-    python -m ragcache.engine.bench_lora --out eval/reports/bench_lora.json
+    python -m ragcache.bench.lora --out eval/reports/bench_lora.json
 
 SmolLM2 serves seeded random rank-16 adapters on q, k, v and o, written in the PEFT
 format to a temporary folder. The requests (MuSiQue passages cut to a seeded length,
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ragcache.engine.bench_engine import (
+from ragcache.bench.engine import (
     MUSIQUE,
     BenchRequest,
     RequestTiming,
@@ -36,7 +36,7 @@ from ragcache.engine.bench_engine import (
     pool_bytes_for,
     serving_metrics,
 )
-from ragcache.engine.bench_machine import machine_record
+from ragcache.bench.report import bench_parser, end_machine_record, machine_record, write_json
 from ragcache.engine.config import EngineConfig, ModelConfig, SpeculativeConfig
 from ragcache.engine.engine import Engine
 from ragcache.engine.loader import PACKED_WEIGHTS_MODES
@@ -170,7 +170,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     runs[schedule].append(run)
                     print(f"run {repeat + 1}, {schedule}: {run[1]:.1f} s", flush=True)
     report: dict[str, Any] = {
-        "command": " ".join(["python -m ragcache.engine.bench_lora", *sys.argv[1:]]),
+        "command": " ".join(["python -m ragcache.bench.lora", *sys.argv[1:]]),
         "machine": machine_record(load_at_start),
         "settings": {
             "model": loaded.name,
@@ -209,7 +209,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     report["target_ratio"] = TARGET_RATIO
     report["meets_target"] = ratio >= TARGET_RATIO and report["identical_outputs"]
     report["lora_stats"] = {k: v for k, v in engine.stats().items() if k.startswith("lora_")}
-    report["machine"]["load_average_at_end"] = list(os.getloadavg())
+    end_machine_record(report)
     for line in table_lines(report):
         print(line)
     write_report(args.out, report)
@@ -243,8 +243,7 @@ def table_lines(report: dict[str, Any]) -> list[str]:
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(path, report)
     settings = report["settings"]
     low, high = settings["prompt_tokens_range"]
     markdown = [
@@ -269,8 +268,7 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("eval/reports/bench_lora.json"))
+    parser = bench_parser("lora", __doc__, "eval/reports/bench_lora.json")
     parser.add_argument("--num-requests", type=int, default=32)
     parser.add_argument("--num-adapters", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)

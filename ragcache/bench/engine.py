@@ -1,6 +1,6 @@
 """Serving benchmark: the engine's continuous batching against transformers, one request at a time.
 
-    python -m ragcache.engine.bench_engine --out eval/reports/bench_engine.json
+    python -m ragcache.bench.engine --out eval/reports/bench_engine.json
 
 The workload follows vLLM's benchmark_serving: every request is submitted at t=0 with
 a prompt of real MuSiQue passages cut to a seeded random length and a seeded output
@@ -17,20 +17,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
-import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from ragcache.engine.bench_machine import machine_record
+from ragcache.bench.engine_metrics import (
+    extrapolated_duration,
+    greedy_agreement,
+    serving_metrics,
+    speculation_summary,
+)
+from ragcache.bench.engine_records import BenchRequest, RequestTiming
+from ragcache.bench.engine_report import print_table, write_report
+from ragcache.bench.report import bench_parser, end_machine_record, machine_record
 from ragcache.engine.config import EngineConfig, ModelConfig
 from ragcache.engine.engine import Engine
 from ragcache.engine.loader import LoadedModel, load_model
@@ -38,45 +42,6 @@ from ragcache.engine.sampling_params import SamplingParams
 
 MUSIQUE = Path("/work/shared/data/musique_dev.json")
 TARGET_RATIO = 4.0
-
-
-@dataclass(slots=True)
-class BenchRequest:
-    prompt_ids: list[int]
-    output_len: int
-
-
-@dataclass(slots=True)
-class RequestTiming:
-    """When a request started and when each of its output tokens became available."""
-
-    prompt_len: int
-    start: float
-    token_times: list[float] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-
-    @property
-    def ttft(self) -> float:
-        return self.token_times[0] - self.start
-
-    @property
-    def e2e(self) -> float:
-        return self.token_times[-1] - self.start
-
-    @property
-    def tpot(self) -> float | None:
-        """Mean time per output token after the first; None for one-token outputs."""
-        if len(self.token_times) < 2:
-            return None
-        return (self.token_times[-1] - self.token_times[0]) / (len(self.token_times) - 1)
-
-    @property
-    def itls(self) -> list[float]:
-        """Gaps between the steps that returned tokens, as a stream would deliver them:
-        tokens kept together from one speculative step arrive as one chunk (vLLM's
-        benchmark_serving counts one inter-token latency per streamed chunk)."""
-        arrivals = sorted(set(self.token_times))
-        return [b - a for a, b in itertools.pairwise(arrivals)]
 
 
 def make_workload(
@@ -195,81 +160,6 @@ def run_transformers(
     return timings, time.perf_counter() - start
 
 
-def latency_summary(seconds: list[float]) -> dict[str, float]:
-    if not seconds:
-        return {"mean_ms": float("nan"), "median_ms": float("nan"), "p99_ms": float("nan")}
-    values = np.asarray(seconds) * 1000.0
-    return {
-        "mean_ms": float(values.mean()),
-        "median_ms": float(np.median(values)),
-        "p99_ms": float(np.percentile(values, 99)),
-    }
-
-
-def serving_metrics(
-    timings: list[RequestTiming], duration: float, concurrent: bool
-) -> dict[str, Any]:
-    """vLLM's serving numbers; sequential runs report each request's own service time."""
-    prompt_tokens = sum(t.prompt_len for t in timings)
-    output_tokens = sum(len(t.token_ids) for t in timings)
-    return {
-        "latency_clock": "from t=0 (all submitted together)"
-        if concurrent
-        else "from the start of each request's own generate call",
-        "completed": len(timings),
-        "duration_s": duration,
-        "prompt_tokens": prompt_tokens,
-        "output_tokens": output_tokens,
-        "request_throughput": len(timings) / duration,
-        "output_token_throughput": output_tokens / duration,
-        "total_token_throughput": (prompt_tokens + output_tokens) / duration,
-        "ttft": latency_summary([t.ttft for t in timings]),
-        "tpot": latency_summary([t.tpot for t in timings if t.tpot is not None]),
-        "itl": latency_summary([gap for t in timings for gap in t.itls]),
-        "e2e": latency_summary([t.e2e for t in timings]),
-    }
-
-
-def extrapolated_duration(measured: list[RequestTiming], workload: list[BenchRequest]) -> float:
-    """Sequential time for the whole workload at the measured per-token prefill and decode cost."""
-    prefill_per_token = sum(t.ttft for t in measured) / sum(t.prompt_len for t in measured)
-    decode_steps = sum(len(t.token_ids) - 1 for t in measured)
-    decode_per_token = sum(t.e2e - t.ttft for t in measured) / max(decode_steps, 1)
-    return sum(
-        prefill_per_token * len(r.prompt_ids) + decode_per_token * (r.output_len - 1)
-        for r in workload
-    )
-
-
-def greedy_agreement(ours: list[RequestTiming], theirs: list[RequestTiming]) -> dict[str, Any]:
-    """How far the two greedy outputs agree (transformers' min_new_tokens masks EOS)."""
-    common = [
-        next(
-            (i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=False)) if x != y),
-            min(len(a.token_ids), len(b.token_ids)),
-        )
-        for a, b in zip(ours, theirs, strict=False)
-    ]
-    return {
-        "compared_requests": len(theirs),
-        "identical_requests": sum(
-            a.token_ids == b.token_ids for a, b in zip(ours, theirs, strict=False)
-        ),
-        "mean_identical_leading_tokens": float(np.mean(common)) if common else 0.0,
-    }
-
-
-def speculation_summary(config: EngineConfig, stats: dict[str, float]) -> dict[str, Any]:
-    spec = config.speculative
-    return {
-        "method": spec.method,
-        "num_speculative_tokens": spec.num_speculative_tokens,
-        "disable_by_batch_size": spec.disable_by_batch_size,
-        "acceptance_rate": stats.get("spec_acceptance_rate", 0.0),
-        "decode_tokens_per_step": stats.get("decode_tokens_per_step", 1.0),
-    }
-
-
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
@@ -297,7 +187,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         block_placement=args.block_placement,
     )
     report: dict[str, Any] = {
-        "command": " ".join(["python -m ragcache.engine.bench_engine", *sys.argv[1:]]),
+        "command": " ".join(["python -m ragcache.bench.engine", *sys.argv[1:]]),
         "machine": machine_record(),
         "settings": {
             "model": loaded.name,
@@ -371,117 +261,14 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         report["speculation_on_off_identical_requests"] = sum(
             a.token_ids == b.token_ids for a, b in zip(ours, plain[0], strict=True)
         )
-    report["machine"]["load_average_at_end"] = list(os.getloadavg())
+    end_machine_record(report)
     print_table(report)
     write_report(args.out, report)
     return report
 
 
-def print_table(report: dict[str, Any]) -> None:
-    for line in table_lines(report):
-        print(line)
-
-
-def table_lines(report: dict[str, Any]) -> list[str]:
-    ours, baseline = report["engine"], report["transformers"]
-    theirs = baseline["measured"]
-    off = report.get("engine_speculation_off")
-    note = " (extrapolated)" if baseline["extrapolated"] else ""
-    off_head = " ragcache engine, speculation off |" if off else ""
-
-    def row(label: str, mine: str, plain: str, other: str) -> str:
-        return f"| {label} | {mine} |" + (f" {plain} |" if off else "") + f" {other} |"
-
-    def rate(metrics: dict[str, Any], key: str, digits: int) -> str:
-        return f"{metrics[key]:.{digits}f}"
-
-    lines = [
-        f"| metric | ragcache engine |{off_head} transformers, sequential{note} |",
-        "|---|---:|" + ("---:|" if off else "") + "---:|",
-        row(
-            "requests",
-            str(ours["completed"]),
-            str(off["completed"]) if off else "",
-            f"{baseline['measured_requests']} timed",
-        ),
-    ]
-    for label, key, digits in (
-        ("request throughput (req/s)", "request_throughput", 3),
-        ("output token throughput (tok/s)", "output_token_throughput", 1),
-        ("total token throughput (tok/s)", "total_token_throughput", 1),
-    ):
-        lines.append(
-            row(
-                label,
-                rate(ours, key, digits),
-                rate(off, key, digits) if off else "",
-                rate(baseline, key, digits),
-            )
-        )
-    for name in ("ttft", "tpot", "itl", "e2e"):
-        for stat in ("mean_ms", "median_ms", "p99_ms"):
-            lines.append(
-                row(
-                    f"{name.upper()} {stat.removesuffix('_ms')} (ms)",
-                    f"{ours[name][stat]:.1f}",
-                    f"{off[name][stat]:.1f}" if off else "",
-                    f"{theirs[name][stat]:.1f}",
-                )
-            )
-    spec = ours.get("speculation")
-    agreement = report.get("greedy_agreement")
-    if agreement:
-        lines.append(
-            f"\ngreedy outputs identical to transformers' on {agreement['identical_requests']} "
-            f"of the {agreement['compared_requests']} requests timed on both sides"
-        )
-    lines.append(
-        f"\ntotal token throughput ratio: {report['total_token_throughput_ratio']:.2f}x "
-        f"(target >= {report['target_ratio']:.0f}x); engine latencies count from t=0 with "
-        "every request queued at once, transformers latencies from each request's own start"
-    )
-    if spec:
-        lines.append(
-            f"\nspeculation ({spec['method']}, up to {spec['num_speculative_tokens']} drafts): "
-            f"acceptance {spec['acceptance_rate']:.2f}, {spec['decode_tokens_per_step']:.2f} "
-            "tokens per decode step"
-        )
-    if off:
-        lines.append(
-            f"\nwith speculation off: {report['speculation_off_ratio']:.2f}x; "
-            f"{report['speculation_on_off_identical_requests']} of {ours['completed']} outputs "
-            "identical with and without speculation"
-        )
-    return lines
-
-
-def write_report(path: Path, report: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    settings = report["settings"]
-    markdown = [
-        "# Serving benchmark: continuous batching against transformers",
-        "",
-        f"`{report['command']}`",
-        "",
-        f"{settings['num_requests']} requests submitted at t=0, prompts of "
-        f"{settings['prompt_tokens_range'][0]}-{settings['prompt_tokens_range'][1]} MuSiQue "
-        f"tokens, outputs of {settings['output_tokens_range'][0]}-"
-        f"{settings['output_tokens_range'][1]} tokens, {settings['model']} in "
-        f"{settings['dtype']}, torch threads: {report['machine']['threads']}, KV block "
-        f"placement: {settings['block_placement']}.",
-        "",
-        *table_lines(report),
-        "",
-    ]
-    if report["transformers"]["extrapolated"]:
-        markdown += [f"Baseline: {report['transformers']['extrapolation']}.", ""]
-    path.with_suffix(".md").write_text("\n".join(markdown))
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("eval/reports/bench_engine.json"))
+    parser = bench_parser("engine", __doc__, "eval/reports/bench_engine.json")
     parser.add_argument("--num-requests", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32")

@@ -6,14 +6,12 @@ codec (written, then read back with its checksum checked). Both are fused with f
 reuse (only the question is computed) and decoded greedily, so the only difference
 between the two answers is the codec.
 
-    python -m ragcache.chunkstore.bench_codec --data ../shared/data/musique_dev.json \
+    python -m ragcache.bench.codec --data ../shared/data/musique_dev.json \
         [--passages 2 4] [--out eval/reports/bench_codec.json]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import shlex
 import statistics
 import sys
@@ -24,10 +22,11 @@ from pathlib import Path
 
 import torch
 
+from ragcache.bench.report import bench_parser, write_json
 from ragcache.blending.chunk_kv import ChunkEncoder, ChunkKV
 from ragcache.blending.fuser import fuse
-from ragcache.blending.registry import make_method
 from ragcache.blending.prompt import PromptBuilder, PromptLayout
+from ragcache.blending.registry import make_method
 from ragcache.chunkstore.config import ChunkStoreConfig
 from ragcache.chunkstore.entry import ChunkEntry
 from ragcache.chunkstore.lmdb_tier import LMDBTier
@@ -130,18 +129,15 @@ def summarize(pairs: list[Pair]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser("codec", __doc__, "eval/reports/bench_codec.json")
     parser.add_argument("--data", required=True, help="MuSiQue-format JSON with passages")
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--questions", type=int, default=0, help="first N questions (0: all)")
     parser.add_argument("--passages", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--out", default="eval/reports/bench_codec.json")
     args = parser.parse_args(argv)
-    command = "python -m ragcache.chunkstore.bench_codec " + shlex.join(
-        sys.argv[1:] if argv is None else argv
-    )
+    command = "python -m ragcache.bench.codec " + shlex.join(sys.argv[1:] if argv is None else argv)
     examples = load_examples(args.data)
     examples = examples[: args.questions] if args.questions else examples
     torch.manual_seed(0)
@@ -168,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
             "summary": rows,
             "pairs": [asdict(p) for p in pairs],
         }
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(out, report)
         return rows
 
     with tempfile.TemporaryDirectory() as directory:

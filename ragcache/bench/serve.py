@@ -1,6 +1,6 @@
 """Serving benchmark: chunk caching on and off under the same Poisson load, over HTTP.
 
-    python -m ragcache.evaluation.bench_serve --out eval/reports/bench_serve.json
+    python -m ragcache.bench.serve --out eval/reports/bench_serve.json
     ragcache bench serve --url http://127.0.0.1:8000 --rates 0.05,0.1,0.15
 
 Without ``--url`` it starts ``ragcache serve`` on loopback with a temporary data
@@ -31,11 +31,11 @@ from typing import Any
 
 import httpx
 
-from ragcache.evaluation.serve_client import run_phase
-from ragcache.evaluation.serve_report import table_lines, write_report
-from ragcache.evaluation.serve_server import LocalServer, ensure_corpus
-from ragcache.evaluation.serve_summary import RateComparison, summarize_phase, verdict
-from ragcache.evaluation.serve_workload import (
+from ragcache.bench.serve_client import run_phase
+from ragcache.bench.serve_report import table_lines, write_report
+from ragcache.bench.serve_server import LocalServer, ensure_corpus
+from ragcache.bench.serve_summary import RateComparison, summarize_phase, verdict
+from ragcache.bench.serve_workload import (
     MusiqueItem,
     build_workload,
     corpus_files,
@@ -261,7 +261,7 @@ def run_benchmark(args: argparse.Namespace, server_flags: list[str], command: st
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, server_flags = parse_args(argv)
-    command = shlex.join(["python", "-m", "ragcache.evaluation.bench_serve", *argv])
+    command = shlex.join(["python", "-m", "ragcache.bench.serve", *argv])
     try:
         report = run_benchmark(args, server_flags, command)
     except (RuntimeError, ValueError, httpx.HTTPError) as error:

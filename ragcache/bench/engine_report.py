@@ -1,0 +1,109 @@
+"""Tables and reports of the serving benchmark: the printed table, its Markdown and JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ragcache.bench.report import write_json
+
+
+def print_table(report: dict[str, Any]) -> None:
+    for line in table_lines(report):
+        print(line)
+
+
+def table_lines(report: dict[str, Any]) -> list[str]:
+    ours, baseline = report["engine"], report["transformers"]
+    theirs = baseline["measured"]
+    off = report.get("engine_speculation_off")
+    note = " (extrapolated)" if baseline["extrapolated"] else ""
+    off_head = " ragcache engine, speculation off |" if off else ""
+
+    def row(label: str, mine: str, plain: str, other: str) -> str:
+        return f"| {label} | {mine} |" + (f" {plain} |" if off else "") + f" {other} |"
+
+    def rate(metrics: dict[str, Any], key: str, digits: int) -> str:
+        return f"{metrics[key]:.{digits}f}"
+
+    lines = [
+        f"| metric | ragcache engine |{off_head} transformers, sequential{note} |",
+        "|---|---:|" + ("---:|" if off else "") + "---:|",
+        row(
+            "requests",
+            str(ours["completed"]),
+            str(off["completed"]) if off else "",
+            f"{baseline['measured_requests']} timed",
+        ),
+    ]
+    for label, key, digits in (
+        ("request throughput (req/s)", "request_throughput", 3),
+        ("output token throughput (tok/s)", "output_token_throughput", 1),
+        ("total token throughput (tok/s)", "total_token_throughput", 1),
+    ):
+        lines.append(
+            row(
+                label,
+                rate(ours, key, digits),
+                rate(off, key, digits) if off else "",
+                rate(baseline, key, digits),
+            )
+        )
+    for name in ("ttft", "tpot", "itl", "e2e"):
+        for stat in ("mean_ms", "median_ms", "p99_ms"):
+            lines.append(
+                row(
+                    f"{name.upper()} {stat.removesuffix('_ms')} (ms)",
+                    f"{ours[name][stat]:.1f}",
+                    f"{off[name][stat]:.1f}" if off else "",
+                    f"{theirs[name][stat]:.1f}",
+                )
+            )
+    spec = ours.get("speculation")
+    agreement = report.get("greedy_agreement")
+    if agreement:
+        lines.append(
+            f"\ngreedy outputs identical to transformers' on {agreement['identical_requests']} "
+            f"of the {agreement['compared_requests']} requests timed on both sides"
+        )
+    lines.append(
+        f"\ntotal token throughput ratio: {report['total_token_throughput_ratio']:.2f}x "
+        f"(target >= {report['target_ratio']:.0f}x); engine latencies count from t=0 with "
+        "every request queued at once, transformers latencies from each request's own start"
+    )
+    if spec:
+        lines.append(
+            f"\nspeculation ({spec['method']}, up to {spec['num_speculative_tokens']} drafts): "
+            f"acceptance {spec['acceptance_rate']:.2f}, {spec['decode_tokens_per_step']:.2f} "
+            "tokens per decode step"
+        )
+    if off:
+        lines.append(
+            f"\nwith speculation off: {report['speculation_off_ratio']:.2f}x; "
+            f"{report['speculation_on_off_identical_requests']} of {ours['completed']} outputs "
+            "identical with and without speculation"
+        )
+    return lines
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    write_json(path, report)
+    settings = report["settings"]
+    markdown = [
+        "# Serving benchmark: continuous batching against transformers",
+        "",
+        f"`{report['command']}`",
+        "",
+        f"{settings['num_requests']} requests submitted at t=0, prompts of "
+        f"{settings['prompt_tokens_range'][0]}-{settings['prompt_tokens_range'][1]} MuSiQue "
+        f"tokens, outputs of {settings['output_tokens_range'][0]}-"
+        f"{settings['output_tokens_range'][1]} tokens, {settings['model']} in "
+        f"{settings['dtype']}, torch threads: {report['machine']['threads']}, KV block "
+        f"placement: {settings['block_placement']}.",
+        "",
+        *table_lines(report),
+        "",
+    ]
+    if report["transformers"]["extrapolated"]:
+        markdown += [f"Baseline: {report['transformers']['extrapolation']}.", ""]
+    path.with_suffix(".md").write_text("\n".join(markdown))
