@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import xxhash
 
+from ragcache.chunkstore.errors import CorruptEntryError
+
 FORMAT_VERSION = 1
 HEAD = struct.Struct("<BIIQ")
 STREAM_HEAD = struct.Struct("<hHI")
@@ -80,8 +82,6 @@ def _constriction() -> ModuleType:
 
 
 def _corrupt(message: str) -> Exception:
-    from ragcache.chunkstore.entry import CorruptEntryError
-
     return CorruptEntryError(f"cachegen blob: {message}")
 
 

@@ -26,6 +26,7 @@ import torch
 import xxhash
 
 from ragcache.chunkstore.codecs import DTYPES, Codec, dtype_name, get_codec
+from ragcache.chunkstore.errors import CorruptEntryError
 from ragcache.chunkstore.keys import KeyContext
 
 FORMAT_VERSION = 2
@@ -35,10 +36,6 @@ PREAMBLE = struct.Struct(f"<4sII{CHECKSUM_BYTES}s")
 DATA_ALIGNMENT = 64
 
 LayerKV = tuple[torch.Tensor, torch.Tensor]
-
-
-class CorruptEntryError(ValueError):
-    """A stored record whose bytes do not match its checksum or layout."""
 
 
 def checksum(data: bytes | memoryview) -> bytes:
