@@ -17,12 +17,14 @@ from ragcache.engine.lora import UnknownAdapterError, adapter_salt
 from ragcache.engine.lora_config import LoraConfig
 from ragcache.engine.lora_manager import AdapterInfo, LoraManager
 from ragcache.engine.model_runner import ModelRunner
-from ragcache.engine.outputs import RequestMetrics, RequestOutput
+from ragcache.engine.outputs import RequestOutput
 from ragcache.engine.sampler import Sampler
 from ragcache.engine.sampling_params import InvalidRequestError, SamplingParams
 from ragcache.engine.scheduler import ScheduledSeq, Scheduler, make_policy
 from ragcache.engine.sequence import PlacedKV, Sequence
 from ragcache.engine.speculate import Speculator, build_proposer
+from ragcache.engine.stopping import request_output, stop_reason
+from ragcache.engine.swap import swap_in, swap_out
 
 log = logging.getLogger(__name__)
 
@@ -172,44 +174,13 @@ class Engine:
 
     def _swap_out(self, seq: Sequence) -> None:
         """Copy a decoding sequence's KV to host memory before its blocks are freed."""
-        if seq.in_prefill or not seq.block_table:
-            return
-        computed = len(seq) - 1
-        bs = self.pool.block_size
-        slots = torch.tensor([seq.slot(i, bs) for i in range(computed)], device=self.pool.device)
-        pin = self.pool.device.type == "cuda"
-        ks, vs = [], []
-        for layer in range(self.spec.num_layers):
-            k, v = self.pool.read_slots(layer, slots)
-            ks.append(k.to("cpu").pin_memory() if pin else k.clone())
-            vs.append(v.to("cpu").pin_memory() if pin else v.clone())
-        seq.swapped = (ks, vs)
-        self.num_swapped_out += 1
-
-    def _swap_in(self, seq: Sequence) -> None:
-        assert seq.swapped is not None
-        ks, vs = seq.swapped
-        start = seq.num_cached_tokens
-        computed = ks[0].shape[0]
-        bs = self.pool.block_size
-        slots = torch.tensor(
-            [seq.slot(i, bs) for i in range(start, computed)], device=self.pool.device
-        )
-        for layer in range(self.spec.num_layers):
-            self.pool.write_slots(
-                layer,
-                slots,
-                ks[layer][start:].to(self.pool.device),
-                vs[layer][start:].to(self.pool.device),
-            )
-        seq.swapped = None
-        seq.plan = list(range(computed, len(seq)))
-        seq.num_planned_done = 0
+        if swap_out(self.pool, seq):
+            self.num_swapped_out += 1
 
     def _plan(self, seq: Sequence) -> None:
         self.lora.make_resident(seq)
         if seq.swapped is not None:
-            self._swap_in(seq)
+            swap_in(self.pool, seq)
             return
         start = seq.num_cached_tokens
         if seq.placed is None:
@@ -342,26 +313,7 @@ class Engine:
 
     def _check_stop(self, seq: Sequence, token: int, now: float) -> bool:
         """Update the text after one new token; finish the request if it should stop."""
-        params = seq.params
-        previous_text = seq.output_text
-        reason = None
-        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_ids):
-            reason = "stop"
-        if self.tokenizer is not None:
-            seq.output_text = self.tokenizer.decode(
-                seq.output_ids[:-1] if reason else seq.output_ids,
-                skip_special_tokens=params.skip_special_tokens,
-            )
-            for stop in params.stop:
-                at = seq.output_text.find(stop, max(0, len(previous_text) - len(stop)))
-                if at >= 0:
-                    seq.output_text = seq.output_text[:at]
-                    reason = "stop"
-                    break
-        if reason is None and (
-            seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len
-        ):
-            reason = "length"
+        reason = stop_reason(seq, token, self.eos_ids, self.tokenizer, self.max_model_len)
         if reason is None:
             return False
         seq.finish_reason = reason
@@ -373,22 +325,7 @@ class Engine:
         return True
 
     def _output(self, seq: Sequence, new_tokens: list[int], new_text: str = "") -> RequestOutput:
-        return RequestOutput(
-            request_id=seq.request_id,
-            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
-            token_ids=list(seq.output_ids),
-            text=seq.output_text,
-            finished=seq.is_finished,
-            finish_reason=seq.finish_reason,
-            num_cached_tokens=seq.num_cached_tokens,
-            metrics=RequestMetrics(
-                seq.arrival_time, seq.first_token_time, seq.finish_time, seq.num_preemptions
-            ),
-            logprobs=list(seq.logprobs),
-            prompt_logprobs=dict(seq.prompt_logprobs),
-            new_token_ids=new_tokens,
-            new_text=new_text,
-        )
+        return request_output(seq, new_tokens, new_text)
 
     def generate(
         self,
