@@ -258,7 +258,7 @@ BAD: dict[str, tuple[str, dict[str, Any] | bytes, int, str | None]] = {
         400,
         "num_speculative_tokens",
     ),
-    "completion bad tokens": ("/v1/completions", {"prompt": [10**9]}, 400, None),
+    "completion bad tokens": ("/v1/completions", {"prompt": [10**9]}, 400, "prompt"),
     "completion too long": (
         "/v1/completions",
         {"prompt": "liberty and union " * 2000},
