@@ -6,11 +6,12 @@ prompt (raw KV, the reference). Every codec writes each chunk as a tier record
 (``encode_record``, the bytes the disk and remote tiers hold) and reads it back with every
 layer's checksum checked; the decoded KV is fused with full reuse (only the question is
 computed) and decoded greedily, so the only difference between answers is the codec.
-A codec spec is a registered name or ``cachegen:S0,S1,S2`` (steps per layer group, in
-channel standard deviations; the registered cachegen is 0.5,0.7,0.9).
+A codec spec is a registered name or ``cachegen:K0,K1,K2/V0,V1,V2`` (steps of K and V per
+layer group, in channel standard deviations; the registered cachegen is
+0.6,0.35,0.6/0.4,1.5,1.5).
 
     python -m ragcache.bench.codec_cachegen --data ../shared/data/musique_dev.json \
-        --questions 50 --passages 4 [--codecs raw int8 cachegen cachegen:0.9,0.7,0.5]
+        --questions 50 --passages 4 [--codecs raw int8 cachegen cachegen:0.5,0.7,0.9]
 """
 
 from __future__ import annotations
@@ -45,16 +46,19 @@ from ragcache.evaluation.fusion_eval import evaluation_engine
 
 
 def codec_from_spec(spec: str) -> Codec:
-    """A registered codec name, or ``cachegen:S0,S1,...`` for another layer plan."""
+    """A registered codec name, or ``cachegen:K0,K1,.../V0,V1,...`` (``cachegen:S0,...``:
+    the same steps for K and V) for another plan over equal layer groups."""
     name, _, steps = spec.partition(":")
     if not steps:
         return get_codec(name)
     if name != "cachegen":
-        raise ValueError(f"codec spec {spec!r}: only cachegen takes steps (cachegen:0.5,0.7,0.9)")
-    values = tuple(float(step) for step in steps.split(","))
-    ends = tuple((i + 1) / len(values) for i in range(len(values)))
+        raise ValueError(f"codec spec {spec!r}: only cachegen takes steps (cachegen:0.6,0.4/1,2)")
+    key_text, _, value_text = steps.partition("/")
+    key_steps = tuple(float(step) for step in key_text.split(","))
+    value_steps = tuple(float(step) for step in (value_text or key_text).split(","))
+    ends = tuple((i + 1) / len(key_steps) for i in range(len(key_steps)))
     # The name stays "cachegen": records name their codec, and decoding needs no plan.
-    return cachegen_codec("cachegen", CacheGenPlan(ends, values))
+    return cachegen_codec("cachegen", CacheGenPlan(ends, key_steps, value_steps))
 
 
 @dataclass(slots=True)

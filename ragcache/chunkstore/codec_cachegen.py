@@ -5,9 +5,10 @@ One blob holds one layer's K or V, [tokens, kv_heads, head_dim], so a reader dec
 layer 0 while later layers are still on their way. Per blob:
 
 1. Every channel (kv_head x head_dim) is centred on its mean over the chunk's tokens and
-   quantised uniformly with a step of ``plan.step_for(layer)`` times its standard
-   deviation (never finer than max|x| / 127, so symbols fit in [-127, 127]). Steps are
-   finer on early layers, which CacheGen finds matter most to the output.
+   quantised uniformly with a step of ``plan.step_for(layer, part)`` times its standard
+   deviation (never finer than max|x| / 127, so symbols fit in [-127, 127]). As in
+   CacheGen, steps are finer on the layers (and here: on K or V) that matter most to
+   the output; CacheGen finds the early layers, the plan says which were measured.
 2. Each channel is coded either as its symbols or as deltas between neighbouring tokens,
    whichever sums smaller; deltas of quantised symbols are lossless, so the error of an
    element stays within half its step.
@@ -45,29 +46,42 @@ MIN_STEP = 2.0**-14
 FP16_LIMIT = 60000.0
 
 
+KV_PARTS = ("k", "v")
+
+
 @dataclass(slots=True, frozen=True)
 class CacheGenPlan:
-    """Quantisation step per layer group, in units of each channel's standard deviation:
-    layers below ``group_ends[i] * num_layers`` use ``steps[i]``. Smaller steps spend
-    more bits."""
+    """Quantisation steps per layer group, for K and for V, in units of each channel's
+    standard deviation: layers below ``group_ends[i] * num_layers`` use ``key_steps[i]``
+    and ``value_steps[i]``. Smaller steps spend more bits.
+
+    As CacheGen does, the bits go where the output is most sensitive, measured per layer
+    group (docs/scale-out.md): on SmolLM2-135M, K of the middle layers and V of the early
+    layers move the first answer token most, V of the later layers hardly at all."""
 
     group_ends: tuple[float, ...] = (1 / 3, 2 / 3, 1.0)
-    steps: tuple[float, ...] = (0.5, 0.7, 0.9)
+    key_steps: tuple[float, ...] = (0.6, 0.35, 0.6)
+    value_steps: tuple[float, ...] = (0.4, 1.5, 1.5)
 
     def __post_init__(self) -> None:
-        if len(self.group_ends) != len(self.steps) or not self.steps:
-            raise ValueError(
-                f"CacheGenPlan needs one step per layer group; got {len(self.steps)} steps "
-                f"for {len(self.group_ends)} groups"
-            )
-        if any(step <= 0 for step in self.steps):
-            raise ValueError(f"CacheGenPlan steps must be > 0; got {self.steps}")
+        groups = len(self.group_ends)
+        for name, steps in (("key_steps", self.key_steps), ("value_steps", self.value_steps)):
+            if len(steps) != groups or not steps:
+                raise ValueError(
+                    f"CacheGenPlan needs one of {name} per layer group; got {len(steps)} "
+                    f"for {groups} groups"
+                )
+            if any(step <= 0 for step in steps):
+                raise ValueError(f"CacheGenPlan {name} must be > 0; got {steps}")
 
-    def step_for(self, layer: int, num_layers: int) -> float:
-        for end, step in zip(self.group_ends, self.steps, strict=True):
+    def step_for(self, layer: int, num_layers: int, part: str) -> float:
+        if part not in KV_PARTS:
+            raise ValueError(f"part {part!r}: accepted k or v")
+        steps = self.key_steps if part == "k" else self.value_steps
+        for end, step in zip(self.group_ends, steps, strict=True):
             if layer < end * num_layers:
                 return step
-        return self.steps[-1]
+        return steps[-1]
 
 
 DEFAULT_PLAN = CacheGenPlan()
@@ -205,13 +219,13 @@ def encoded_size(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 
 def codec_functions(
     plan: CacheGenPlan = DEFAULT_PLAN,
-) -> tuple[Callable[[torch.Tensor], bytes], Callable[[torch.Tensor, int, int], bytes]]:
-    """(encode, encode_layer) of ``plan``: without a layer index, the middle group's step."""
+) -> tuple[Callable[[torch.Tensor], bytes], Callable[[torch.Tensor, int, int, str], bytes]]:
+    """(encode, encode_layer) of ``plan``; without a layer, the plan's finest step."""
 
-    def encode_middle(tensor: torch.Tensor) -> bytes:
-        return encode(tensor, plan.steps[len(plan.steps) // 2])
+    def encode_finest(tensor: torch.Tensor) -> bytes:
+        return encode(tensor, min(*plan.key_steps, *plan.value_steps))
 
-    def encode_layer(tensor: torch.Tensor, layer: int, num_layers: int) -> bytes:
-        return encode(tensor, plan.step_for(layer, num_layers))
+    def encode_layer(tensor: torch.Tensor, layer: int, num_layers: int, part: str) -> bytes:
+        return encode(tensor, plan.step_for(layer, num_layers, part))
 
-    return encode_middle, encode_layer
+    return encode_finest, encode_layer

@@ -60,16 +60,16 @@ class Codec:
     stores_raw_bytes: bool = False
     """True when the encoded bytes are the tensor's own bytes, so a reader may copy a
     whole layer (K then V) in one go."""
-    encode_layer: Callable[[torch.Tensor, int, int], bytes] | None = None
-    """When set, encodes one layer's K or V knowing (layer, num_layers): CacheGen spends
-    more bits on early layers."""
+    encode_layer: Callable[[torch.Tensor, int, int, str], bytes] | None = None
+    """When set, encodes one layer's K or V knowing (layer, num_layers, "k" or "v"):
+    CacheGen spends more bits where the output is most sensitive."""
 
     def encode_for_layer(
-        self, tensor: torch.Tensor, layer: int, num_layers: int
+        self, tensor: torch.Tensor, layer: int, num_layers: int, part: str
     ) -> bytes | memoryview:
         if self.encode_layer is None:
             return self.encode(tensor)
-        return self.encode_layer(tensor, layer, num_layers)
+        return self.encode_layer(tensor, layer, num_layers, part)
 
     def decode(
         self, data: memoryview | bytes, dtype: torch.dtype, shape: tuple[int, ...]

@@ -170,8 +170,8 @@ def encode_record(entry: ChunkEntry, codec: Codec) -> bytes:
     layer_bytes: list[int] = []
     checksums: list[str] = []
     for index, (k, v) in enumerate(entry.layers):
-        encoded_k = codec.encode_for_layer(k, index, entry.num_layers)
-        encoded_v = codec.encode_for_layer(v, index, entry.num_layers)
+        encoded_k = codec.encode_for_layer(k, index, entry.num_layers, "k")
+        encoded_v = codec.encode_for_layer(v, index, entry.num_layers, "v")
         k_bytes.append(len(encoded_k))
         layer_bytes.append(len(encoded_k) + len(encoded_v))
         checksums.append(layer_checksum(encoded_k, encoded_v).hex())

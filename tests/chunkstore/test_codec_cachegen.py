@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -40,19 +39,25 @@ def test_every_value_decodes_within_half_its_channel_step(step: float) -> None:
     assert ((got - tensor).abs() <= bound * 1.001 + 1e-6).all()
 
 
-def test_early_layers_get_finer_steps_and_more_bytes() -> None:
-    plan = CacheGenPlan((1 / 3, 2 / 3, 1.0), (0.4, 0.7, 1.0))
-    assert [plan.step_for(layer, 30) for layer in (0, 9, 10, 19, 20, 29)] == [
+def test_the_plan_sets_steps_per_layer_group_for_k_and_v() -> None:
+    plan = CacheGenPlan((1 / 3, 2 / 3, 1.0), (0.4, 0.7, 1.0), (1.5, 1.0, 2.0))
+    assert [plan.step_for(layer, 30, "k") for layer in (0, 9, 10, 19, 20, 29)] == [
         0.4, 0.4, 0.7, 0.7, 1.0, 1.0,
     ]  # fmt: skip
+    assert [plan.step_for(layer, 30, "v") for layer in (0, 10, 29)] == [1.5, 1.0, 2.0]
+    with pytest.raises(ValueError, match="one of value_steps per layer group"):
+        CacheGenPlan((0.5, 1.0), (0.4, 0.7), (1.0,))
+
+
+def test_finer_steps_spend_more_bytes_for_less_error() -> None:
     codec = get_codec("cachegen")
     tensor = kv_like(tokens=128)
-    first = codec.encode_for_layer(tensor, 0, 30)
-    last = codec.encode_for_layer(tensor, 29, 30)
-    assert len(first) > len(last)
-    first_error = (decode(first, tensor) - tensor).abs().mean()
-    last_error = (decode(last, tensor) - tensor).abs().mean()
-    assert first_error < last_error
+    fine = codec.encode_for_layer(tensor, 15, 30, "k")  # the default plan's finest
+    coarse = codec.encode_for_layer(tensor, 29, 30, "v")  # and its coarsest
+    assert len(fine) > len(coarse)
+    fine_error = (decode(fine, tensor) - tensor).abs().mean()
+    coarse_error = (decode(coarse, tensor) - tensor).abs().mean()
+    assert fine_error < coarse_error
 
 
 def test_smooth_channels_are_coded_as_token_deltas() -> None:
@@ -113,9 +118,14 @@ def test_disk_tier_reads_cachegen_records_layer_by_layer(tmp_path: Path) -> None
         assert (v - v_ref).abs().max() < 0.5 * v_ref.abs().max()
     whole = tier.get(entry.key)
     assert whole is not None and whole.num_layers == 6
-    errors = [
+    k_errors = [
         float((k - r).abs().mean())
         for (k, _), (r, _) in zip(whole.layers, entry.layers, strict=True)
     ]
-    assert np.mean(errors[:2]) < np.mean(errors[-2:])
+    v_errors = [
+        float((v - r).abs().mean())
+        for (_, v), (_, r) in zip(whole.layers, entry.layers, strict=True)
+    ]
+    assert k_errors[2] < k_errors[0]  # the default plan's middle K is its finest
+    assert v_errors[0] < v_errors[-1]
     tier.close()
