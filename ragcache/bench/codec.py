@@ -36,6 +36,7 @@ from ragcache.engine.loader import load_model
 from ragcache.engine.sampling_params import SamplingParams
 from ragcache.evaluation.examples import load_examples, passage_text
 from ragcache.evaluation.fusion_eval import evaluation_engine
+from ragcache.evaluation.metrics import agreeing_prefix
 
 
 @dataclass(slots=True)
@@ -58,12 +59,7 @@ class Pair:
 
     @property
     def agreeing_prefix(self) -> int:
-        count = 0
-        for raw, int8 in zip(self.raw_ids, self.int8_ids, strict=False):
-            if raw != int8:
-                break
-            count += 1
-        return count
+        return agreeing_prefix(self.raw_ids, self.int8_ids)
 
 
 class CodecComparison:

@@ -43,6 +43,7 @@ from ragcache.engine.loader import load_model
 from ragcache.engine.sampling_params import SamplingParams
 from ragcache.evaluation.examples import load_examples, passage_text
 from ragcache.evaluation.fusion_eval import evaluation_engine
+from ragcache.evaluation.metrics import agreeing_prefix
 
 
 def codec_from_spec(spec: str) -> Codec:
@@ -88,12 +89,7 @@ class Sample:
 
     @property
     def agreeing_prefix(self) -> int:
-        count = 0
-        for got, want in zip(self.answer_ids, self.raw_ids, strict=False):
-            if got != want:
-                break
-            count += 1
-        return count
+        return agreeing_prefix(self.answer_ids, self.raw_ids)
 
 
 class CodecBench:

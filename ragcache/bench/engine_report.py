@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ragcache.bench.report import write_json
+from ragcache.bench.report import write_json, write_markdown
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -106,4 +106,4 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
     ]
     if report["transformers"]["extrapolated"]:
         markdown += [f"Baseline: {report['transformers']['extrapolation']}.", ""]
-    path.with_suffix(".md").write_text("\n".join(markdown))
+    write_markdown(path, markdown)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ragcache.bench.report import bench_parser, machine_record, write_json
+from ragcache.bench.report import bench_parser, machine_record, write_json, write_markdown
 from ragcache.engine.block_weights import Q41Blocks, exact_blocks
 from ragcache.engine.linear import (
     _ONEDNN_LINEAR,
@@ -141,7 +141,7 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
                 else ""
             )
         lines.append(f"| {rows} | " + " | ".join(cells) + " |")
-    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_markdown(path, lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

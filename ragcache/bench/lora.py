@@ -36,7 +36,13 @@ from ragcache.bench.engine import (
     pool_bytes_for,
     serving_metrics,
 )
-from ragcache.bench.report import bench_parser, end_machine_record, machine_record, write_json
+from ragcache.bench.report import (
+    bench_parser,
+    end_machine_record,
+    machine_record,
+    write_json,
+    write_markdown,
+)
 from ragcache.engine.config import EngineConfig, ModelConfig, SpeculativeConfig
 from ragcache.engine.engine import Engine
 from ragcache.engine.loader import PACKED_WEIGHTS_MODES
@@ -264,7 +270,7 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
         *table_lines(report),
         "",
     ]
-    path.with_suffix(".md").write_text("\n".join(markdown))
+    write_markdown(path, markdown)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

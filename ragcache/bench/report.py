@@ -47,3 +47,10 @@ def write_json(path: Path | str, report: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     return path
+
+
+def write_markdown(json_path: Path | str, lines: list[str]) -> Path:
+    """The report's Markdown table beside its JSON (same name, .md)."""
+    path = Path(json_path).with_suffix(".md")
+    path.write_text("\n".join(lines).rstrip("\n") + "\n")
+    return path

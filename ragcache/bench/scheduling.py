@@ -26,7 +26,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ragcache.bench.report import bench_parser, end_machine_record, machine_record, write_json
+from ragcache.bench.report import (
+    bench_parser,
+    end_machine_record,
+    machine_record,
+    write_json,
+    write_markdown,
+)
 from ragcache.config import Config
 from ragcache.engine.config import ModelConfig
 from ragcache.engine.loader import LoadedModel, load_model
@@ -344,7 +350,7 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
         *table_lines(report)[5:],
         "",
     ]
-    path.with_suffix(".md").write_text("\n".join(markdown))
+    write_markdown(path, markdown)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ragcache.bench.report import write_json
+from ragcache.bench.report import write_json, write_markdown
 from ragcache.bench.serve_summary import QUEUE_GROWTH_LIMIT, SUSTAIN_FRACTION
 
 
@@ -183,4 +183,4 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
         f"{report['wall_s']:.0f} s.",
         "",
     ]
-    path.with_suffix(".md").write_text("\n".join(markdown))
+    write_markdown(path, markdown)

@@ -29,7 +29,13 @@ from typing import Any
 
 import torch
 
-from ragcache.bench.report import bench_parser, end_machine_record, machine_record, write_json
+from ragcache.bench.report import (
+    bench_parser,
+    end_machine_record,
+    machine_record,
+    write_json,
+    write_markdown,
+)
 from ragcache.blending.prompt import PromptBuilder
 from ragcache.engine.config import EngineConfig, ModelConfig, SpeculativeConfig
 from ragcache.engine.engine import Engine
@@ -280,7 +286,7 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
         f"{report['machine']['load_average_at_end'][0]:.1f} at the end.",
         "",
     ]
-    path.with_suffix(".md").write_text("\n".join(markdown))
+    write_markdown(path, markdown)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -54,6 +54,16 @@ def prefix_agreement(tokens: list[int], reference: list[int], length: int) -> fl
     return float(tokens[:length] == reference[:length])
 
 
+def agreeing_prefix(tokens: list[int], reference: list[int]) -> int:
+    """How many leading tokens equal the reference's."""
+    count = 0
+    for got, want in zip(tokens, reference, strict=False):
+        if got != want:
+            break
+        count += 1
+    return count
+
+
 def mean_nll(logprobs: list[float]) -> float:
     return -sum(logprobs) / max(1, len(logprobs))
 
