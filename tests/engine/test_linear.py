@@ -3,14 +3,10 @@ without bias."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ragcache.bench import linear as bench_linear
 from ragcache.engine.linear import (
     _ONEDNN_LINEAR,
     ONEDNN_MAX_ROWS,
@@ -63,13 +59,3 @@ def test_empty_and_strided_inputs_match_f_linear() -> None:
     assert empty.shape == (0, 80)
     strided = torch.randn(48, 40).t()
     torch.testing.assert_close(linear(strided, weight), F.linear(strided, weight))
-
-
-def test_bench_linear_writes_a_table_and_json(tmp_path: Path) -> None:
-    out = tmp_path / "linear.json"
-    bench_linear.main(["--out", str(out), "--rows", "1", "4", "--layers", "1", "--repeats", "1"])
-    report = json.loads(out.read_text())
-    rows = {(r["rows"], r["product"]) for r in report["results"]}
-    assert (1, "F.linear (MKL)") in rows and (4, "weight-major") in rows
-    assert all(r["ms_per_layer"] > 0 for r in report["results"])
-    assert "| 4 |" in out.with_suffix(".md").read_text()
