@@ -14,6 +14,7 @@ BENCHMARKS: dict[str, str] = {
     "tiers": "chunk reads from the host and the LMDB tier against a numpy copy",
     "codec": "answer agreement of int8 chunk KV with raw chunk KV on MuSiQue",
     "codec_cachegen": "KV codecs: bytes per token, error, speed, answer agreement",
+    "cluster": "TTFT with chunk KV from the host tier, the Redis tier, or recomputed",
     "recall": "retrieval recall@k on MuSiQue",
     "serve": "the HTTP server under Poisson load, chunk caching on and off",
     "scheduling": "overlapped KV and cache-aware order on a burst of warm and cold queries",
