@@ -45,7 +45,10 @@ def run(base_url: str, api_key: str, max_tokens: int = 64) -> list[str]:
     # 2. The same chunks as content parts: every part but the last is a chunk.
     parts = [{"type": "text", "text": text} for text in [*documents, question]]
     with_parts = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": parts}], max_tokens=max_tokens
+        model=model,
+        messages=[{"role": "user", "content": parts}],
+        max_tokens=max_tokens,
+        extra_body={"parts_as_documents": True},
     )
     answers = []
     for label, reply in (("documents", with_documents), ("content parts", with_parts)):

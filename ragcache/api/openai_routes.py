@@ -4,9 +4,11 @@ embedding routes are included from openai_models.py and openai_embeddings.py.
 ``model`` is the base model's name or a loaded LoRA adapter's: an adapter answers with
 its own chunk caches and prefix cache, and /v1/models lists it with the base as parent.
 RAG rides on the same bodies: ``corpus`` retrieves from an uploaded corpus, ``documents``
-sends the caller's own chunks, and a last user message made of text parts sends its
-parts but the last as chunks and the last as the question. Without any of them a chat
-is an ordinary chat through the model's chat template.
+sends the caller's own chunks, and ``parts_as_documents`` sends the last user message's
+text parts but the last as chunks and the last as the question. The client's system
+messages and earlier turns are kept: they follow the fused chunks through the chat
+template, before the question (docs/openai.md). Without any of them a chat is an
+ordinary chat through the model's chat template, text parts joined by newlines.
 """
 
 from __future__ import annotations
@@ -62,14 +64,21 @@ def _check_generation(body: GenerationFields, server: ServerConfig) -> None:
 
 
 def _prepare_rag(
-    service: RagCache, body: RagFields, question: str, sampling: SamplingParams
+    service: RagCache,
+    body: RagFields,
+    question: str,
+    sampling: SamplingParams,
+    conversation: list[tuple[str, str]] | None = None,
 ) -> PreparedQuery:
     """The RAG prompt of a request that names a corpus or sends documents."""
     method, params = body.fusion_method, body.method_params()
+    turns = conversation or []
     if body.documents is not None:
-        return service.prepare_documents(body.documents, question, method, params, sampling)
+        return service.prepare_documents(
+            body.documents, question, method, params, sampling, "documents", turns
+        )
     assert body.corpus is not None
-    return service.prepare_corpus(question, body.corpus, body.k, method, params, sampling)
+    return service.prepare_corpus(question, body.corpus, body.k, method, params, sampling, turns)
 
 
 # ---- chat completions -----------------------------------------------------------------
@@ -94,38 +103,48 @@ def _check_chat_fields(body: ChatCompletionRequest) -> None:
         )
 
 
+def _turns(body: ChatCompletionRequest) -> list[tuple[str, str]]:
+    return [("system" if m.role == "developer" else m.role, m.text()) for m in body.messages]
+
+
 def _prepare_chat(
     service: RagCache, body: ChatCompletionRequest, sampling: SamplingParams
 ) -> PreparedQuery:
     last = body.messages[-1]
-    parts = last.content if isinstance(last.content, list) else None
     method, params = body.fusion_method, body.method_params()
-    with_parts = parts is not None and len(parts) > 1
-    if not (with_parts or body.corpus is not None or body.documents is not None):
-        messages = [
-            ("system" if m.role == "developer" else m.role, m.text()) for m in body.messages
-        ]
-        return service.prepare_prompt(service.chat_prompt_ids(messages), sampling, "messages")
+    by_parts = body.parts_as_documents
+    if not (by_parts or body.corpus is not None or body.documents is not None):
+        return service.prepare_prompt(service.chat_prompt_ids(_turns(body)), sampling, "messages")
     if last.role != "user":
         raise InvalidInputError(
             "a RAG request answers the last message, which must come from the user", "messages"
         )
-    if parts is not None and with_parts:
+    conversation = _turns(body)[:-1]
+    if by_parts:
+        parts = last.content if isinstance(last.content, list) else []
+        if len(parts) < 2:
+            raise InvalidInputError(
+                "parts_as_documents needs a last user message of two text parts or more "
+                "(documents, then the question)",
+                "messages",
+            )
         if body.corpus is not None or body.documents is not None:
             raise InvalidInputError(
                 "the last message's text parts already carry the documents; "
                 "leave out corpus and documents",
                 "messages",
             )
-        documents = [part.text for part in parts[:-1]]
         question = parts[-1].text
         if not question.strip():
             raise InvalidInputError("the last text part (the question) is empty", "messages")
-        return service.prepare_documents(documents, question, method, params, sampling, "messages")
+        documents = [part.text for part in parts[:-1]]
+        return service.prepare_documents(
+            documents, question, method, params, sampling, "messages", conversation
+        )
     question = last.text()
     if not question.strip():
         raise InvalidInputError("the last user message is empty; send a question", "messages")
-    return _prepare_rag(service, body, question, sampling)
+    return _prepare_rag(service, body, question, sampling, conversation)
 
 
 @router.post("/v1/chat/completions")

@@ -3,12 +3,17 @@
 A prompt is: the root (the chat template up to the user's content, with the system
 prompt), then each chunk's own token ids followed by the separator ids, then the
 question and the template's closing (end of the user turn and the assistant header).
+With a conversation (the caller's system messages and earlier turns), the query part
+closes the documents' user turn and renders the conversation through the chat template,
+ending with the question as the last user turn; the root and the chunks do not change,
+so their caches still apply.
 Chunks are tokenized alone, so a chunk's tokens are the same in every prompt and its
 cached KV can be reused anywhere.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,7 +96,44 @@ class PromptBuilder:
     def query_ids(self, question: str) -> list[int]:
         return self.encode(self.question_prefix + question) + self.closing_ids
 
-    def layout(self, chunks: list[list[int]], question: str) -> PromptLayout:
-        return PromptLayout(
-            list(self.root_ids), [list(c) for c in chunks], self.query_ids(question)
+    def conversation_query_ids(
+        self, conversation: Sequence[tuple[str, str]], question: str
+    ) -> list[int]:
+        """The query part after the chunks when the caller sent (role, content) turns
+        before the question: the documents' turn ends, the turns follow through the chat
+        template, and the question is the last user turn."""
+        asked = self.question_prefix + question
+        template = getattr(self.tokenizer, "chat_template", None)
+        if not template:
+            turns = [f"{role.capitalize()}: {content}" for role, content in conversation]
+            return self.encode("".join(f"{turn}\n\n" for turn in turns) + asked) + self.closing_ids
+        messages = [
+            {"role": "system", "content": self.system_prompt},
+            {"role": "user", "content": _CONTENT_MARK},
+            *({"role": role, "content": content} for role, content in conversation),
+            {"role": "user", "content": asked},
+        ]
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+        except Exception:  # a template that refuses two user turns in a row
+            text = ""
+        head, mark, tail = text.partition(_CONTENT_MARK)
+        if not mark or self.encode(head) != self.root_ids:
+            turns = [f"{role.capitalize()}: {content}" for role, content in conversation]
+            return self.encode("\n\n".join([*turns, asked])) + self.closing_ids
+        return self.encode(tail)
+
+    def layout(
+        self,
+        chunks: list[list[int]],
+        question: str,
+        conversation: Sequence[tuple[str, str]] = (),
+    ) -> PromptLayout:
+        query = (
+            self.conversation_query_ids(conversation, question)
+            if conversation
+            else self.query_ids(question)
         )
+        return PromptLayout(list(self.root_ids), [list(c) for c in chunks], query)

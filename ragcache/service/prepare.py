@@ -65,15 +65,19 @@ class QueryPreparer:
         method_name: str | None,
         method_params: dict[str, MethodParam],
         sampling: SamplingParams | None,
+        conversation: Sequence[tuple[str, str]] = (),
     ) -> PreparedQuery:
-        """A RAG prompt over the ``k`` chunks of ``corpus`` that best match ``text``."""
+        """A RAG prompt over the ``k`` chunks of ``corpus`` that best match ``text``;
+        ``conversation`` holds (role, content) turns asked before it (see PromptBuilder)."""
         received = time.perf_counter()
         sampling = self.sampling(sampling)
         method, params = self.method(method_name, method_params)
         sources, records = self.corpora.retrieve(text, corpus, self.corpora.check_k(k))
         chunks = [record.token_ids + self.prompts.separator_ids for record in records]
         hint = f"{len(chunks)} retrieved chunks and the question", "lower k or shorten the question"
-        prepared = self._prepare_chunks(chunks, text, sources, method, params, sampling, "k", hint)
+        prepared = self._prepare_chunks(
+            chunks, text, sources, method, params, sampling, "k", hint, conversation
+        )
         prepared.timings["retrieval"] = prepared.received - received
         prepared.received = received
         return prepared
@@ -86,9 +90,11 @@ class QueryPreparer:
         method_params: dict[str, MethodParam] | None = None,
         sampling: SamplingParams | None = None,
         param: str = "documents",
+        conversation: Sequence[tuple[str, str]] = (),
     ) -> PreparedQuery:
         """A RAG prompt over documents the caller retrieved: each text is one chunk, its
-        KV cached by content (under this tenant), then fused before the question."""
+        KV cached by content (under this tenant), then fused before the question (and
+        the ``conversation`` turns asked before it)."""
         sampling = self.sampling(sampling)
         method, params = self.method(method_name, method_params or {})
         limit = self.config.service.max_k
@@ -108,7 +114,7 @@ class QueryPreparer:
         ]
         hint = f"{len(chunks)} documents and the question", "send fewer or shorter documents"
         prepared = self._prepare_chunks(
-            chunks, question, sources, method, params, sampling, param, hint
+            chunks, question, sources, method, params, sampling, param, hint, conversation
         )
         prepared.timings["retrieval"] = 0.0
         return prepared
@@ -159,9 +165,10 @@ class QueryPreparer:
         sampling: SamplingParams,
         length_param: str,
         hint: tuple[str, str],
+        conversation: Sequence[tuple[str, str]] = (),
     ) -> PreparedQuery:
         received = time.perf_counter()
-        layout = self.prompts.layout(chunks, question)
+        layout = self.prompts.layout(chunks, question, conversation)
         limit = self.engine.max_model_len
         shortest, pruned = len(layout), ""
         if isinstance(method, CacheFocus) and chunks:

@@ -286,9 +286,13 @@ class RagCache:
         method_name: str | None,
         method_params: dict[str, MethodParam],
         sampling: SamplingParams | None,
+        conversation: Sequence[tuple[str, str]] = (),
     ) -> PreparedQuery:
-        """A RAG prompt over the ``k`` chunks of ``corpus`` that best match ``text``."""
-        return self.preparer.prepare_corpus(text, corpus, k, method_name, method_params, sampling)
+        """A RAG prompt over the ``k`` chunks of ``corpus`` that best match ``text``, after
+        the (role, content) turns of ``conversation`` when given."""
+        return self.preparer.prepare_corpus(
+            text, corpus, k, method_name, method_params, sampling, conversation
+        )
 
     def prepare_documents(
         self,
@@ -298,10 +302,12 @@ class RagCache:
         method_params: dict[str, MethodParam] | None = None,
         sampling: SamplingParams | None = None,
         param: str = "documents",
+        conversation: Sequence[tuple[str, str]] = (),
     ) -> PreparedQuery:
-        """A RAG prompt over documents the caller retrieved (each text one chunk)."""
+        """A RAG prompt over documents the caller retrieved (each text one chunk), after
+        the (role, content) turns of ``conversation`` when given."""
         return self.preparer.prepare_documents(
-            documents, question, method_name, method_params, sampling, param
+            documents, question, method_name, method_params, sampling, param, conversation
         )
 
     def prepare_prompt(

@@ -126,7 +126,7 @@ def test_content_parts_send_chunks_and_the_question(client: openai.OpenAI, model
         model=model,
         messages=[{"role": "user", "content": parts}],
         max_tokens=3,
-        extra_body={"fusion_method": "legolink", "legolink_k": 4},
+        extra_body={"fusion_method": "legolink", "legolink_k": 4, "parts_as_documents": True},
     )
     rag = reply.model_extra["ragcache"][0]
     assert [s["text"] for s in rag["sources"]] == DOCUMENTS
