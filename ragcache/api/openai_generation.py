@@ -119,10 +119,19 @@ async def _stream_events(
     finals: list[RequestOutput | None] = [None] * count
     logprobs_sent = [0] * count
     text_sent = [0] * count
+    # The sources are known before the first token: the first chunk carries them.
+    rag = rag_details(generation.prompts)
+
+    def with_sources(chunk: dict[str, Any]) -> dict[str, Any]:
+        nonlocal rag
+        if rag is not None:
+            chunk["ragcache"], rag = rag, None
+        return chunk
+
     try:
         if builder.chat:
             for index in range(count):
-                yield sse(builder.role_chunk(index))
+                yield sse(with_sources(builder.role_chunk(index)))
         item: tuple[int, RequestOutput] | None = first
         while item is not None:
             index, out = item
@@ -133,7 +142,7 @@ async def _stream_events(
             logprobs_sent[index] = len(out.logprobs)
             text_sent[index] += len(out.new_text)
             if out.new_text or out.finished or (generation.logprobs and out.logprobs):
-                yield sse(chunk)
+                yield sse(with_sources(chunk))
             item = await anext(merged, None)
         if include_usage:
             yield sse(builder.usage_chunk(usage(generation.prompts, finals, generation.n)))

@@ -85,3 +85,52 @@ def test_text_parts_are_rag_only_when_asked(client: openai.OpenAI, model: str) -
     assert [s["text"] for s in rag.model_extra["ragcache"][0]["sources"]] == DOCUMENTS
     with pytest.raises(openai.BadRequestError, match="parts_as_documents"):
         _ask(client, model, [{"role": "user", "content": QUESTION}], parts_as_documents=True)
+
+
+def test_streamed_chat_carries_the_sources_in_its_first_chunk(
+    client: openai.OpenAI, model: str
+) -> None:
+    messages: Any = [SYSTEM, {"role": "user", "content": QUESTION}]
+    whole = _ask(client, model, messages, documents=DOCUMENTS)
+    chunks = list(
+        client.chat.completions.create(
+            model=model,
+            messages=messages,
+            max_tokens=2,
+            temperature=0,
+            stream=True,
+            extra_body={"documents": DOCUMENTS},
+        )
+    )
+    rag = chunks[0].model_extra["ragcache"]
+    assert [s["text"] for s in rag[0]["sources"]] == DOCUMENTS
+    assert [s["source"] for s in rag[0]["sources"]] == [
+        s["source"] for s in whole.model_extra["ragcache"][0]["sources"]
+    ]
+    assert rag[0]["cache"]["computed_tokens"] == 0  # cached by the whole answer
+    assert all("ragcache" not in (c.model_extra or {}) for c in chunks[1:])
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+
+
+def test_streamed_completion_carries_the_sources(client: openai.OpenAI, model: str) -> None:
+    chunks = list(
+        client.completions.create(
+            model=model,
+            prompt=QUESTION,
+            max_tokens=2,
+            stream=True,
+            extra_body={"documents": DOCUMENTS},
+        )
+    )
+    rag = chunks[0].model_extra["ragcache"]
+    assert [s["text"] for s in rag[0]["sources"]] == DOCUMENTS
+
+
+def test_streamed_plain_chat_has_no_sources(client: openai.OpenAI, model: str) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, stream=True
+        )
+    )
+    assert all("ragcache" not in (c.model_extra or {}) for c in chunks)
