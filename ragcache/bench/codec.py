@@ -12,7 +12,6 @@ between the two answers is the codec.
 
 from __future__ import annotations
 
-import shlex
 import statistics
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ragcache.bench.report import bench_parser, write_json
+from ragcache.bench.report import bench_parser, command_line, write_json
 from ragcache.blending.chunk_kv import ChunkEncoder, ChunkKV
 from ragcache.blending.fuser import fuse
 from ragcache.blending.prompt import PromptBuilder, PromptLayout
@@ -133,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--passages", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--max-tokens", type=int, default=16)
     args = parser.parse_args(argv)
-    command = "python -m ragcache.bench.codec " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = command_line("codec", argv)
     examples = load_examples(args.data)
     examples = examples[: args.questions] if args.questions else examples
     torch.manual_seed(0)

@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import json
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,8 +32,15 @@ from ragcache.bench.engine_metrics import (
     speculation_summary,
 )
 from ragcache.bench.engine_records import BenchRequest, RequestTiming
-from ragcache.bench.engine_report import print_table, write_report
-from ragcache.bench.report import bench_parser, end_machine_record, machine_record
+from ragcache.bench.engine_report import markdown_page, table_lines
+from ragcache.bench.report import (
+    add_threads,
+    bench_parser,
+    end_machine_record,
+    report_header,
+    set_threads,
+    write_report,
+)
 from ragcache.engine.config import EngineConfig, ModelConfig
 from ragcache.engine.engine import Engine
 from ragcache.engine.loader import LoadedModel, load_model
@@ -83,19 +89,16 @@ def pool_bytes_for(loaded: LoadedModel, workload: list[BenchRequest], block_size
     return (blocks + 16) * block_size * loaded.spec.kv_bytes_per_token * element_bytes
 
 
-def run_engine(
-    loaded: LoadedModel, workload: list[BenchRequest], config: EngineConfig
-) -> tuple[list[RequestTiming], float, dict[str, float]]:
-    engine = Engine(loaded, config)
-    warmup = SamplingParams(max_tokens=4, ignore_eos=True)
-    engine.add_request(workload[0].prompt_ids[:32], warmup, use_prefix_cache=False)
-    while engine.has_unfinished():
-        engine.step()
+def serve(
+    engine: Engine, workload: list[BenchRequest], adapters: list[str | None] | None = None
+) -> tuple[list[RequestTiming], float]:
+    """Submits every request at t=0 (each with its adapter) and steps until all finish."""
     start = time.perf_counter()
     timings: dict[str, RequestTiming] = {}
-    for request in workload:
+    for index, request in enumerate(workload):
         params = SamplingParams(max_tokens=request.output_len, ignore_eos=True)
-        seq = engine.add_request(request.prompt_ids, params)
+        adapter = adapters[index] if adapters else None
+        seq = engine.add_request(request.prompt_ids, params, adapter=adapter)
         timings[seq.request_id] = RequestTiming(len(request.prompt_ids), start)
     while engine.has_unfinished():
         outputs = engine.step()
@@ -106,8 +109,18 @@ def run_engine(
             timing = timings[output.request_id]
             timing.token_times.extend(now for _ in output.new_token_ids)
             timing.token_ids.extend(output.new_token_ids)
-    duration = time.perf_counter() - start
-    ordered = list(timings.values())
+    return list(timings.values()), time.perf_counter() - start
+
+
+def run_engine(
+    loaded: LoadedModel, workload: list[BenchRequest], config: EngineConfig
+) -> tuple[list[RequestTiming], float, dict[str, float]]:
+    engine = Engine(loaded, config)
+    warmup = SamplingParams(max_tokens=4, ignore_eos=True)
+    engine.add_request(workload[0].prompt_ids[:32], warmup, use_prefix_cache=False)
+    while engine.has_unfinished():
+        engine.step()
+    ordered, duration = serve(engine, workload)
     for timing, request in zip(ordered, workload, strict=True):
         if len(timing.token_ids) != request.output_len:
             raise RuntimeError(
@@ -163,8 +176,7 @@ def run_transformers(
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     loaded = load_model(ModelConfig(dtype=args.dtype, device="cpu"))
     workload = make_workload(
         loaded.tokenizer,
@@ -187,8 +199,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         block_placement=args.block_placement,
     )
     report: dict[str, Any] = {
-        "command": " ".join(["python -m ragcache.bench.engine", *sys.argv[1:]]),
-        "machine": machine_record(),
+        **report_header("engine"),
         "settings": {
             "model": loaded.name,
             "dtype": args.dtype,
@@ -262,8 +273,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             a.token_ids == b.token_ids for a, b in zip(ours, plain[0], strict=True)
         )
     end_machine_record(report)
-    print_table(report)
-    write_report(args.out, report)
+    write_report(args.out, report, markdown_page(report), table_lines(report))
     return report
 
 
@@ -292,12 +302,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="KV pool size; 0 sizes it to hold every request at once",
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="torch CPU threads for both implementations; 0 keeps torch's default",
-    )
+    add_threads(parser, "torch CPU threads for both implementations; 0 keeps torch's default")
     parser.add_argument(
         "--speculation-off-run",
         action=argparse.BooleanOptionalAction,
@@ -317,9 +322,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    run_benchmark(args)
-    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    run_benchmark(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,16 +1,10 @@
-"""Tables and reports of the serving benchmark: the printed table, its Markdown and JSON."""
+"""Tables and reports of the serving benchmark: the table and the Markdown page."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from ragcache.bench.report import write_json, write_markdown
-
-
-def print_table(report: dict[str, Any]) -> None:
-    for line in table_lines(report):
-        print(line)
+from ragcache.bench.report import page_head
 
 
 def table_lines(report: dict[str, Any]) -> list[str]:
@@ -86,14 +80,10 @@ def table_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_report(path: Path, report: dict[str, Any]) -> None:
-    write_json(path, report)
+def markdown_page(report: dict[str, Any]) -> list[str]:
     settings = report["settings"]
     markdown = [
-        "# Serving benchmark: continuous batching against transformers",
-        "",
-        f"`{report['command']}`",
-        "",
+        *page_head("Serving benchmark: continuous batching against transformers", report),
         f"{settings['num_requests']} requests submitted at t=0, prompts of "
         f"{settings['prompt_tokens_range'][0]}-{settings['prompt_tokens_range'][1]} MuSiQue "
         f"tokens, outputs of {settings['output_tokens_range'][0]}-"
@@ -106,4 +96,4 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
     ]
     if report["transformers"]["extrapolated"]:
         markdown += [f"Baseline: {report['transformers']['extrapolation']}.", ""]
-    write_markdown(path, markdown)
+    return markdown

@@ -8,13 +8,13 @@ Prints one table row per case and writes the rows, with the device and versions,
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 
+from ragcache.bench.report import write_json
 from ragcache.kernels import paged_attention, rope
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -221,7 +221,9 @@ def print_table(rows: list[BenchRow]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="ragcache bench kernels", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs per case")
@@ -248,8 +250,7 @@ def main(argv: list[str] | None = None) -> None:
             "triton": triton.__version__,
             "rows": [asdict(row) | {"speedup": row.speedup} for row in rows],
         }
-        with open(args.out, "w") as file:
-            json.dump(report, file, indent=2)
+        write_json(args.out, report)
 
 
 if __name__ == "__main__":

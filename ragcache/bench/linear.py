@@ -18,16 +18,20 @@ per row count from these figures.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ragcache.bench.report import bench_parser, machine_record, write_json, write_markdown
+from ragcache.bench.report import (
+    add_threads,
+    bench_parser,
+    report_header,
+    set_threads,
+    write_report,
+)
 from ragcache.engine.block_weights import Q41Blocks, exact_blocks
 from ragcache.engine.linear import (
     _ONEDNN_LINEAR,
@@ -115,8 +119,7 @@ def run(rows_list: list[int], num_layers: int, repeats: int, seed: int) -> list[
     return results
 
 
-def write_report(path: Path, report: dict[str, Any]) -> None:
-    write_json(path, report)
+def markdown_page(report: dict[str, Any]) -> list[str]:
     names = list(dict.fromkeys(r["product"] for r in report["results"]))
     lines = [
         "# bench_linear: projection products on CPU (one SmolLM2 layer, float32)",
@@ -141,7 +144,7 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
                 else ""
             )
         lines.append(f"| {rows} | " + " | ".join(cells) + " |")
-    write_markdown(path, lines)
+    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -149,7 +152,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8, 16, 32, 128, 512, 2048])
     parser.add_argument("--layers", type=int, default=30, help="distinct weight sets (layers)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps default")
+    add_threads(parser)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if min(args.rows) < 1 or args.layers < 1 or args.repeats < 1:
@@ -159,18 +162,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    machine = machine_record()
+    set_threads(args.threads)
+    header = report_header("linear")
     with torch.inference_mode():
         results = run(args.rows, args.layers, args.repeats, args.seed)
-    report = {
-        "command": " ".join(["python -m ragcache.bench.linear", *sys.argv[1:]]),
-        "machine": machine,
-        "results": results,
-    }
-    write_report(args.out, report)
-    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    report = {**header, "results": results}
+    write_report(args.out, report, markdown_page(report))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,14 +33,17 @@ from ragcache.bench.engine import (
     RequestTiming,
     make_workload,
     pool_bytes_for,
+    serve,
     serving_metrics,
 )
 from ragcache.bench.report import (
+    add_threads,
     bench_parser,
     end_machine_record,
-    machine_record,
-    write_json,
-    write_markdown,
+    page_head,
+    report_header,
+    set_threads,
+    write_report,
 )
 from ragcache.engine.config import EngineConfig, ModelConfig, SpeculativeConfig
 from ragcache.engine.engine import Engine
@@ -88,28 +90,6 @@ def write_peft_adapter(
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
 
-def serve(
-    engine: Engine, workload: list[BenchRequest], adapters: list[str | None]
-) -> tuple[list[RequestTiming], float]:
-    """Submit every request at t=0 and step until all finish."""
-    start = time.perf_counter()
-    timings: dict[str, RequestTiming] = {}
-    for request, adapter in zip(workload, adapters, strict=True):
-        params = SamplingParams(max_tokens=request.output_len, ignore_eos=True)
-        seq = engine.add_request(request.prompt_ids, params, adapter=adapter)
-        timings[seq.request_id] = RequestTiming(len(request.prompt_ids), start)
-    while engine.has_unfinished():
-        outputs = engine.step()
-        now = time.perf_counter()
-        for output in outputs:
-            if output.error is not None:
-                raise RuntimeError(f"request {output.request_id} failed: {output.error}")
-            timing = timings[output.request_id]
-            timing.token_times.extend(now for _ in output.new_token_ids)
-            timing.token_ids.extend(output.new_token_ids)
-    return list(timings.values()), time.perf_counter() - start
-
-
 def serve_per_adapter(
     engine: Engine, workload: list[BenchRequest], adapters: list[str | None]
 ) -> tuple[list[RequestTiming], float]:
@@ -129,8 +109,7 @@ def serve_per_adapter(
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from ragcache.engine.loader import load_model
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     load_at_start = list(os.getloadavg())
     loaded = load_model(
         ModelConfig(dtype=args.dtype, device="cpu", packed_weights=args.packed_weights)
@@ -176,8 +155,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     runs[schedule].append(run)
                     print(f"run {repeat + 1}, {schedule}: {run[1]:.1f} s", flush=True)
     report: dict[str, Any] = {
-        "command": " ".join(["python -m ragcache.bench.lora", *sys.argv[1:]]),
-        "machine": machine_record(load_at_start),
+        **report_header("lora", load_at_start),
         "settings": {
             "model": loaded.name,
             "dtype": args.dtype,
@@ -216,9 +194,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     report["meets_target"] = ratio >= TARGET_RATIO and report["identical_outputs"]
     report["lora_stats"] = {k: v for k, v in engine.stats().items() if k.startswith("lora_")}
     end_machine_record(report)
-    for line in table_lines(report):
-        print(line)
-    write_report(args.out, report)
+    write_report(args.out, report, markdown_page(report), table_lines(report))
     return report
 
 
@@ -248,15 +224,13 @@ def table_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_report(path: Path, report: dict[str, Any]) -> None:
-    write_json(path, report)
+def markdown_page(report: dict[str, Any]) -> list[str]:
     settings = report["settings"]
     low, high = settings["prompt_tokens_range"]
     markdown = [
-        "# Multi-LoRA benchmark: mixed-adapter batches against one batch per adapter",
-        "",
-        f"`{report['command']}`",
-        "",
+        *page_head(
+            "Multi-LoRA benchmark: mixed-adapter batches against one batch per adapter", report
+        ),
         f"{settings['num_requests']} requests spread round-robin over "
         f"{settings['num_adapters']} random rank-{settings['rank']} adapters on "
         f"{', '.join(t.removesuffix('_proj') for t in settings['target_modules'])}, prompts "
@@ -270,7 +244,7 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
         *table_lines(report),
         "",
     ]
-    write_markdown(path, markdown)
+    return markdown
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -305,9 +279,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "default) speed up small batches, so they shrink what batching adapters together "
         "gains; off times every schedule on fp32 weights",
     )
-    parser.add_argument(
-        "--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default"
-    )
+    add_threads(parser)
     args = parser.parse_args(argv)
     if not 1 <= args.min_prompt <= args.max_prompt or args.output_tokens < 1:
         parser.error("need 1 <= --min-prompt <= --max-prompt and --output-tokens >= 1")
@@ -319,9 +291,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    run_benchmark(args)
-    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    run_benchmark(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from ragcache.bench.model_passes import (
     transformers_greedy_timed,
     transformers_prefill,
 )
-from ragcache.bench.report import bench_parser, end_machine_record, machine_record, write_json
+from ragcache.bench.report import bench_parser, end_machine_record, report_header, write_json
 from ragcache.engine.config import ModelConfig
 from ragcache.engine.linear import Projection
 from ragcache.engine.loader import (
@@ -232,8 +232,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     rows: list[Row] = []
     report: dict[str, Any] = {
-        "command": " ".join(["python -m ragcache.bench.model", *sys.argv[1:]]),
-        "machine": machine_record(),
+        **report_header("model"),
         "settings": {
             "block_size": BLOCK_SIZE,
             "repeats": args.repeats,

@@ -9,8 +9,6 @@ go cold.
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,7 @@ from ragcache.bench.policy_traces import (
     popularity_oracle,
     static_best,
 )
-from ragcache.bench.report import bench_parser, write_json
+from ragcache.bench.report import bench_parser, command_line, write_json
 from ragcache.chunkstore.cost_calibration import COST_MODELS, calibration_record
 from ragcache.chunkstore.policy import CostModel, make_policy
 from ragcache.engine.config import ModelConfig
@@ -211,8 +209,7 @@ def main(argv: list[str] | None = None) -> None:
             f"PGDSF reaches {row['pgdsf_share_of_oracle_gain']:.0%} of the oracle's gain"
         )
     report = {
-        "command": "python -m ragcache.bench.policy "
-        + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("policy", argv),
         "trace": {
             "chunks": args.chunks,
             "requests": args.requests,
@@ -230,8 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         "summary": summary,
         "runs": runs,
     }
-    out = Path(args.out)
-    write_json(out, report)
+    write_json(args.out, report)
 
 
 if __name__ == "__main__":

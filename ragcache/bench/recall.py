@@ -14,15 +14,13 @@ import argparse
 import json
 import os
 import platform
-import shlex
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ragcache.bench.report import bench_parser, write_json
+from ragcache.bench.report import bench_parser, command_line, write_report
 from ragcache.retriever.config import RetrieverConfig
 from ragcache.retriever.embedder import SentenceTransformerEmbedder
 from ragcache.retriever.retriever import Retriever
@@ -90,7 +88,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             recall[k].append(found / len(own))
             hit[k].append(float(found > 0))
     return {
-        "command": "python -m ragcache.bench.recall " + shlex.join(sys.argv[1:]),
+        "command": command_line("recall"),
         "data": str(args.data),
         "questions": len(corpus.questions),
         "passages_listed": corpus.num_listed,
@@ -155,10 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     report = run(args)
-    print(table(report))
-    out = Path(args.out)
-    write_json(out, report)
-    out.with_suffix(".md").write_text(markdown(report))
+    write_report(Path(args.out), report, markdown(report).splitlines(), table(report).splitlines())
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""What every benchmark shares: its argument parser with ``--out``, the machine record
-its report carries, and the writing of the JSON report."""
+"""What every benchmark shares: its argument parser with ``--out`` and ``--threads``, the
+command and machine record its report starts with, and the writing of the report (the
+printed table, the JSON and the Markdown page beside it)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import argparse
 import json
 import os
 import platform
+import shlex
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,29 @@ def bench_parser(name: str, doc: str | None, default_out: str | None) -> argpars
         help="JSON report path; a Markdown table is written beside it where there is one",
     )
     return parser
+
+
+def add_threads(
+    parser: argparse.ArgumentParser, text: str = "torch CPU threads; 0 keeps torch's default"
+) -> None:
+    parser.add_argument("--threads", type=int, default=0, help=text)
+
+
+def set_threads(threads: int) -> None:
+    """Applies ``--threads``: a positive count sets torch's, 0 keeps its default."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def command_line(name: str, argv: Sequence[str] | None = None) -> str:
+    """The command that reproduces this run, for the report's ``command`` field."""
+    args = sys.argv[1:] if argv is None else argv
+    return shlex.join(["python", "-m", f"ragcache.bench.{name}", *args])
+
+
+def report_header(name: str, load_average_at_start: list[float] | None = None) -> dict[str, Any]:
+    """The first fields of a report: the command of this run and the machine record."""
+    return {"command": command_line(name), "machine": machine_record(load_average_at_start)}
 
 
 def machine_record(load_average_at_start: list[float] | None = None) -> dict[str, Any]:
@@ -54,3 +81,19 @@ def write_markdown(json_path: Path | str, lines: list[str]) -> Path:
     path = Path(json_path).with_suffix(".md")
     path.write_text("\n".join(lines).rstrip("\n") + "\n")
     return path
+
+
+def page_head(title: str, report: dict[str, Any]) -> list[str]:
+    """The top of a report's Markdown page: its title and the command that made it."""
+    return [f"# {title}", "", f"`{report['command']}`", ""]
+
+
+def write_report(
+    path: Path, report: dict[str, Any], page: list[str], table: Sequence[str] = ()
+) -> None:
+    """Prints the table, writes the JSON report and its Markdown page, and names both."""
+    for line in table:
+        print(line)
+    write_json(path, report)
+    markdown = write_markdown(path, page)
+    print(f"wrote {path} and {markdown}")

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,9 +28,9 @@ from typing import Any
 from ragcache.bench.report import (
     bench_parser,
     end_machine_record,
-    machine_record,
-    write_json,
-    write_markdown,
+    page_head,
+    report_header,
+    write_report,
 )
 from ragcache.config import Config
 from ragcache.engine.config import ModelConfig
@@ -249,8 +248,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             rag.create_corpus("bench")
             ingest = rag.ingest([work / "passages.jsonl"], "bench")
         report: dict[str, Any] = {
-            "command": " ".join(["python -m ragcache.bench.scheduling", *sys.argv[1:]]),
-            "machine": machine_record(load_start),
+            **report_header("scheduling", load_start),
             "settings": {
                 "model": loaded.name,
                 "k": args.k,
@@ -274,9 +272,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         )
     end_machine_record(report)
     report["seconds"] = time.perf_counter() - began
-    for line in table_lines(report):
-        print(line)
-    write_report(args.out, report)
+    write_report(args.out, report, markdown_page(report), table_lines(report))
     return report
 
 
@@ -307,17 +303,13 @@ def table_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_report(path: Path, report: dict[str, Any]) -> None:
-    write_json(path, report)
+def markdown_page(report: dict[str, Any]) -> list[str]:
     settings, overlap, order = report["settings"], report["overlap"], report["order"]
     state = overlap["example_cache_state"]
     ratio_o = overlap["ttft_off_over_on"]
     machine = report["machine"]
     markdown = [
-        "# Scheduling: overlapped chunk KV and cache-aware order",
-        "",
-        f"`{report['command']}`",
-        "",
+        *page_head("Scheduling: overlapped chunk KV and cache-aware order", report),
         f"{settings['model']} (float32, CPU), corpus of {settings['passages']} chunks from the "
         f"passages of {settings['questions']} MuSiQue questions, CacheBlend, k="
         f"{settings['k']}, greedy, at most {settings['max_tokens']} answer tokens; torch "
@@ -350,7 +342,7 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
         *table_lines(report)[5:],
         "",
     ]
-    write_markdown(path, markdown)
+    return markdown
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -379,9 +371,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    run_benchmark(args)
-    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    run_benchmark(parse_args(argv))
 
 
 if __name__ == "__main__":

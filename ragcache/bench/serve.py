@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import os
 import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -31,8 +30,9 @@ from typing import Any
 
 import httpx
 
+from ragcache.bench.report import bench_parser, command_line, write_report
 from ragcache.bench.serve_client import run_phase
-from ragcache.bench.serve_report import table_lines, write_report
+from ragcache.bench.serve_report import markdown_page, table_lines
 from ragcache.bench.serve_server import LocalServer, ensure_corpus
 from ragcache.bench.serve_summary import RateComparison, summarize_phase, verdict
 from ragcache.bench.serve_workload import (
@@ -48,11 +48,8 @@ TARGET_RATIO = 3.0
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(
-        prog="ragcache bench serve",
-        description=__doc__.splitlines()[0],
-        epilog="Other --section.field VALUE flags configure the server this run starts.",
-    )
+    parser = bench_parser("serve", __doc__, "eval/reports/bench_serve.json")
+    parser.epilog = "Other --section.field VALUE flags configure the server this run starts."
     parser.add_argument("--url", help="base URL of a running server (default: start one)")
     parser.add_argument("--api-key", help="bearer key for a server with server.api_keys")
     parser.add_argument("--data", type=Path, default=Path("../shared/data/musique_dev.json"))
@@ -83,7 +80,6 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         help="sequential full-prefill requests timed to pick the default rates",
     )
     parser.add_argument("--target", type=float, default=TARGET_RATIO, help="p50 TTFT ratio")
-    parser.add_argument("--out", type=Path, default=Path("eval/reports/bench_serve.json"))
     args, server_flags = parser.parse_known_args(argv)
     if args.url and server_flags:
         parser.error(f"server flags {server_flags} only apply without --url")
@@ -261,16 +257,13 @@ def run_benchmark(args: argparse.Namespace, server_flags: list[str], command: st
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, server_flags = parse_args(argv)
-    command = shlex.join(["python", "-m", "ragcache.bench.serve", *argv])
+    command = command_line("serve", argv)
     try:
         report = run_benchmark(args, server_flags, command)
     except (RuntimeError, ValueError, httpx.HTTPError) as error:
         print(f"bench serve: {error}", file=sys.stderr)
         return 2
-    for line in table_lines(report):
-        print(line)
-    write_report(args.out, report)
-    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    write_report(args.out, report, markdown_page(report), table_lines(report))
     return 0
 
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from ragcache.bench.report import write_json, write_markdown
+from ragcache.bench.report import page_head
 from ragcache.bench.serve_summary import QUEUE_GROWTH_LIMIT, SUSTAIN_FRACTION
 
 
@@ -166,13 +165,9 @@ def setup_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_report(path: Path, report: dict[str, Any]) -> None:
-    write_json(path, report)
+def markdown_page(report: dict[str, Any]) -> list[str]:
     markdown = [
-        "# Serving benchmark: chunk caching on and off under Poisson load",
-        "",
-        f"`{report['command']}`",
-        "",
+        *page_head("Serving benchmark: chunk caching on and off under Poisson load", report),
         *setup_lines(report),
         "",
         *table_lines(report),
@@ -183,4 +178,4 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
         f"{report['wall_s']:.0f} s.",
         "",
     ]
-    write_markdown(path, markdown)
+    return markdown

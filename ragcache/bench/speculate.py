@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +29,13 @@ from typing import Any
 import torch
 
 from ragcache.bench.report import (
+    add_threads,
     bench_parser,
     end_machine_record,
-    machine_record,
-    write_json,
-    write_markdown,
+    page_head,
+    report_header,
+    set_threads,
+    write_report,
 )
 from ragcache.blending.prompt import PromptBuilder
 from ragcache.engine.config import EngineConfig, ModelConfig, SpeculativeConfig
@@ -199,13 +200,11 @@ def make_engine(loaded: LoadedModel, method: str, args: argparse.Namespace) -> E
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     loaded = load_model(ModelConfig(dtype=args.dtype, device="cpu"))
     engines = {method: make_engine(loaded, method, args) for method in args.proposers}
     report: dict[str, Any] = {
-        "command": " ".join(["python -m ragcache.bench.speculate", *sys.argv[1:]]),
-        "machine": machine_record(),
+        **report_header("speculate"),
         "settings": {
             "model": loaded.name,
             "dtype": args.dtype,
@@ -237,9 +236,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         report["meets_free_form_floor"] = all(
             report["free_form"][name]["speedup"] >= FREE_FORM_FLOOR for name in engines
         )
-    for line in table_lines(report):
-        print(line)
-    write_report(args.out, report)
+    write_report(args.out, report, markdown_page(report), table_lines(report))
     return report
 
 
@@ -261,14 +258,10 @@ def table_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_report(path: Path, report: dict[str, Any]) -> None:
-    write_json(path, report)
+def markdown_page(report: dict[str, Any]) -> list[str]:
     settings = report["settings"]
     markdown = [
-        "# Speculative decoding: decode speed with and without drafts",
-        "",
-        f"`{report['command']}`",
-        "",
+        *page_head("Speculative decoding: decode speed with and without drafts", report),
         f"{settings['model']} in {settings['dtype']}, greedy, one request at a time, torch "
         f"threads: {report['machine']['threads']}. RAG: {settings['rag_questions']} MuSiQue "
         f"questions with their first {settings['passages']} passages "
@@ -286,7 +279,7 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
         f"{report['machine']['load_average_at_end'][0]:.1f} at the end.",
         "",
     ]
-    write_markdown(path, markdown)
+    return markdown
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -312,7 +305,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt-lookup-max", type=int, default=defaults.prompt_lookup_max)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--kv-cache-mib", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=0, help="0 keeps torch's default")
+    add_threads(parser)
     args = parser.parse_args(argv)
     unknown = [p for p in args.proposers if p not in ("ngram", "early_exit")]
     if unknown or not args.proposers:
@@ -323,9 +316,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    run_benchmark(args)
-    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    run_benchmark(parse_args(argv))
 
 
 if __name__ == "__main__":

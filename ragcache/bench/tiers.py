@@ -11,8 +11,6 @@ KV buffers would.
 
 from __future__ import annotations
 
-import shlex
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -21,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ragcache.bench.report import bench_parser, write_json
+from ragcache.bench.report import bench_parser, command_line, write_json
 from ragcache.chunkstore.codecs import get_codec
 from ragcache.chunkstore.config import ChunkStoreConfig
 from ragcache.chunkstore.entry import ChunkEntry
@@ -129,8 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     ).encoded_size(shape, torch.float16)
     print(f"\nint8 codec bytes / raw bytes: {int8_ratio:.3f}")
     report = {
-        "command": "python -m ragcache.bench.tiers "
-        + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("tiers", argv),
         "chunk": {
             "tokens": TOKENS,
             "layers": LAYERS,
@@ -144,8 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         "reads": report_rows,
         "int8_bytes_ratio": int8_ratio,
     }
-    out = Path(args.out)
-    write_json(out, report)
+    write_json(args.out, report)
 
 
 if __name__ == "__main__":
