@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 
-from ragcache.api import openai_embeddings, openai_models
+from ragcache.api import openai_embeddings, openai_models, openai_tokens
 from ragcache.api.deps import get_server_config, get_service
 from ragcache.api.errors import UnsupportedFieldError
 from ragcache.api.openai_generation import Generation, respond, response_builder
@@ -29,6 +29,7 @@ from ragcache.api.openai_schemas import (
     GenerationFields,
     RagFields,
 )
+from ragcache.api.openai_structured import guided_sampling
 from ragcache.blending.registry import METHOD_NAMES
 from ragcache.config import ServerConfig
 from ragcache.engine.sampling_params import SamplingParams
@@ -41,6 +42,7 @@ from ragcache.service import PreparedQuery, RagCache
 router = APIRouter()
 router.include_router(openai_models.router)
 router.include_router(openai_embeddings.router)
+router.include_router(openai_tokens.router)
 MAX_PROMPTS = 32
 
 
@@ -97,10 +99,6 @@ def _check_chat_fields(body: ChatCompletionRequest) -> None:
         raise UnsupportedFieldError("tools are not supported; leave them out", "tools")
     if body.tool_choice not in (None, "none", "auto"):
         raise UnsupportedFieldError("tool_choice is not supported without tools", "tool_choice")
-    if body.response_format is not None and body.response_format.get("type") != "text":
-        raise UnsupportedFieldError(
-            "response_format supports only {'type': 'text'}", "response_format"
-        )
 
 
 def _turns(body: ChatCompletionRequest) -> list[tuple[str, str]]:
@@ -158,6 +156,7 @@ async def chat_completions(
     service = await run_in_threadpool(served_as, service, body.model)
     max_tokens = body.max_completion_tokens or body.max_tokens
     sampling = body.sampling(max_tokens or service.config.service.max_tokens, _chat_logprobs(body))
+    sampling = await run_in_threadpool(guided_sampling, service, body.response_format, sampling)
     prepared = await run_in_threadpool(_prepare_chat, service, body, sampling)
     generation = Generation(service, [prepared], body.n, body.logprobs)
     builder = response_builder(service, True, body.model)

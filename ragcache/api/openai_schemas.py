@@ -1,31 +1,45 @@
 """Request bodies of the OpenAI-compatible routes, with ragcache's extra-body fields.
 
-Unknown fields are refused (a misspelt ``documnets`` must not fall back to plain chat);
-OpenAI fields that do not change the answer here (``user``, ``metadata``, ...) are
+Unknown fields are ignored and logged, as vLLM does, so clients that send newer
+OpenAI fields keep working (a misspelt ``documnets`` is ignored too: the log line names
+it). OpenAI fields that do not change the answer here (``user``, ``metadata``, ...) are
 accepted and ignored.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ragcache.api.method_fields import MethodFields
 from ragcache.api.schemas import MAX_TEMPERATURE
 from ragcache.engine.sampling_params import MAX_INT64, MAX_LOGPROBS, MAX_SEED, SamplingParams
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+log = logging.getLogger(__name__)
 
 
-class StreamOptions(_Strict):
+class Request(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    @model_validator(mode="after")
+    def _log_unknown_fields(self) -> Request:
+        if self.model_extra:
+            log.warning(
+                "ignored unknown fields in %s: %s",
+                type(self).__name__,
+                ", ".join(sorted(self.model_extra)),
+            )
+        return self
+
+
+class StreamOptions(Request):
     include_usage: bool = False
     continuous_usage_stats: bool = False
 
 
-class RagFields(_Strict, MethodFields):
+class RagFields(Request, MethodFields):
     """Extra body: where the context comes from and how its cached KV is fused."""
 
     corpus: str | None = None
@@ -90,12 +104,12 @@ class GenerationFields(RagFields):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-class TextPart(_Strict):
+class TextPart(Request):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(_Strict):
+class ChatMessage(Request):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -132,7 +146,7 @@ class CompletionRequest(GenerationFields):
     best_of: int | None = None
 
 
-class EmbeddingRequest(_Strict):
+class EmbeddingRequest(Request):
     model: str
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"

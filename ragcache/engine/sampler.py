@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ragcache.engine.guided import GuidedDecoding
 from ragcache.engine.sampling_params import SamplingParams
 from ragcache.engine.sequence import Sequence, TokenLogprob
 
@@ -76,9 +77,11 @@ class Sampler:
     def __init__(self) -> None:
         self.shared_generator = torch.Generator().manual_seed(0)
         self.generators: dict[int, torch.Generator] = {}
+        self.guided = GuidedDecoding()
 
     def forget(self, seq: Sequence) -> None:
         self.generators.pop(seq.seq_id, None)
+        self.guided.forget(seq)
 
     def generator(self, seq: Sequence) -> torch.Generator:
         if seq.params.seed is None:
@@ -122,7 +125,7 @@ class Sampler:
             for row, seq in enumerate(seqs):
                 if seq.params.logprobs is not None:
                     tops[row] = top_logprobs(raw_logprobs[row], seq.params.logprobs)
-        logits = apply_penalties(logits.clone(), seqs)
+        logits = self.guided.mask(apply_penalties(logits.clone(), seqs), seqs)
         greedy = [s.params.greedy for s in seqs]
         tokens = logits.argmax(dim=-1)
         sampled_rows = [i for i, g in enumerate(greedy) if not g]
@@ -147,4 +150,5 @@ class Sampler:
             for row, top in tops.items():
                 token = chosen[row]
                 seqs[row].logprobs.append(TokenLogprob(token, float(raw_logprobs[row, token]), top))
+        self.guided.advance(seqs, chosen)
         return chosen
