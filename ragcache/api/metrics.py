@@ -1,13 +1,18 @@
 """Prometheus /metrics, names under ``ragcache:``, one CollectorRegistry per app.
 
 Request histograms and token counters are fed by the service's generation records;
-engine, chunk-store and ingestion state is read when the endpoint is scraped.
+engine, chunk-store and ingestion state is read when the endpoint is scraped. Every
+series carries ``model_name`` as vLLM's do. No ``_created`` series are written (as in
+vLLM): they clash with the OpenMetrics parser's names. A scraper that accepts
+``application/openmetrics-text`` gets OpenMetrics, others the Prometheus text format.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
+import prometheus_client
 from fastapi import APIRouter, Request, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -17,6 +22,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.registry import Collector
 
 from ragcache.service import GenerationRecord, RagCache
@@ -27,6 +33,20 @@ LATENCY_BUCKETS = (
 TOKEN_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 FRACTION_BUCKETS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)
 
+prometheus_client.disable_created_metrics()
+
+
+def token_buckets(max_model_len: int) -> tuple[float, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to the context length, as vLLM's token histograms."""
+    buckets: list[float] = []
+    scale = 1
+    while True:
+        for step in (1, 2, 5):
+            if step * scale > max_model_len:
+                return tuple(buckets)
+            buckets.append(float(step * scale))
+        scale *= 10
+
 
 class _StateCollector(Collector):
     """Gauges and counters read from the service at scrape time."""
@@ -36,17 +56,26 @@ class _StateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         service = self.service
+        model = service.loaded.name
+        _gauge, _counter = _families(model)
         engine = service.async_engine.run_sync(lambda e: e.stats())
         yield _gauge("num_requests_running", "requests decoding now", engine["num_running"])
         yield _gauge("num_requests_waiting", "requests waiting to start", engine["num_waiting"])
         yield _gauge("kv_cache_usage_perc", "share of KV blocks in use (0-1)", engine["usage"])
         yield _counter(
-            "prefix_cache_queries", "engine prefix-cache block lookups",
-            engine["prefix_cache_queries"],
-        )  # fmt: skip
-        yield _counter(
-            "prefix_cache_hits", "engine prefix-cache block hits", engine["prefix_cache_hits"]
+            "num_preemptions", "sequences preempted to free KV blocks", engine["num_preemptions"]
         )
+        queries, hits = engine["prefix_cache_queries"], engine["prefix_cache_hits"]
+        yield _counter(
+            "prefix_cache_queries", "sequences admitted with a prefix-cache lookup", queries
+        )
+        yield _counter(
+            "prefix_cache_hits", "admitted sequences that reused one cached block or more", hits
+        )
+        yield _gauge(
+            "prefix_cache_hit_rate", "prefix_cache_hits / prefix_cache_queries (0-1)",
+            hits / queries if queries else 0.0,
+        )  # fmt: skip
         yield _gauge("lora_adapters_loaded", "LoRA adapters served", engine["lora_adapters"])
         yield _gauge(
             "lora_adapters_resident",
@@ -56,23 +85,35 @@ class _StateCollector(Collector):
         yield _counter(
             "lora_slot_loads", "LoRA adapters copied into a device slot", engine["lora_slot_loads"]
         )
-        yield from _speculation_metrics(engine)
-        yield from _chunk_store_metrics(service.chunk_cache.stats())
+        yield from _speculation_metrics(engine, model)
+        yield from _chunk_store_metrics(service.chunk_cache.stats(), model)
         totals = service.ingest_totals
         yield _counter("documents_ingested", "documents added or replaced", totals.documents)
         yield _counter("chunks_ingested", "chunks added by ingestion", totals.chunks)
         yield _gauge("ingest_jobs_running", "ingest jobs running now", totals.jobs_running)
 
 
-def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(f"ragcache:{name}", documentation, value=value)
+Family = Callable[[str, str, float], Metric]
 
 
-def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
-    return CounterMetricFamily(f"ragcache:{name}", documentation, value=value)
+def _families(model: str) -> tuple[Family, Family]:
+    """Makers of one-sample gauge and counter families labelled with ``model``."""
+
+    def gauge(name: str, documentation: str, value: float) -> Metric:
+        family = GaugeMetricFamily(f"ragcache:{name}", documentation, labels=["model_name"])
+        family.add_metric([model], value)
+        return family
+
+    def counter(name: str, documentation: str, value: float) -> Metric:
+        family = CounterMetricFamily(f"ragcache:{name}", documentation, labels=["model_name"])
+        family.add_metric([model], value)
+        return family
+
+    return gauge, counter
 
 
-def _speculation_metrics(engine: dict[str, float]) -> Iterator[Metric]:
+def _speculation_metrics(engine: dict[str, float], model: str) -> Iterator[Metric]:
+    _gauge, _counter = _families(model)
     yield _counter(
         "spec_decode_num_drafts", "verification steps that carried draft tokens",
         engine["spec_num_drafts"],
@@ -95,26 +136,35 @@ def _speculation_metrics(engine: dict[str, float]) -> Iterator[Metric]:
     )
 
 
-def _chunk_store_metrics(stats: dict[str, object]) -> Iterator[Metric]:
+def _chunk_store_metrics(stats: dict[str, object], model: str) -> Iterator[Metric]:
+    _gauge, _counter = _families(model)
+    labels = ["model_name", "tier"]
     hits = CounterMetricFamily(
-        "ragcache:chunk_cache_hits", "chunk KV lookups served, by tier", labels=["tier"]
+        "ragcache:chunk_cache_hits", "chunk KV lookups served, by tier", labels=labels
     )
     stored = GaugeMetricFamily(
-        "ragcache:chunk_cache_bytes", "bytes of chunk KV held, by tier", labels=["tier"]
+        "ragcache:chunk_cache_bytes", "bytes of chunk KV held, by tier", labels=labels
     )
     entries = GaugeMetricFamily(
-        "ragcache:chunk_cache_entries", "chunk KV entries held, by tier", labels=["tier"]
+        "ragcache:chunk_cache_entries", "chunk KV entries held, by tier", labels=labels
     )
     tiers = stats["tiers"]
     assert isinstance(tiers, dict)
+    total_hits = 0
     for tier, values in tiers.items():
-        hits.add_metric([tier], values["hits"])
-        stored.add_metric([tier], values["bytes"])
-        entries.add_metric([tier], values["entries"])
+        hits.add_metric([model, tier], values["hits"])
+        stored.add_metric([model, tier], values["bytes"])
+        entries.add_metric([model, tier], values["entries"])
+        total_hits += values["hits"]
     misses = stats["misses"]
     assert isinstance(misses, int)
     yield hits
     yield _counter("chunk_cache_misses", "chunk KV lookups that found nothing", misses)
+    lookups = total_hits + misses
+    yield _gauge(
+        "chunk_cache_hit_rate", "chunk KV lookups served by any tier / all lookups (0-1)",
+        total_hits / lookups if lookups else 0.0,
+    )  # fmt: skip
     yield stored
     yield entries
 
@@ -123,12 +173,18 @@ class ServiceMetrics:
     def __init__(self, service: RagCache) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         registry = self.registry
+        model = service.loaded.name
 
-        def histogram(name: str, text: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(f"ragcache:{name}", text, buckets=buckets, registry=registry)
+        def histogram(name: str, text: str, buckets: tuple[float, ...]) -> Any:
+            family = Histogram(
+                f"ragcache:{name}", text, ["model_name"], buckets=buckets, registry=registry
+            )
+            return family.labels(model)
 
-        def counter(name: str, text: str) -> Counter:
-            return Counter(f"ragcache:{name}", text, registry=registry)
+        def counter(name: str, text: str) -> Any:
+            return Counter(f"ragcache:{name}", text, ["model_name"], registry=registry).labels(
+                model
+            )
 
         self.ttft = histogram(
             "time_to_first_token_seconds", "arrival to first token", LATENCY_BUCKETS
@@ -152,10 +208,27 @@ class ServiceMetrics:
             "cached_prompt_tokens", "prompt tokens whose KV came from a cache"
         )
         self.requests = counter("requests", "finished generations")
+        self.success = Counter(
+            "ragcache:request_success",
+            "finished generations by finish reason (stop, length, abort, ...)",
+            ["model_name", "finished_reason"],
+            registry=registry,
+        )
+        self.model = model
+        buckets = token_buckets(service.engine.max_model_len)
+        self.prompt_histogram = histogram(
+            "request_prompt_tokens", "prompt tokens of a finished request", buckets
+        )
+        self.generation_histogram = histogram(
+            "request_generation_tokens", "tokens generated for a finished request", buckets
+        )
         registry.register(_StateCollector(service))
 
     def observe(self, record: GenerationRecord) -> None:
         self.requests.inc()
+        self.success.labels(self.model, record.finish_reason or "unknown").inc()
+        self.prompt_histogram.observe(record.prompt_tokens)
+        self.generation_histogram.observe(record.completion_tokens)
         self.e2e.observe(record.e2e_s)
         self.queue.observe(record.queue_s)
         if record.ttft_s is not None:
@@ -169,7 +242,9 @@ class ServiceMetrics:
         self.generation_tokens.inc(record.completion_tokens)
         self.cached_prompt_tokens.inc(record.cached_tokens)
 
-    def render(self) -> bytes:
+    def render(self, openmetrics_format: bool = False) -> bytes:
+        if openmetrics_format:
+            return openmetrics.generate_latest(self.registry)
         return generate_latest(self.registry)
 
 
@@ -179,4 +254,7 @@ router = APIRouter()
 @router.get("/metrics")
 def metrics(request: Request) -> Response:
     service_metrics: ServiceMetrics = request.app.state.metrics
+    if "application/openmetrics-text" in request.headers.get("accept", ""):
+        body = service_metrics.render(openmetrics_format=True)
+        return Response(body, media_type=openmetrics.CONTENT_TYPE_LATEST)
     return Response(service_metrics.render(), media_type=CONTENT_TYPE_LATEST)

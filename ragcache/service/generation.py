@@ -84,6 +84,7 @@ class Generator:
             len(last.token_ids),
             prepared.cached_tokens(last.num_cached_tokens),
             report.recompute_fraction if report.context_tokens else None,
+            last.finish_reason,
         )
         for observer in list(self.observers):
             observer(record)

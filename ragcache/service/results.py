@@ -96,3 +96,4 @@ class GenerationRecord:
     completion_tokens: int
     cached_tokens: int
     recompute_fraction: float | None  # None for prompts without chunks
+    finish_reason: str | None = None  # "stop", "length", ... as the engine reports it

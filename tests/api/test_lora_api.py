@@ -3,6 +3,7 @@ lists adapters under their base, and admin keys load and unload adapters at run 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -119,5 +120,5 @@ def test_admin_keys_load_and_unload_adapters_at_run_time(
 def test_metrics_count_adapters(base_url: str) -> None:
     headers = {"Authorization": "Bearer root-key"}
     text = httpx.get(f"{base_url}/metrics", headers=headers, timeout=60).text
-    assert "ragcache:lora_adapters_loaded 1.0" in text
+    assert re.search(r'^ragcache:lora_adapters_loaded\{model_name="[^"]+"\} 1\.0$', text, re.M)
     assert "ragcache:lora_slot_loads_total" in text

@@ -7,6 +7,9 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from ragcache.api.app import create_app
@@ -29,13 +32,17 @@ def base_url(service: RagCache) -> Iterator[str]:
 
 
 def scrape(base_url: str) -> dict[str, float]:
-    """Every sample as 'name{label=value}' -> value."""
+    """Every sample as 'name{label=value}' -> value, less the model_name label that every
+    sample must carry (with one value for the whole server)."""
     text = httpx.get(f"{base_url}/metrics", timeout=60).text
     samples: dict[str, float] = {}
+    models = set()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
+            models.add(sample.labels.pop("model_name"))
             labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
             samples[f"{sample.name}{{{labels}}}"] = sample.value
+    assert len(models) == 1
     return samples
 
 
@@ -68,9 +75,36 @@ def test_metrics_parse_and_move_with_requests(base_url: str, service: RagCache) 
     assert moved("ragcache:chunk_cache_hits_total{tier=host}") >= 2
     assert moved("ragcache:chunk_cache_misses_total{}") >= 2
     assert after["ragcache:chunk_cache_bytes{tier=host}"] > 0
+    assert moved("ragcache:request_success_total{finished_reason=length}") == 2
+    assert moved("ragcache:request_prompt_tokens_count{}") == 2
+    assert moved("ragcache:request_prompt_tokens_sum{}") == moved("ragcache:prompt_tokens_total{}")
+    assert moved("ragcache:request_generation_tokens_sum{}") == 6
+    assert 0 < after["ragcache:chunk_cache_hit_rate{}"] < 1
+    assert 0 <= after["ragcache:prefix_cache_hit_rate{}"] <= 1
+    assert "ragcache:num_preemptions_total{}" in after
     assert moved("ragcache:documents_ingested_total{}") == 1
     assert moved("ragcache:chunks_ingested_total{}") >= 1
     assert after["ragcache:ingest_jobs_running{}"] == 0
+
+
+def test_both_parsers_read_the_metrics_without_created_series(base_url: str) -> None:
+    text = httpx.get(f"{base_url}/metrics", timeout=60).text
+    assert "_created" not in text
+    names = {family.name for family in text_string_to_metric_families(text)}
+    assert "ragcache:request_success" in names
+    reply = httpx.get(
+        f"{base_url}/metrics", headers={"Accept": "application/openmetrics-text"}, timeout=60
+    )
+    assert reply.headers["content-type"].startswith("application/openmetrics-text")
+    assert "_created" not in reply.text and reply.text.endswith("# EOF\n")
+    families = list(openmetrics_families(reply.text))
+    assert {family.name for family in families} >= {
+        "ragcache:request_success",
+        "ragcache:request_prompt_tokens",
+        "ragcache:chunk_cache_hits",
+    }
+    for family in families:
+        assert all("model_name" in sample.labels for sample in family.samples), family.name
 
 
 @pytest.fixture(scope="module")
