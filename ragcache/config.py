@@ -57,6 +57,13 @@ class ServerConfig:
     max_n: int = field(
         default=8, metadata={"help": "most choices (n) one OpenAI-style request may ask for"}
     )
+    cors_origins: str = field(
+        default="",
+        metadata={
+            "help": "comma-separated origins a browser page may call the API from (CORS), "
+            "e.g. https://app.example.com or *; empty: CORS off"
+        },
+    )
 
 
 @dataclass(slots=True)

@@ -11,6 +11,7 @@ from ragcache.api import corpora, docs, lora, metrics, openai_routes, query, sys
 from ragcache.api.auth import AccessKeys, require_admin_key, require_api_key
 from ragcache.api.errors import install_error_handlers
 from ragcache.api.metrics import ServiceMetrics
+from ragcache.api.middleware import install_middleware
 from ragcache.config import ServerConfig
 from ragcache.service import RagCache
 
@@ -53,6 +54,7 @@ def create_app(
     app.state.server_config = server
     app.state.metrics = service_metrics
     install_error_handlers(app)
+    install_middleware(app, server)
     tenant = [Depends(require_api_key(keys))]
     admin = [Depends(require_admin_key(keys))]
     app.include_router(system.health_router)

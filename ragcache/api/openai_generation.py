@@ -13,6 +13,7 @@ from typing import Any
 from fastapi.responses import StreamingResponse
 
 from ragcache.api.errors import error_body, error_code
+from ragcache.api.middleware import current_request_id
 from ragcache.api.openai_format import (
     LogprobFormatter,
     ResponseBuilder,
@@ -161,7 +162,7 @@ def response_builder(service: RagCache, chat: bool, model: str) -> ResponseBuild
     return ResponseBuilder(
         chat,
         model,
-        f"{prefix}-{uuid.uuid4().hex[:24]}",
+        f"{prefix}-{current_request_id() or uuid.uuid4().hex}",
         f"fp_{service.loaded.fingerprint[:12]}",
         LogprobFormatter(service.loaded.tokenizer),
     )
