@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import openai
@@ -22,8 +22,10 @@ pytest.importorskip("llguidance")
 
 
 class Verdict(BaseModel):
+    """Bounded, so that a random-weight model's answer ends well within max_tokens."""
+
     ok: bool
-    grade: int
+    grade: Literal["A", "B", "C"]
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +150,17 @@ def test_tokenize_detokenize_and_version(base_url: str, service: RagCache, model
         assert http.post("/detokenize", json={"tokens": [10**9]}).status_code == 400
         assert http.post("/tokenize", json={"model": "nope", "prompt": "x"}).status_code == 404
         assert http.get("/version").json()["version"]
+
+
+def test_langchain_with_structured_output_returns_the_schema(base_url: str, model: str) -> None:
+    langchain_openai = pytest.importorskip("langchain_openai")
+    chat = langchain_openai.ChatOpenAI(
+        base_url=f"{base_url}/v1",
+        api_key="unused",
+        model=model,
+        max_tokens=40,
+        temperature=0,
+        max_retries=0,
+    )
+    answer = chat.with_structured_output(Verdict).invoke("Grade this answer as JSON.")
+    assert isinstance(answer, Verdict)
