@@ -210,6 +210,7 @@ async def completions(
         raise UnsupportedFieldError("best_of must equal n (or be left out)", "best_of")
     prompts = _prompts(body)
     sampling = body.sampling(body.max_tokens or service.config.service.max_tokens, body.logprobs)
+    sampling = await run_in_threadpool(guided_sampling, service, body.response_format, sampling)
     prepared = [
         await run_in_threadpool(_prepare_completion, service, body, prompt, sampling)
         for prompt in prompts

@@ -143,6 +143,7 @@ class CompletionRequest(GenerationFields):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
+    response_format: dict[str, Any] | None = None
     best_of: int | None = None
 
 

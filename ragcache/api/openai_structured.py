@@ -1,6 +1,7 @@
-"""``response_format`` on the chat route: ``text``, ``json_object`` (any JSON object) and
-``json_schema`` (OpenAI's ``{"name", "schema", "strict"}``), enforced by constrained
-decoding: the sampler draws only tokens the grammar allows (ragcache.engine.guided)."""
+"""``response_format`` on the chat and text completion routes: ``text``, ``json_object``
+(any JSON object) and ``json_schema`` (OpenAI's ``{"name", "schema", "strict"}``),
+enforced by constrained decoding: the sampler draws only tokens the grammar allows
+(ragcache.engine.guided)."""
 
 from __future__ import annotations
 

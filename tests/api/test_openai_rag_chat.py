@@ -134,3 +134,32 @@ def test_streamed_plain_chat_has_no_sources(client: openai.OpenAI, model: str) -
         )
     )
     assert all("ragcache" not in (c.model_extra or {}) for c in chunks)
+
+
+def test_langchain_prompt_template_instructions_reach_the_model(
+    client: openai.OpenAI, model: str
+) -> None:
+    langchain_openai = pytest.importorskip("langchain_openai")
+    from langchain_core.prompts import ChatPromptTemplate
+
+    chat = langchain_openai.ChatOpenAI(
+        base_url=str(client.base_url),
+        api_key="unused",
+        model=model,
+        max_tokens=2,
+        temperature=0,
+        max_retries=0,
+        extra_body={"documents": DOCUMENTS},
+    )
+    bare = ChatPromptTemplate.from_messages([("user", "{question}")]) | chat
+    instructed = (
+        ChatPromptTemplate.from_messages(
+            [("system", "Answer only from the documents, citing them."), ("user", "{question}")]
+        )
+        | chat
+    )
+    sizes = [
+        chain.invoke({"question": QUESTION}).usage_metadata["input_tokens"]
+        for chain in (bare, instructed)
+    ]
+    assert sizes[0] < sizes[1]

@@ -88,6 +88,22 @@ def test_json_schema_streamed_is_json(client: openai.OpenAI, model: str) -> None
     assert set(json.loads(text)) == {"answer"}
 
 
+def test_completions_take_response_format(client: openai.OpenAI, model: str) -> None:
+    reply = client.completions.create(
+        model=model,
+        prompt="Grade this answer as JSON:",
+        max_tokens=40,
+        temperature=0,
+        extra_body={
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "verdict", "schema": Verdict.model_json_schema()},
+            }
+        },
+    )
+    assert Verdict.model_validate_json(reply.choices[0].text)
+
+
 def test_json_object_mode_writes_an_object(client: openai.OpenAI, model: str) -> None:
     reply = client.chat.completions.create(
         model=model,
