@@ -86,7 +86,7 @@ class _StateCollector(Collector):
             "lora_slot_loads", "LoRA adapters copied into a device slot", engine["lora_slot_loads"]
         )
         yield from _speculation_metrics(engine, model)
-        yield from _chunk_store_metrics(service.chunk_cache.stats(), model)
+        yield from chunk_store_metrics(service.chunk_cache.stats(), model)
         totals = service.ingest_totals
         yield _counter("documents_ingested", "documents added or replaced", totals.documents)
         yield _counter("chunks_ingested", "chunks added by ingestion", totals.chunks)
@@ -136,7 +136,7 @@ def _speculation_metrics(engine: dict[str, float], model: str) -> Iterator[Metri
     )
 
 
-def _chunk_store_metrics(stats: dict[str, object], model: str) -> Iterator[Metric]:
+def chunk_store_metrics(stats: dict[str, object], model: str) -> Iterator[Metric]:
     _gauge, _counter = _families(model)
     labels = ["model_name", "tier"]
     hits = CounterMetricFamily(
@@ -151,11 +151,24 @@ def _chunk_store_metrics(stats: dict[str, object], model: str) -> Iterator[Metri
     tiers = stats["tiers"]
     assert isinstance(tiers, dict)
     total_hits = 0
+    errors = CounterMetricFamily(
+        "ragcache:chunk_cache_tier_errors",
+        "failed calls to a shared tier (Redis), by tier",
+        labels=labels,
+    )
+    reachable = GaugeMetricFamily(
+        "ragcache:chunk_cache_tier_reachable",
+        "1 while a shared tier answers, by tier",
+        labels=labels,
+    )
     for tier, values in tiers.items():
         hits.add_metric([model, tier], values["hits"])
         stored.add_metric([model, tier], values["bytes"])
         entries.add_metric([model, tier], values["entries"])
         total_hits += values["hits"]
+        if "errors" in values:  # tiers that can fail apart from this process
+            errors.add_metric([model, tier], values["errors"])
+            reachable.add_metric([model, tier], values["reachable"])
     misses = stats["misses"]
     assert isinstance(misses, int)
     yield hits
@@ -167,6 +180,9 @@ def _chunk_store_metrics(stats: dict[str, object], model: str) -> Iterator[Metri
     )  # fmt: skip
     yield stored
     yield entries
+    if errors.samples:
+        yield errors
+        yield reachable
 
 
 class ServiceMetrics:
@@ -214,6 +230,14 @@ class ServiceMetrics:
             ["model_name", "finished_reason"],
             registry=registry,
         )
+        self.context_tokens = Counter(
+            "ragcache:context_tokens",
+            "context tokens of RAG prompts by how their KV was made: exact (an exact tree "
+            "path, no repair), reused (placed from a chunk cache unrepaired), recomputed "
+            "(repaired by fusion or prefilled)",
+            ["model_name", "kind"],
+            registry=registry,
+        )
         self.model = model
         buckets = token_buckets(service.engine.max_model_len)
         self.prompt_histogram = histogram(
@@ -229,6 +253,15 @@ class ServiceMetrics:
         self.success.labels(self.model, record.finish_reason or "unknown").inc()
         self.prompt_histogram.observe(record.prompt_tokens)
         self.generation_histogram.observe(record.completion_tokens)
+        usage = record.usage
+        if usage is not None and usage.method != "none":
+            kinds = {
+                "exact": usage.exact_tokens,
+                "reused": usage.reused_tokens - usage.exact_tokens,
+                "recomputed": usage.recomputed_tokens,
+            }
+            for kind, tokens in kinds.items():
+                self.context_tokens.labels(self.model, kind).inc(max(tokens, 0))
         self.e2e.observe(record.e2e_s)
         self.queue.observe(record.queue_s)
         if record.ttft_s is not None:

@@ -85,6 +85,7 @@ class Generator:
             prepared.cached_tokens(last.num_cached_tokens),
             report.recompute_fraction if report.context_tokens else None,
             last.finish_reason,
+            prepared.usage,
         )
         for observer in list(self.observers):
             observer(record)

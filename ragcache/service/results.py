@@ -97,3 +97,4 @@ class GenerationRecord:
     cached_tokens: int
     recompute_fraction: float | None  # None for prompts without chunks
     finish_reason: str | None = None  # "stop", "length", ... as the engine reports it
+    usage: CacheUsage | None = None  # the prompt's chunk-cache use (method "none": no chunks)

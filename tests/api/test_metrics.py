@@ -13,10 +13,13 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from ragcache.api.app import create_app
+from ragcache.api.metrics import chunk_store_metrics
 from ragcache.engine.config import SpeculativeConfig
 from ragcache.service import RagCache
 from tests.api.live_server import running_server, tiny_service
 from tests.service_helpers import SAMPLES, minilm, tiny_config, tiny_loaded
+
+KINDS = ("exact", "reused", "recomputed")
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +85,22 @@ def test_metrics_parse_and_move_with_requests(base_url: str, service: RagCache) 
     assert 0 < after["ragcache:chunk_cache_hit_rate{}"] < 1
     assert 0 <= after["ragcache:prefix_cache_hit_rate{}"] <= 1
     assert "ragcache:num_preemptions_total{}" in after
+    kinds = [f"ragcache:context_tokens_total{{kind={kind}}}" for kind in KINDS]
+    assert sum(moved(name) for name in kinds) > 0
+    assert "ragcache:chunk_cache_tier_errors_total{tier=host}" not in after
     assert moved("ragcache:documents_ingested_total{}") == 1
     assert moved("ragcache:chunks_ingested_total{}") >= 1
     assert after["ragcache:ingest_jobs_running{}"] == 0
+
+
+def test_a_shared_tier_reports_its_errors() -> None:
+    tier = {"hits": 3, "bytes": 10, "entries": 1}
+    stats = {"tiers": {"host": tier, "redis": {**tier, "errors": 2, "reachable": 0}}, "misses": 1}
+    families = {family.name: family for family in chunk_store_metrics(stats, "m")}
+    errors = families["ragcache:chunk_cache_tier_errors"].samples
+    assert [(s.labels["tier"], s.value) for s in errors] == [("redis", 2)]
+    assert families["ragcache:chunk_cache_tier_reachable"].samples[0].value == 0
+    assert families["ragcache:chunk_cache_hit_rate"].samples[0].value == 6 / 7
 
 
 def test_both_parsers_read_the_metrics_without_created_series(base_url: str) -> None:
