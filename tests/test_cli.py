@@ -164,3 +164,13 @@ def test_serve_sample_binds_loopback_without_keys(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+
+
+def test_version_and_the_eval_data_dir_spelling(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith("ragcache ")
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "--data_dir" in capsys.readouterr().out

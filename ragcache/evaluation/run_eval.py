@@ -63,7 +63,9 @@ def _parser() -> argparse.ArgumentParser:
         "--corpus", help="evaluate on a corpus in the service (needs --questions-file)"
     )
     source.add_argument("--questions-file", help="JSONL of question/answers for --corpus")
-    source.add_argument("--data-dir", help="service data directory of --corpus")
+    source.add_argument(
+        "--data_dir", "--data-dir", dest="data_dir", help="service data directory of --corpus"
+    )
     source.add_argument("--config", help="service config file of --corpus")
     source.add_argument(
         "--suite",
