@@ -221,14 +221,17 @@ def decode_header(record: bytes | memoryview) -> EntryHeader:
     header_bytes = record[PREAMBLE.size : PREAMBLE.size + header_length]
     if len(header_bytes) != header_length or checksum(header_bytes) != header_sum:
         raise CorruptEntryError("record header fails its checksum")
-    fields = json.loads(bytes(header_bytes))
-    context = fields.pop("context")
-    header = EntryHeader(
-        version=version,
-        context=None if context is None else KeyContext(*context),
-        data_offset=PREAMBLE.size + header_length,
-        **fields,
-    )
+    try:
+        fields = json.loads(bytes(header_bytes))
+        context = fields.pop("context")
+        header = EntryHeader(
+            version=version,
+            context=None if context is None else KeyContext(*context),
+            data_offset=PREAMBLE.size + header_length,
+            **fields,
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CorruptEntryError(f"record header does not parse: {error}") from None
     if header.record_bytes != len(record):
         raise CorruptEntryError(
             f"record is {len(record)} bytes, its header describes {header.record_bytes}"

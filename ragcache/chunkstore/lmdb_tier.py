@@ -122,9 +122,20 @@ class LMDBTier(Tier):
                 txn.abort()
 
     def _with_record(self, key: str, use: Callable[[memoryview], T]) -> T | None:
+        """``use`` applied to the record inside a read transaction. A CorruptEntryError
+        leaves without a traceback through this frame's transaction: an aborted
+        read transaction keeps its LMDB reader slot for as long as the Python object
+        lives, and a kept exception would keep it alive."""
         with self._read() as txn:
             record = txn.get(key.encode("ascii"))
-            return None if record is None else use(record)
+            if record is None:
+                return None
+            try:
+                return use(record)
+            except CorruptEntryError as error:
+                failure = error.with_traceback(None)
+        del txn, record
+        raise failure
 
     def _write(self, action: Callable[[lmdb.Transaction], None]) -> None:
         with self._write_lock:
@@ -196,12 +207,19 @@ class LMDBTier(Tier):
             if record is None:
                 yield None
                 return
-            header = decode_header(record)
             verify = self._must_verify(key)
-            layers = view_layers(record, header, range(header.num_layers), verify)
-            if verify:
-                self._verified.add(key)
-            yield entry_from_header(header, layers)
+            try:
+                header = decode_header(record)
+                layers = view_layers(record, header, range(header.num_layers), verify)
+            except CorruptEntryError as error:
+                failure = error.with_traceback(None)
+            else:
+                if verify:
+                    self._verified.add(key)
+                yield entry_from_header(header, layers)
+                return
+        del txn, record
+        raise failure
 
     def iter_layers(
         self, key: str, layers: Iterable[int], header: EntryHeader | None = None
@@ -250,15 +268,36 @@ class LMDBTier(Tier):
         self._verified.discard(key)
         return True
 
+    def delete_many(self, keys: Iterable[str]) -> int:
+        """Deletes ``keys`` in one durable transaction (one sync for any number);
+        returns how many were here."""
+        present = [key for key in keys if key in self._sizes]
+        if not present:
+            return 0
+
+        def remove(txn: lmdb.Transaction) -> None:
+            for key in present:
+                txn.delete(key.encode("ascii"))
+
+        self._write(remove)
+        for key in present:
+            self._used -= self._sizes.pop(key)
+            self._verified.discard(key)
+        return len(present)
+
     def scan_headers(self) -> Iterator[tuple[str, EntryHeader | CorruptEntryError]]:
+        """Every record's header, or the error that says why it is unusable. The errors
+        carry no traceback, so a scan of any number of bad records holds no reader."""
         for key in self.keys():
-            try:
-                header = self.read_header(key)
-            except CorruptEntryError as error:
-                yield key, error
-                continue
-            if header is not None:
-                yield key, header
+            found = self._header_or_error(key)
+            if found is not None:
+                yield key, found
+
+    def _header_or_error(self, key: str) -> EntryHeader | CorruptEntryError | None:
+        try:
+            return self.read_header(key)
+        except CorruptEntryError as error:
+            return error.with_traceback(None)
 
     def close(self) -> None:
         self.env.close()

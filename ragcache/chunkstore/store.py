@@ -89,7 +89,9 @@ class ChunkStore:
         if disk is None:
             return
         index = self._disk_index
-        for key, header in list(disk.scan_headers()):
+        scanned = list(disk.scan_headers())
+        disk.delete_many(key for key, found in scanned if isinstance(found, CorruptEntryError))
+        for key, header in scanned:
             if isinstance(header, CorruptEntryError):
                 self._drop_corrupt(index, key, header)
                 continue
