@@ -1,8 +1,9 @@
-"""Ingestion: parse -> chunk -> embed -> stage the index -> precompute chunk KV -> commit.
+"""Ingestion: parse -> chunk -> embed -> precompute chunk KV -> commit.
 
 Documents are keyed by the hash of their text, so uploading the same content again
 adds nothing. Everything is staged before the corpus commits in one step (see
-corpus_store), so a failed or killed ingestion leaves the corpus as it was.
+corpus/store.py), so a failed or killed ingestion leaves the corpus as it was. Only
+the commit holds the corpus write lock.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from ragcache.corpus.progress import Progress, no_progress
-from ragcache.corpus.store import ChunkRecord, CorpusChange, CorpusStore, DocumentRecord
+from ragcache.corpus.store import ChunkRecord, CorpusStore, DocumentRecord
 from ragcache.errors import InvalidInputError, UnsupportedTypeError
 from ragcache.retriever.chunker import Chunk, Chunker
 from ragcache.retriever.documents import ACCEPTED_TYPES, Document, DocumentError, parse_bytes
@@ -74,7 +77,21 @@ def content_hash(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
 
 
+@dataclass(slots=True)
+class StagedDocument:
+    """A document ready to commit: its records and the vector of each of its chunks."""
+
+    record: DocumentRecord
+    chunks: list[ChunkRecord]
+    vectors: np.ndarray
+
+
 class Ingestor:
+    """Chunks, embeds and computes KV without the corpus write lock, which it takes
+    only to commit: other corpora, and other changes to this one, never wait on that
+    work. A commit re-reads the corpus, so a change committed meanwhile is kept and a
+    document someone else added meanwhile is skipped."""
+
     def __init__(
         self,
         corpora: CorpusStore,
@@ -94,40 +111,26 @@ class Ingestor:
     ) -> IngestResult:
         began = time.perf_counter()
         result = IngestResult(corpus)
-        with self.corpora.write_lock:
-            change = self.corpora.begin_change(corpus)
-            fresh = self._plan(change, documents, result)
-            chunks = self._chunk(fresh, progress)
-            self._embed(change, chunks, progress)
-            now = time.time()
-            for doc in fresh:
-                doc_chunks = [c for c in chunks if c.doc_id == doc.doc_id]
-                record = DocumentRecord(
-                    doc.doc_id,
-                    content_hash(doc.text),
-                    doc.source,
-                    doc.metadata,
-                    [c.vector_id for c in doc_chunks],
-                    sum(len(c.token_ids) for c in doc_chunks),
-                    now,
-                )
-                change.added.append((record, [_record(c, doc.source) for c in doc_chunks]))
-            if self.precompute_kv is not None and chunks:
-                ids = [c.token_ids + self.separator_ids for c in chunks]
-                result.kv_chunks_computed = self.precompute_kv(ids, progress)
-            if not change.is_empty:
-                progress("commit", 0, 1)
-                self.corpora.commit(change)
-                progress("commit", 1, 1)
-        result.chunks_added = len(chunks)
+        self.corpora.get(corpus)
+        fresh = self._select(corpus, documents, result)
+        chunks = self._chunk(fresh, progress)
+        vectors = self._embed(chunks, progress)
+        staged = self._stage(fresh, chunks, vectors)
+        if self.precompute_kv is not None and chunks:
+            unique = {tuple(c.token_ids): c.token_ids for c in chunks}
+            ids = [token_ids + self.separator_ids for token_ids in unique.values()]
+            result.kv_chunks_computed = self.precompute_kv(ids, progress)
+        if staged:
+            progress("commit", 0, 1)
+            self._commit(corpus, staged, result)
+            progress("commit", 1, 1)
         result.seconds = time.perf_counter() - began
         return result
 
-    def _plan(
-        self, change: CorpusChange, documents: Sequence[Document], result: IngestResult
+    def _select(
+        self, corpus: str, documents: Sequence[Document], result: IngestResult
     ) -> list[Document]:
-        """The documents to add: new content only; a known id with new text replaces."""
-        corpus = change.corpus.name
+        """The documents worth chunking: new content only, each content and id once."""
         fresh: list[Document] = []
         seen_hashes: set[str] = set()
         seen_ids: set[str] = set()
@@ -136,39 +139,98 @@ class Ingestor:
             if digest in seen_hashes or doc.doc_id in seen_ids:
                 result.skipped.append(doc.doc_id)
                 continue
+            if self._known(corpus, doc.doc_id, digest):
+                result.skipped.append(doc.doc_id)
+                continue
             seen_hashes.add(digest)
             seen_ids.add(doc.doc_id)
-            existing = self.corpora.document(corpus, doc.doc_id)
-            if existing is not None and existing.content_hash == digest:
-                result.skipped.append(doc.doc_id)
-                continue
-            if existing is None and self.corpora.doc_id_for_hash(corpus, digest) is not None:
-                result.skipped.append(doc.doc_id)
-                continue
-            if existing is not None:
-                change.removed.append(existing)
-                change.index.remove(existing.chunk_ids)
-                result.replaced.append(doc.doc_id)
-            else:
-                result.added.append(doc.doc_id)
             fresh.append(doc)
         return fresh
 
+    def _known(self, corpus: str, doc_id: str, digest: str) -> bool:
+        """Whether the corpus already holds this content (under this id or another)."""
+        existing = self.corpora.document(corpus, doc_id)
+        if existing is not None:
+            return existing.content_hash == digest
+        return self.corpora.doc_id_for_hash(corpus, digest) is not None
+
     def _chunk(self, documents: Sequence[Document], progress: Progress) -> list[Chunk]:
+        """Every document's chunks; a chunk repeating an earlier one of its own document
+        is dropped (it would only fill retrieval results with copies)."""
         chunks: list[Chunk] = []
         for number, doc in enumerate(documents):
             progress("chunk", number, len(documents))
-            chunks.extend(self.chunker.chunk(doc))
+            seen: set[tuple[int, ...]] = set()
+            for chunk in self.chunker.chunk(doc):
+                tokens = tuple(chunk.token_ids)
+                if tokens not in seen:
+                    seen.add(tokens)
+                    chunks.append(chunk)
         progress("chunk", len(documents), len(documents))
         return chunks
 
-    def _embed(self, change: CorpusChange, chunks: Sequence[Chunk], progress: Progress) -> None:
-        for start in range(0, len(chunks), EMBED_BATCH):
-            progress("embed", start, len(chunks))
-            batch = chunks[start : start + EMBED_BATCH]
-            vectors = self.embedder.embed([c.text for c in batch], batch_size=EMBED_BATCH)
-            change.index.add([c.vector_id for c in batch], vectors)
-        progress("embed", len(chunks), len(chunks))
+    def _embed(self, chunks: Sequence[Chunk], progress: Progress) -> np.ndarray:
+        """One vector per chunk; each distinct text is embedded once."""
+        rows: dict[str, int] = {}
+        for chunk in chunks:
+            rows.setdefault(chunk.text, len(rows))
+        texts = list(rows)
+        parts: list[np.ndarray] = []
+        for start in range(0, len(texts), EMBED_BATCH):
+            progress("embed", start, len(texts))
+            batch = texts[start : start + EMBED_BATCH]
+            parts.append(np.asarray(self.embedder.embed(batch, batch_size=EMBED_BATCH)))
+        progress("embed", len(texts), len(texts))
+        if not parts:
+            return np.zeros((0, self.embedder.dim), dtype=np.float32)
+        unique = np.concatenate(parts)
+        return unique[[rows[chunk.text] for chunk in chunks]]
+
+    def _stage(
+        self, documents: Sequence[Document], chunks: Sequence[Chunk], vectors: np.ndarray
+    ) -> list[StagedDocument]:
+        rows: dict[str, list[int]] = {}
+        for row, chunk in enumerate(chunks):
+            rows.setdefault(chunk.doc_id, []).append(row)
+        staged = []
+        for doc in documents:
+            mine = rows.get(doc.doc_id, [])
+            doc_chunks = [chunks[row] for row in mine]
+            record = DocumentRecord(
+                doc.doc_id,
+                content_hash(doc.text),
+                doc.source,
+                doc.metadata,
+                [c.vector_id for c in doc_chunks],
+                sum(len(c.token_ids) for c in doc_chunks),
+                time.time(),
+            )
+            chunk_records = [_record(c, doc.source) for c in doc_chunks]
+            staged.append(StagedDocument(record, chunk_records, vectors[mine]))
+        return staged
+
+    def _commit(self, corpus: str, staged: Sequence[StagedDocument], result: IngestResult) -> None:
+        """Applies ``staged`` to the corpus as it is now, under the write lock."""
+        with self.corpora.write_lock:
+            change = self.corpora.begin_change(corpus)
+            for doc in staged:
+                record = doc.record
+                if self._known(corpus, record.doc_id, record.content_hash):
+                    result.skipped.append(record.doc_id)
+                    continue
+                existing = self.corpora.document(corpus, record.doc_id)
+                if existing is not None:
+                    change.removed.append(existing)
+                    change.index.remove(existing.chunk_ids)
+                    result.replaced.append(record.doc_id)
+                else:
+                    result.added.append(record.doc_id)
+                if record.chunk_ids:
+                    change.index.add(record.chunk_ids, doc.vectors)
+                change.added.append((record, doc.chunks))
+                result.chunks_added += len(doc.chunks)
+            if not change.is_empty:
+                self.corpora.commit(change)
 
 
 def _record(chunk: Chunk, source: str) -> ChunkRecord:

@@ -305,7 +305,7 @@ rag.ingest(sys.argv[4:], "docs", progress=progress)
 """
 
 
-@pytest.mark.parametrize("stage", ["kv", "commit"])
+@pytest.mark.parametrize("stage", ["chunk", "embed", "kv", "commit"])
 def test_an_ingest_killed_midway_leaves_the_corpus_as_before(tmp_path: Path, stage: str) -> None:
     data = tmp_path / "data"
     with open_service(data) as rag:
