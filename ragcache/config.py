@@ -40,7 +40,18 @@ class ServerConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "address the HTTP server binds"})
     port: int = field(default=8000, metadata={"help": "TCP port of the HTTP server"})
     max_upload_bytes: int = field(
-        default=64 * 1024 * 1024, metadata={"help": "largest accepted upload, in bytes"}
+        default=64 * 1024 * 1024,
+        metadata={
+            "help": "largest accepted upload request body (all files of one upload), in "
+            "bytes; counted while it arrives, 413 above it"
+        },
+    )
+    max_body_bytes: int = field(
+        default=8 * 1024 * 1024,
+        metadata={
+            "help": "largest accepted request body of every other route (JSON), in bytes; "
+            "counted while it arrives, before parsing, 413 above it"
+        },
     )
     api_keys: str = field(
         default="",

@@ -9,6 +9,7 @@ from fastapi import Depends, FastAPI
 
 from ragcache.api import corpora, docs, lora, metrics, openai_routes, query, system
 from ragcache.api.auth import AccessKeys, require_admin_key, require_api_key
+from ragcache.api.body_limit import install_body_limit
 from ragcache.api.errors import install_error_handlers
 from ragcache.api.metrics import ServiceMetrics
 from ragcache.api.middleware import install_middleware
@@ -54,6 +55,7 @@ def create_app(
     app.state.server_config = server
     app.state.metrics = service_metrics
     install_error_handlers(app)
+    install_body_limit(app, server)
     install_middleware(app, server)
     tenant = [Depends(require_api_key(keys))]
     admin = [Depends(require_admin_key(keys))]

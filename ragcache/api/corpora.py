@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
 from ragcache.api.deps import get_server_config, get_service
 from ragcache.api.schemas import CreateCorpusRequest
@@ -48,7 +49,9 @@ def delete_corpus(name: str, service: RagCache = Depends(get_service)) -> dict[s
 
 def _too_large(limit: int) -> PayloadTooLargeError:
     return PayloadTooLargeError(
-        f"upload is larger than server.max_upload_bytes={limit} bytes", "files"
+        f"the upload is larger than server.max_upload_bytes={limit} bytes; send fewer or "
+        "smaller files, or raise server.max_upload_bytes",
+        "files",
     )
 
 
@@ -59,26 +62,27 @@ async def upload_documents(
     service: RagCache = Depends(get_service),
     server: ServerConfig = Depends(get_server_config),
 ) -> dict[str, Any]:
-    """Multipart upload of one or more files; ingestion runs as a background job."""
+    """Multipart upload of one or more files; ingestion runs as a background job.
+
+    The body limit (server.max_upload_bytes) is enforced while the body arrives (see
+    body_limit); the parser spools every file to a temporary file as it comes, and a
+    file is read back only once the whole upload is known to fit."""
     await run_in_threadpool(service.get_corpus, name)
-    limit = server.max_upload_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise InvalidInputError("send the files as multipart/form-data", "files")
-    form = await request.form()
-    files: list[tuple[bytes, str]] = []
-    total = 0
-    for _, value in form.multi_items():
-        if isinstance(value, UploadFile):
-            data = await value.read()
-            total += len(data)
-            if total > limit:
-                raise _too_large(limit)
-            files.append((data, value.filename or "upload"))
-    if not files:
-        raise InvalidInputError("the upload holds no files; send them as form files", "files")
+    try:
+        form = await request.form()
+    except ClientDisconnect:
+        raise InvalidInputError("the upload ended before its last part", "files") from None
+    try:
+        uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+        if sum(upload.size or 0 for upload in uploads) > server.max_upload_bytes:
+            raise _too_large(server.max_upload_bytes)
+        if not uploads:
+            raise InvalidInputError("the upload holds no files; send them as form files", "files")
+        files = [(await upload.read(), upload.filename or "upload") for upload in uploads]
+    finally:
+        await form.close()
     job = await run_in_threadpool(service.submit_ingest, files, name)
     return job.to_dict()
 

@@ -129,7 +129,8 @@ class TenantCorpora:
                 "seconds": result.seconds,
             }
 
-        return self.jobs.submit("ingest", stored, work)
+        job = self.jobs.submit("ingest", stored, work)
+        return dataclasses.replace(job, corpus=corpus)
 
     def delete_document(self, corpus: str, doc_id: str) -> None:
         stored = self.stored_name(corpus)
