@@ -3,6 +3,8 @@ to status codes and ``{"error": {"message", "type", "param"}}`` bodies."""
 
 from __future__ import annotations
 
+import errno
+
 
 class ServiceError(Exception):
     status = 500
@@ -51,3 +53,47 @@ class DataDirError(ServiceError):
     """A data directory that this model or embedder cannot use."""
 
     kind = "data_dir_mismatch"
+
+
+class StorageFullError(ServiceError):
+    """A write the data directory had no room for: the disk or an LMDB map is full."""
+
+    status = 507
+    kind = "insufficient_storage"
+
+
+class StorageBusyError(ServiceError):
+    """Too many concurrent reads of a store; the same request may succeed shortly."""
+
+    status = 503
+    kind = "service_unavailable"
+    retry_after_s = 1
+
+
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def storage_failure(error: BaseException) -> ServiceError | None:
+    """The error a user can act on for a storage failure (disk full, LMDB map full,
+    LMDB readers exhausted), or None when ``error`` is none of these."""
+    import lmdb
+
+    if isinstance(error, lmdb.MapFullError):
+        return StorageFullError(
+            "a store in the data directory reached its LMDB map size (MDB_MAP_FULL); "
+            "delete corpora or documents that are no longer needed, or clear the chunk "
+            "cache (ragcache cache clear), then retry"
+        )
+    disk_full = isinstance(error, lmdb.DiskError) or (
+        isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS
+    )
+    if disk_full:
+        return StorageFullError(
+            f"the disk holding the data directory is full ({error}); free space on it "
+            "or move data_dir to a larger disk, then retry"
+        )
+    if isinstance(error, lmdb.ReadersFullError):
+        return StorageBusyError(
+            "too many reads of the data directory are in flight; retry in a moment"
+        )
+    return None

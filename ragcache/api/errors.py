@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from ragcache.errors import InvalidInputError, PromptTooLongError, ServiceError
+from ragcache.errors import InvalidInputError, PromptTooLongError, ServiceError, storage_failure
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,11 @@ def _status_for(request: Request, status: int) -> int:
 async def _service_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, ServiceError)
     status = _status_for(request, error.status)
-    return error_response(status, error.message, error.kind, error.param, error_code(error))
+    response = error_response(status, error.message, error.kind, error.param, error_code(error))
+    retry_after = getattr(error, "retry_after_s", None)
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    return response
 
 
 async def _validation_error(request: Request, error: Exception) -> JSONResponse:
@@ -80,6 +84,10 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
 
 
 async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
+    translated = storage_failure(error)
+    if translated is not None:
+        log.error("%s %s: %s (%r)", request.method, request.url.path, translated.message, error)
+        return await _service_error(request, translated)
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, f"internal error: {type(error).__name__}", "internal_error", None)
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ragcache.corpus.progress import Progress
-from ragcache.errors import NotFoundError, ServiceError
+from ragcache.errors import NotFoundError, ServiceError, storage_failure
 
 
 @dataclass(slots=True)
@@ -87,11 +87,15 @@ class JobRunner:
             error = {"message": failure.message, "type": failure.kind, "param": failure.param}
             status = "failed"
         except Exception as failure:
-            error = {
-                "message": f"{type(failure).__name__}: {failure}",
-                "type": "internal_error",
-                "param": None,
-            }
+            known = storage_failure(failure)
+            if known is not None:
+                error = {"message": known.message, "type": known.kind, "param": None}
+            else:
+                error = {
+                    "message": f"{type(failure).__name__}: {failure}",
+                    "type": "internal_error",
+                    "param": None,
+                }
             status = "failed"
         with self._done:
             job.result, job.error, job.status = result, error, status

@@ -17,13 +17,14 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lmdb
 
-from ragcache.errors import ConflictError, InvalidParameterError, NotFoundError
+from ragcache.errors import ConflictError, InvalidParameterError, NotFoundError, storage_failure
 from ragcache.retriever.config import RetrieverConfig
 from ragcache.retriever.index import VectorIndex
 
@@ -77,6 +78,18 @@ class CorpusChange:
     @property
     def is_empty(self) -> bool:
         return not self.added and not self.removed
+
+
+@contextmanager
+def storage_errors() -> Iterator[None]:
+    """Disk full and LMDB map full leave as StorageFullError, a message a user can act on."""
+    try:
+        yield
+    except Exception as error:
+        known = storage_failure(error)
+        if known is None:
+            raise
+        raise known from error
 
 
 def validate_corpus_name(name: str) -> str:
@@ -136,7 +149,7 @@ class CorpusStore:
 
     def create(self, name: str, description: str = "") -> CorpusInfo:
         validate_corpus_name(name)
-        with self.write_lock, self.env.begin(write=True) as txn:
+        with self.write_lock, storage_errors(), self.env.begin(write=True) as txn:
             if self._read_corpus(txn, name) is not None:
                 raise ConflictError(f"corpus {name!r} already exists", "name")
             info = CorpusInfo(name, description, time.time())
@@ -146,7 +159,7 @@ class CorpusStore:
     def delete(self, name: str) -> None:
         with self.write_lock:
             self.get(name)
-            with self.env.begin(write=True) as txn:
+            with storage_errors(), self.env.begin(write=True) as txn:
                 for db in (self.docs_db, self.chunks_db, self.hashes_db):
                     for key in list(self._keys_with_prefix(txn, db, _prefix(name))):
                         txn.delete(key, db=db)
@@ -201,9 +214,10 @@ class CorpusStore:
         folder = self.index_root / name / generation
         with self.write_lock:
             try:
-                change.index.save(folder)
-                with self.env.begin(write=True) as txn:
-                    info = self._apply(txn, change, generation)
+                with storage_errors():
+                    change.index.save(folder)
+                    with self.env.begin(write=True) as txn:
+                        info = self._apply(txn, change, generation)
             except BaseException:
                 shutil.rmtree(folder, ignore_errors=True)
                 raise
