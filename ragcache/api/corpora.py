@@ -87,7 +87,7 @@ async def upload_documents(
     return job.to_dict()
 
 
-@router.delete("/v1/corpora/{name}/documents/{doc_id}")
+@router.delete("/v1/corpora/{name}/documents/{doc_id:path}")
 def delete_document(
     name: str, doc_id: str, service: RagCache = Depends(get_service)
 ) -> dict[str, Any]:

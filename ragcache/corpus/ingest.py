@@ -26,6 +26,9 @@ from ragcache.retriever.embedder import Embedder
 FileSource = str | Path | tuple[bytes, str]
 KVPrecompute = Callable[[list[list[int]], Progress], int]
 EMBED_BATCH = 64
+# An LMDB key holds at most 511 bytes; a document's key is its corpus name (64 at most),
+# a separator and its id.
+MAX_DOC_ID_BYTES = 256
 
 
 @dataclass(slots=True)
@@ -70,6 +73,13 @@ def parse_documents(files: Sequence[tuple[bytes, str]]) -> list[Document]:
             if "unsupported file type" in error.problem:
                 raise UnsupportedTypeError(str(error), "files") from None
             raise InvalidInputError(str(error), "files") from None
+    for doc in documents:
+        if len(doc.doc_id.encode("utf-8")) > MAX_DOC_ID_BYTES:
+            raise InvalidInputError(
+                f"{doc.source}: document id {doc.doc_id[:40]!r}... is longer than "
+                f"{MAX_DOC_ID_BYTES} bytes (UTF-8); use a shorter 'id'",
+                "files",
+            )
     return documents
 
 
