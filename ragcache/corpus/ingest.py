@@ -18,7 +18,7 @@ import numpy as np
 
 from ragcache.corpus.progress import Progress, no_progress
 from ragcache.corpus.store import ChunkRecord, CorpusStore, DocumentRecord
-from ragcache.errors import InvalidInputError, UnsupportedTypeError
+from ragcache.errors import InvalidInputError, NotFoundError, UnsupportedTypeError
 from ragcache.retriever.chunker import Chunk, Chunker
 from ragcache.retriever.documents import ACCEPTED_TYPES, Document, DocumentError, parse_bytes
 from ragcache.retriever.embedder import Embedder
@@ -222,7 +222,13 @@ class Ingestor:
     def _commit(self, corpus: str, staged: Sequence[StagedDocument], result: IngestResult) -> None:
         """Applies ``staged`` to the corpus as it is now, under the write lock."""
         with self.corpora.write_lock:
-            change = self.corpora.begin_change(corpus)
+            try:
+                change = self.corpora.begin_change(corpus)
+            except NotFoundError:
+                # The store's own message lists every corpus, other tenants' included.
+                raise NotFoundError(
+                    "the corpus was deleted while this ingest ran; nothing was added", "corpus"
+                ) from None
             for doc in staged:
                 record = doc.record
                 if self._known(corpus, record.doc_id, record.content_hash):

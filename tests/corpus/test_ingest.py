@@ -15,6 +15,7 @@ from ragcache.config import Config
 from ragcache.corpus.ingest import Ingestor, IngestResult
 from ragcache.corpus.jobs import JobRunner
 from ragcache.corpus.store import CorpusStore
+from ragcache.errors import NotFoundError
 from ragcache.retriever.chunker import Chunker
 from ragcache.retriever.documents import Document
 from ragcache.service.corpora import IngestTotals, TenantCorpora
@@ -200,3 +201,15 @@ def test_repeated_chunks_are_embedded_once(setup: Setup):
     assert len(setup.store.index("docs")) == result.chunks_added
     (kv_ids,) = setup.kv_batches
     assert len(kv_ids) == len({tuple(ids) for ids in kv_ids}) == result.chunks_added - 1
+
+
+def test_a_corpus_deleted_during_an_ingest_fails_it_without_naming_others(setup: Setup):
+    setup.corpora.create("doomed")
+    setup.corpora.create("someone-elses")
+    ingest = setup.ingest_in_background("doomed", [Document("d", _text("d"))])
+    _finishes(lambda: setup.corpora.delete("doomed"))
+    setup.embedder.gate.set()
+    with pytest.raises(NotFoundError, match="deleted while this ingest ran") as failure:
+        ingest.join()
+    assert "someone-elses" not in str(failure.value)
+    assert [c.name for c in setup.store.list()] == ["someone-elses"]
