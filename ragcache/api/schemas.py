@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from ragcache.api.method_fields import MethodFields
 from ragcache.engine.sampling_params import MAX_INT64, MAX_SEED, SamplingParams
@@ -21,7 +21,7 @@ class RetrieveRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     query: str = Field(min_length=1)
     corpus: str
-    k: int | None = None
+    k: StrictInt | None = None  # true is not 1
 
 
 class QueryRequest(RetrieveRequest, MethodFields):

@@ -159,6 +159,13 @@ BAD_REQUESTS: dict[str, tuple[str, str, dict[str, Any], int, str | None]] = {
         422,
         "k",
     ),
+    "query k true": (
+        "POST",
+        "/v1/query",
+        {"json": {"query": "q", "corpus": "docs", "k": True}},
+        422,
+        "k",
+    ),
     "query unknown field": (
         "POST",
         "/v1/query",
