@@ -8,7 +8,7 @@ layer's checksum checked; the decoded KV is fused with full reuse (only the ques
 computed) and decoded greedily, so the only difference between answers is the codec.
 A codec spec is a registered name or ``cachegen:K0,K1,K2/V0,V1,V2`` (steps of K and V per
 layer group, in channel standard deviations; the registered cachegen is
-0.6,0.35,0.6/0.4,1.5,1.5).
+0.5,0.25,0.5/0.3,2,2, chosen on questions 50-79 with ``--first 50``).
 
     python -m ragcache.bench.codec_cachegen --data ../shared/data/musique_dev.json \
         --questions 50 --passages 4 [--codecs raw int8 cachegen cachegen:0.5,0.7,0.9]
@@ -207,7 +207,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", required=True, help="MuSiQue-format JSON with passages")
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--questions", type=int, default=50, help="first N questions (0: all)")
+    parser.add_argument("--questions", type=int, default=50, help="N questions (0: all)")
+    parser.add_argument(
+        "--first", type=int, default=0, help="index of the first question (tune on a later slice)"
+    )
     parser.add_argument("--passages", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--codecs", nargs="+", default=["raw", "int8", "cachegen"])
@@ -217,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.argv[1:] if argv is None else argv
     )
     codecs = {spec: codec_from_spec(spec) for spec in args.codecs}
-    examples = load_examples(args.data)
+    examples = load_examples(args.data)[args.first :]
     examples = examples[: args.questions] if args.questions else examples
     torch.manual_seed(0)
     loaded = load_model(ModelConfig(path=args.model, dtype=args.dtype))
@@ -249,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         out.write_text(json.dumps(report, indent=1) + "\n")
         return rows
 
-    for index, item in enumerate(examples):
+    for index, item in enumerate(examples, start=args.first):
         samples += bench.run(index, item, args.passages, codecs)
         rows = write_report()
         progress = ", ".join(

@@ -60,8 +60,8 @@ class CacheGenPlan:
     layers move the first answer token most, V of the later layers hardly at all."""
 
     group_ends: tuple[float, ...] = (1 / 3, 2 / 3, 1.0)
-    key_steps: tuple[float, ...] = (0.6, 0.35, 0.6)
-    value_steps: tuple[float, ...] = (0.4, 1.5, 1.5)
+    key_steps: tuple[float, ...] = (0.5, 0.25, 0.5)
+    value_steps: tuple[float, ...] = (0.3, 2.0, 2.0)
 
     def __post_init__(self) -> None:
         groups = len(self.group_ends)
