@@ -51,35 +51,37 @@ def main(argv: list[str] | None = None) -> None:
     from ragcache.cluster.deployments import ClusterSpec, build_app
 
     config = load_config(args.config, parse_settings(args.set))
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     redis_server = None
     if args.redis_url:
         config.chunkstore.remote_url = args.redis_url
     elif not config.chunkstore.remote_url:
         redis_server = LocalRedis(directory=Path(args.data_root) / "redis").start()
         config.chunkstore.remote_url = redis_server.url
-    ray.init(address=args.address, include_dashboard=False)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    spec = ClusterSpec(
-        config,
-        str(Path(args.data_root).resolve()),
-        corpus_dir=str(Path(args.corpus_dir).resolve()) if args.corpus_dir else None,
-        generators=args.replicas,
-        generator_cpus=args.generator_cpus,
-    )
-    serve.run(build_app(spec), name="ragcache", route_prefix="/")
-    print(
-        f"ragcache cluster: {args.replicas} generator replicas, shared chunk tier at "
-        f"{config.chunkstore.remote_url}; POST JSON to http://{args.host}:{args.port}/",
-        flush=True,
-    )
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    stop.wait()
-    serve.shutdown()
-    ray.shutdown()
-    if redis_server is not None:
-        redis_server.close()
+    try:
+        ray.init(address=args.address, include_dashboard=False)
+        serve.start(http_options={"host": args.host, "port": args.port})
+        spec = ClusterSpec(
+            config,
+            str(Path(args.data_root).resolve()),
+            corpus_dir=str(Path(args.corpus_dir).resolve()) if args.corpus_dir else None,
+            generators=args.replicas,
+            generator_cpus=args.generator_cpus,
+        )
+        serve.run(build_app(spec), name="ragcache", route_prefix="/")
+        print(
+            f"ragcache cluster: {args.replicas} generator replicas, shared chunk tier at "
+            f"{config.chunkstore.remote_url}; POST JSON to http://{args.host}:{args.port}/",
+            flush=True,
+        )
+        stop.wait()
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+        if redis_server is not None:
+            redis_server.close()
 
 
 if __name__ == "__main__":
