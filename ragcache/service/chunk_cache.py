@@ -21,16 +21,23 @@ from ragcache.chunkstore.store import ChunkStore
 from ragcache.chunkstore.tree import KnowledgeTree
 
 
-def chunk_kv_from_entry(entry: ChunkEntry) -> ChunkKV:
-    """The entry's KV; exact only where its namespace's codec keeps every bit (a copy in
-    memory may have been promoted from a lossy disk record)."""
+def chunk_kv_from_entry(entry: ChunkEntry, lossless: bool = True) -> ChunkKV:
+    """The entry's KV; exact only where every codec its copies may have gone through
+    keeps every bit (a copy in memory may have been promoted from a lossy record)."""
     return ChunkKV(
         list(entry.token_ids),
         [k for k, _ in entry.layers],
         [v for _, v in entry.layers],
         torch.tensor(entry.positions, dtype=torch.long),
-        entry.context is not None and get_codec(entry.context.codec).stores_raw_bytes,
+        lossless and entry.context is not None and get_codec(entry.context.codec).stores_raw_bytes,
     )
+
+
+def store_is_lossless(store: ChunkStore) -> bool:
+    """Whether no tier of ``store`` changes the KV it keeps (the remote tier's codec may
+    differ from the disk codec that chunk keys name)."""
+    config = store.config
+    return not config.remote_url or get_codec(config.remote_codec).stores_raw_bytes
 
 
 @dataclass(slots=True)
@@ -42,6 +49,7 @@ class CachedChunk:
 class ChunkCache:
     def __init__(self, store: ChunkStore, context: KeyContext, root_ids: Sequence[int]) -> None:
         self.store = store
+        self.lossless = store_is_lossless(store)
         self.tree = KnowledgeTree.rebuild(store, context, root_ids)
 
     def key(self, token_ids: Sequence[int]) -> str:
@@ -57,7 +65,7 @@ class ChunkCache:
         entry = self.store.get(key, token_ids)
         if entry is None:
             return CachedChunk(None, None)
-        return CachedChunk(chunk_kv_from_entry(entry), tier)
+        return CachedChunk(chunk_kv_from_entry(entry, self.lossless), tier)
 
     def match_path(
         self, chunks: Sequence[Sequence[int]], min_length: int = 1
@@ -74,7 +82,7 @@ class ChunkCache:
             entry = self.store.get(node.key, node.token_ids)
             if entry is None:
                 break
-            kv = chunk_kv_from_entry(entry)
+            kv = chunk_kv_from_entry(entry, self.lossless)
             if not kv.exact:
                 break
             found.append((kv, tier or "?"))

@@ -52,3 +52,18 @@ def test_kv_read_through_a_lossy_codec_never_enters_the_exact_prefix(tmp_path: P
         exact = rag.prepare_corpus(QUESTION, "docs", 2, "prefix_only", {}, None)
     assert exact.fused.placed is not None
     assert exact.fused.placed.exact_prefix > len(rag.prompts.root_ids)
+
+
+def test_a_lossy_remote_codec_makes_cached_kv_inexact(tmp_path: Path) -> None:
+    from ragcache.chunkstore.config import ChunkStoreConfig
+    from ragcache.chunkstore.store import ChunkStore
+    from ragcache.service.chunk_cache import store_is_lossless
+
+    lossy = ChunkStoreConfig(remote_url="redis://127.0.0.1:9/0", remote_codec="int8")
+    plain = ChunkStoreConfig()
+    for config, expected in ((lossy, False), (plain, True)):
+        store = ChunkStore(config, tmp_path / str(expected))
+        try:
+            assert store_is_lossless(store) is expected
+        finally:
+            store.close()
