@@ -1,5 +1,5 @@
 """Time to first token with the chunk KV from the host tier, from the shared Redis tier
-(raw and cachegen records) and computed anew, on MuSiQue passages and the packaged model.
+(raw, int8 and cachegen records) and computed anew, on MuSiQue passages and the packaged model.
 
 Per question, ``--passages`` passages are encoded once; each source then serves them to
 the same fused full-reuse answer (only the question is prefilled) and the time from the
@@ -36,7 +36,7 @@ from ragcache.engine.loader import load_model
 from ragcache.evaluation.examples import load_examples, passage_text
 from ragcache.evaluation.fusion_eval import evaluation_engine
 
-SOURCES = ("recompute", "host", "remote raw", "remote cachegen")
+SOURCES = ("recompute", "host", "remote raw", "remote int8", "remote cachegen")
 
 
 def store_for(source: str, redis_url: str) -> ChunkStore:

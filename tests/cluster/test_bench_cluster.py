@@ -34,4 +34,4 @@ def test_bench_cluster_times_every_source(tmp_path: Path) -> None:
     assert set(report["rows"]) == set(SOURCES)
     assert all(row["samples"] == 2 for row in report["rows"].values())
     assert report["rows"]["host"]["over_host"] == 1
-    assert out.with_suffix(".md").read_text().count("| remote") == 2
+    assert out.with_suffix(".md").read_text().count("| remote") == 3
