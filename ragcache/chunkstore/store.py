@@ -119,8 +119,8 @@ class ChunkStore:
         return [i for i, tier in enumerate(self.tiers) if tier.contains(key)]
 
     def fastest_tier_index(self, key: str) -> int | None:
-        indices = self.tier_indices(key)
-        return indices[0] if indices else None
+        # Stops at the first tier holding the key: slower tiers (Redis) are not asked.
+        return next((i for i, tier in enumerate(self.tiers) if tier.contains(key)), None)
 
     def tier_of(self, key: str) -> str | None:
         index = self.fastest_tier_index(key)
