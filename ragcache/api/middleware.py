@@ -43,6 +43,8 @@ class RequestIdMiddleware:
         asked = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
         request_id = asked if _VALID_ID.fullmatch(asked) else uuid.uuid4().hex
         token = _request_id.set(request_id)
+        # Kept on the request too: error handlers outside this middleware still see it.
+        scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":

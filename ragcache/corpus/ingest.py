@@ -9,6 +9,7 @@ the commit holds the corpus write lock.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ EMBED_BATCH = 64
 # An LMDB key holds at most 511 bytes; a document's key is its corpus name (64 at most),
 # a separator and its id.
 MAX_DOC_ID_BYTES = 256
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -51,9 +54,15 @@ def read_sources(sources: Sequence[FileSource]) -> list[tuple[bytes, str]]:
             continue
         path = Path(source)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in ACCEPTED_TYPES)
+            found, skipped = _folder_files(path)
+            if skipped:
+                log.warning("%s: skipped %d file(s): %s", path, len(skipped), "; ".join(skipped))
             if not found:
-                raise InvalidInputError(f"{path}: folder holds no files of accepted types")
+                raise InvalidInputError(
+                    f"{path}: folder holds no files of accepted types "
+                    f"({', '.join(ACCEPTED_TYPES)}); skipped: {'; '.join(skipped) or 'none'}",
+                    "paths",
+                )
             files.extend((p.read_bytes(), str(p)) for p in found)
         elif path.is_file():
             files.append((path.read_bytes(), str(path)))
@@ -62,6 +71,22 @@ def read_sources(sources: Sequence[FileSource]) -> list[tuple[bytes, str]]:
     if not files:
         raise InvalidInputError("no documents given; send at least one file", "files")
     return files
+
+
+def _folder_files(folder: Path) -> tuple[list[Path], list[str]]:
+    """The files under ``folder`` of accepted types, and each other file with why it is
+    left out (``name (reason)``)."""
+    found: list[Path] = []
+    skipped: list[str] = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = str(path.relative_to(folder))
+        if path.suffix.lower() in ACCEPTED_TYPES:
+            found.append(path)
+        elif path.suffix:
+            skipped.append(f"{name} (unsupported type {path.suffix.lower()})")
+        else:
+            skipped.append(f"{name} (no file extension)")
+    return found, skipped
 
 
 def parse_documents(files: Sequence[tuple[bytes, str]]) -> list[Document]:
