@@ -75,6 +75,13 @@ class ServerConfig:
             "e.g. https://app.example.com or *; empty: CORS off"
         },
     )
+    reports_dir: str = field(
+        default="eval/reports",
+        metadata={
+            "help": "folder of evaluation reports (*.json) that the console at /ui lists "
+            "and plots; relative paths start at the working directory"
+        },
+    )
 
 
 @dataclass(slots=True)

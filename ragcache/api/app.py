@@ -13,6 +13,7 @@ from ragcache.api.body_limit import install_body_limit
 from ragcache.api.errors import install_error_handlers
 from ragcache.api.metrics import ServiceMetrics
 from ragcache.api.middleware import install_middleware
+from ragcache.api.ui import install_console
 from ragcache.config import ServerConfig
 from ragcache.service import RagCache
 
@@ -24,7 +25,8 @@ def create_app(
 
     Tenant routes (corpora, queries, OpenAI-compatible routes) take any API key and see
     only the key's tenant; cache routes, LoRA adapter loading and /metrics take admin keys;
-    the API docs take any key unless server.public_docs. A key setting that does not parse
+    the API docs take any key unless server.public_docs; the console's pages at /ui are
+    public and its data routes take any key. A key setting that does not parse
     raises ConfigError naming it.
     """
     server = server or service.config.server
@@ -65,4 +67,5 @@ def create_app(
     app.include_router(docs.router, dependencies=tenant if docs_behind_key else [])
     for router in (system.router, lora.router, metrics.router):
         app.include_router(router, dependencies=admin)
+    install_console(app, tenant)
     return app
