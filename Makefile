@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ragcache-installed
 
-.PHONY: setup serve test test-fast test-slow test-cluster redis lint bench clean
+.PHONY: setup serve test test-fast test-slow test-cluster test-browser redis chromium lint bench clean
 
 setup: $(STAMP)
 
@@ -23,11 +23,12 @@ $(STAMP): pyproject.toml Makefile
 serve: $(STAMP)
 	$(BIN)/ragcache serve --sample
 
-test: $(STAMP) redis
+test: $(STAMP) redis chromium
 	$(BIN)/ruff check ragcache tests eval
 	$(BIN)/python -m pytest -q
 	$(BIN)/python -m pytest -q -m slow
 	$(BIN)/python -m pytest -q -m cluster
+	$(BIN)/python -m pytest -q -m browser
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -39,12 +40,23 @@ test-slow: $(STAMP)
 test-cluster: $(STAMP) redis
 	$(BIN)/python -m pytest -q -m cluster
 
+# The console's tests drive Debian's chromium through Playwright (no browser download).
+test-browser: $(STAMP) chromium
+	$(BIN)/python -m pytest -q -m browser
+
 # Debian's redis-server, installed when missing (as root, or with passwordless sudo).
 redis:
 	@command -v redis-server >/dev/null 2>&1 || { \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
 		$$SUDO apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server; }
+
+# Debian's chromium, installed when missing (as root, or with passwordless sudo).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check ragcache tests eval
