@@ -4,19 +4,45 @@
     python -m tests.browser.screenshots http://127.0.0.1:8000 docs/console
 
 It uploads two files of samples/ into a corpus `tour`, asks it a question twice (the
-second answer reuses the cached chunk KV), then shows the cache and reports pages.
+second answer reuses the cached chunk KV), shows the cache page while three questions
+go to the sample corpus, then the reports page.
 """
 
 from __future__ import annotations
 
 import argparse
+import threading
 import time
 from pathlib import Path
+
+import httpx
 
 from tests.browser.browser import ask, browser_page, create_corpus, open_page, upload, use_key
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 QUESTION = "Who wrote the Declaration of Independence?"
+# Asked while the cache page samples, so its charts show lookups: two new questions on
+# the sample corpus (some chunks cached, some not), then the first one again.
+LATER_QUESTIONS = [
+    "What did Lincoln say at Gettysburg?",
+    "How does A Tale of Two Cities begin?",
+    "What did Lincoln say at Gettysburg?",
+]
+
+
+def ask_in_background(url: str, key: str) -> threading.Thread:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+
+    def ask_all() -> None:
+        with httpx.Client(base_url=url, headers=headers, timeout=300) as http:
+            for question in LATER_QUESTIONS:
+                body = {"corpus": "sample", "query": question, "max_tokens": 16}
+                http.post("/v1/query", json=body).raise_for_status()
+                time.sleep(3)
+
+    thread = threading.Thread(target=ask_all)
+    thread.start()
+    return thread
 
 
 def main() -> None:
@@ -39,7 +65,8 @@ def main() -> None:
         ask(page, "tour", QUESTION, "cacheblend", "0.15")
         page.screenshot(path=str(args.out / "query.png"), full_page=True)
         open_page(page, args.url, "cache")
-        time.sleep(7)  # a few samples, so the charts have lines
+        ask_in_background(args.url, args.key).join()
+        time.sleep(5)  # a few more samples after the last answer
         page.screenshot(path=str(args.out / "cache.png"), full_page=True)
         open_page(page, args.url, "reports")
         page.wait_for_selector("#report-list li.selected")

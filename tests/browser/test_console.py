@@ -124,6 +124,7 @@ def test_reports_page_plots_a_fusion_sweep(page: Page, base_url: str) -> None:
     use_key(page, USER_KEY)
     open_page(page, base_url, "reports")
     page.wait_for_selector("#report-list li[data-kind='fusion'].selected")
+    assert page.is_visible("#report-chart")
     assert page.locator("#report-chart circle").count() >= 3
     assert "ragcache eval" in page.inner_text("#report-command")
     page.click("#report-list li[data-report='bench_tiers.json']")

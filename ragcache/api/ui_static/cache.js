@@ -1,5 +1,6 @@
 // Cache page: the chunk-cache tiers from /v1/cache/stats (an admin route), sampled while
-// the page is open; bytes by tier and each tier's share of lookups per interval over time.
+// the page is open; bytes by tier and each tier's share of lookups over time, one point
+// per sampling interval that had lookups.
 
 import { api } from "./api.js";
 import { lineChart } from "./charts.js";
@@ -52,21 +53,23 @@ function showCharts() {
   lineChart(
     document.getElementById("bytes-chart"),
     tiers.map((name) => ({ name, points: samples.map((s) => [seconds(s), s.stats.chunks.tiers[name].bytes]) })),
-    { x: "seconds", y: "bytes", xFormat: (v) => v.toFixed(0), yFormat: formatBytes },
+    { x: "seconds", y: "", xFormat: (v) => v.toFixed(0), yFormat: formatBytes },
   );
   const rates = tiers.map((name) => ({ name, points: [] }));
   for (let i = 1; i < samples.length; i += 1) {
     const before = samples[i - 1].stats.chunks;
     const after = samples[i].stats.chunks;
     const lookups = after.hits + after.misses - (before.hits + before.misses);
+    if (lookups <= 0) continue; // no lookups in this interval: no rate to show
     tiers.forEach((name, j) => {
       const hits = after.tiers[name].hits - before.tiers[name].hits;
-      rates[j].points.push([seconds(samples[i]), lookups > 0 ? hits / lookups : 0]);
+      rates[j].points.push([seconds(samples[i]), hits / lookups]);
     });
   }
   lineChart(document.getElementById("hits-chart"), rates, {
     x: "seconds",
-    y: "hit rate",
+    y: "",
+    yRange: [0, 1],
     xFormat: (v) => v.toFixed(0),
     yFormat: (v) => `${(100 * v).toFixed(0)}%`,
   });

@@ -39,7 +39,10 @@ function frame(svg, xRange, yRange, labels) {
     node(svg, "text", { x: x(xv), y: height - MARGIN.bottom + 16, "text-anchor": "middle" }, labels.xFormat(xv));
   }
   node(svg, "text", { x: MARGIN.left + innerW / 2, y: height - 4, "text-anchor": "middle" }, labels.x);
-  node(svg, "text", { x: 12, y: MARGIN.top + innerH / 2, transform: `rotate(-90 12 ${MARGIN.top + innerH / 2})`, "text-anchor": "middle" }, labels.y);
+  if (labels.y) {
+    const middle = MARGIN.top + innerH / 2;
+    node(svg, "text", { x: 12, y: middle, transform: `rotate(-90 12 ${middle})`, "text-anchor": "middle" }, labels.y);
+  }
   return { x, y, width };
 }
 
@@ -51,11 +54,12 @@ function legend(svg, names, width) {
   });
 }
 
-// series: [{name, points: [[x, y], ...]}]
+// series: [{name, points: [[x, y], ...]}]; labels.yRange fixes the y axis (else from data)
 export function lineChart(svg, series, labels) {
   const xs = series.flatMap((s) => s.points.map((p) => p[0]));
   const ys = series.flatMap((s) => s.points.map((p) => p[1]));
-  const { x, y, width } = frame(svg, extent(xs.length ? xs : [0, 1]), extent(ys.length ? ys : [0, 1], true), labels);
+  const yRange = labels.yRange || extent(ys.length ? ys : [0, 1], true);
+  const { x, y, width } = frame(svg, extent(xs.length ? xs : [0, 1]), yRange, labels);
   series.forEach((s, i) => {
     const color = PALETTE[i % PALETTE.length];
     const path = s.points.map((p, j) => `${j ? "L" : "M"}${x(p[0]).toFixed(1)},${y(p[1]).toFixed(1)}`).join("");
@@ -68,7 +72,8 @@ export function lineChart(svg, series, labels) {
 export function scatterChart(svg, points, labels) {
   const xs = points.map((p) => p.x);
   const ys = points.flatMap((p) => [p.y, p.low ?? p.y, p.high ?? p.y]);
-  const { x, y } = frame(svg, extent(xs, true), extent(ys, true), labels);
+  const { x, y, width } = frame(svg, extent(xs, true), extent(ys, true), labels);
+  const placed = [];
   points.forEach((p, i) => {
     const color = PALETTE[i % PALETTE.length];
     if (p.low !== undefined && p.high !== undefined) {
@@ -76,6 +81,24 @@ export function scatterChart(svg, points, labels) {
     }
     const dot = node(svg, "circle", { cx: x(p.x), cy: y(p.y), r: 5, fill: color });
     node(dot, "title", {}, `${p.label}: ${labels.xFormat(p.x)}, ${labels.yFormat(p.y)}`);
-    node(svg, "text", { x: x(p.x) + 7, y: y(p.y) - 6 }, p.label);
+    const box = labelBox(p.label, x(p.x), y(p.y), width, placed);
+    if (box) node(svg, "text", { x: box.x, y: box.y, "text-anchor": box.anchor }, p.label);
   });
+}
+
+// Where a point's label fits without covering one already placed (null: the point's
+// tooltip and the table name it instead).
+function labelBox(text, px, py, width, placed) {
+  const w = text.length * 6;
+  const anchor = px + 7 + w > width - MARGIN.right ? "end" : "start";
+  const left = anchor === "start" ? px + 7 : px - 7 - w;
+  for (const dy of [-6, 12, -18, 24]) {
+    const box = { left, right: left + w, top: py + dy - 10, bottom: py + dy + 2 };
+    const clear = placed.every((o) => box.right < o.left || box.left > o.right || box.bottom < o.top || box.top > o.bottom);
+    if (clear) {
+      placed.push(box);
+      return { x: anchor === "start" ? px + 7 : px - 7, y: py + dy, anchor };
+    }
+  }
+  return null;
 }

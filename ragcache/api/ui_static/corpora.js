@@ -51,7 +51,7 @@ async function refreshDocuments() {
       element(
         "tr",
         { "data-doc": doc.doc_id },
-        element("td", { text: doc.doc_id }),
+        element("td", { class: "id", text: doc.doc_id }),
         element("td", { text: doc.source }),
         element("td", { class: "num", text: String(doc.num_tokens) }),
         element("td", {}, element("button", { class: "danger", text: "Delete", onclick: () => deleteDocument(doc.doc_id) })),

@@ -14,7 +14,9 @@ const QUALITY = [
 ];
 
 function number(value, digits = 3) {
-  return typeof value === "number" ? value.toFixed(digits) : value === undefined || value === null ? "-" : String(value);
+  if (value === undefined || value === null) return "-";
+  if (typeof value !== "number") return String(value);
+  return Number.isInteger(value) ? String(value) : value.toFixed(digits);
 }
 
 function qualityOf(summary) {
@@ -34,7 +36,7 @@ function showFusion(report) {
       high: row[`${key}_hi`],
     }));
   const chart = document.getElementById("report-chart");
-  chart.hidden = false;
+  chart.removeAttribute("hidden"); // an SVG element has no hidden property, only the attribute
   scatterChart(chart, points, {
     x: "TTFT speedup over full prefill (x)",
     y: label,
@@ -58,7 +60,7 @@ function showFusion(report) {
 }
 
 function showOther(report) {
-  document.getElementById("report-chart").hidden = true;
+  document.getElementById("report-chart").setAttribute("hidden", "");
   const shown = { ...report };
   delete shown.command;
   document.getElementById("report-body").replaceChildren(element("pre", { text: JSON.stringify(shown, null, 2).slice(0, 20000) }));
