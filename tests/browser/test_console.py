@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from playwright.sync_api import Page
 
@@ -104,10 +106,26 @@ def test_upload_query_see_sources_and_delete(
     assert f"deleted {doc_id}" in page.inner_text("#notice")
 
 
-def test_cache_page_plots_tiers_over_time(page: Page, base_url: str) -> None:
+def _ingest_and_ask(base_url: str, documents: list[Path]) -> None:
+    """Queries from another client while the cache page samples the tiers."""
+    auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    with httpx.Client(base_url=base_url, headers=auth, timeout=120) as http:
+        http.post("/v1/corpora", json={"name": "tiers"}).raise_for_status()
+        files = [("files", (doc.name, doc.read_bytes())) for doc in documents]
+        job = http.post("/v1/corpora/tiers/documents", files=files).json()
+        while http.get(f"/v1/jobs/{job['job_id']}").json()["status"] not in ("succeeded", "failed"):
+            time.sleep(0.2)
+        for _ in range(2):
+            body = {"corpus": "tiers", "query": "Which mountain is highest?", "max_tokens": 2}
+            http.post("/v1/query", json=body).raise_for_status()
+            time.sleep(2.5)  # past the page's sampling interval
+
+
+def test_cache_page_plots_tiers_over_time(page: Page, base_url: str, documents: list[Path]) -> None:
     use_key(page, ADMIN_KEY)
     open_page(page, base_url, "cache")
     page.wait_for_selector("#tier-table tr[data-tier='host']")
+    _ingest_and_ask(base_url, documents)
     page.wait_for_function("document.querySelectorAll('#hits-chart path').length > 0")
     assert page.locator("#bytes-chart path").count() >= 1
 
