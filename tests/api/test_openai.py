@@ -293,7 +293,8 @@ def test_bad_input_gets_openai_errors_and_the_server_keeps_serving(
             response = http.post(path, json=payload)
         assert response.status_code == status, response.text
         error = response.json()["error"]
-        assert set(error) == {"message", "type", "param", "code"}
+        assert set(error) == {"message", "type", "param", "code", "request_id"}
+        assert error["request_id"] == response.headers["x-request-id"]
         assert error["message"] and error["type"] and error["param"] == param
         good = {"/v1/completions": {"prompt": "ok"}, "/v1/embeddings": {"input": "ok"}}
         payload = _bad_body(path, good.get(path, {}), model, service.config.retriever.embedder)
