@@ -1,5 +1,6 @@
 """Errors the service raises for bad input or missing things; the HTTP layer maps them
-to status codes and ``{"error": {"message", "type", "param"}}`` bodies."""
+to status codes and ``{"error": {"message", "type", "param", "code", "request_id"}}``
+bodies."""
 
 from __future__ import annotations
 
