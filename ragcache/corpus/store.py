@@ -24,6 +24,9 @@ from typing import Any
 
 import lmdb
 
+from ragcache.chunkstore.lmdb_compact import compact_environment
+from ragcache.chunkstore.shared_lock import SharedLock
+from ragcache.corpus.pending import PendingChunks
 from ragcache.errors import ConflictError, InvalidParameterError, NotFoundError, storage_failure
 from ragcache.retriever.config import RetrieverConfig
 from ragcache.retriever.index import VectorIndex
@@ -121,14 +124,32 @@ class CorpusStore:
         self.config = config or RetrieverConfig()
         self.index_root = data_dir / "indexes"
         self.index_root.mkdir(parents=True, exist_ok=True)
-        self.env = lmdb.open(str(data_dir / "corpora.lmdb"), map_size=MAP_SIZE, max_dbs=4)
-        self.corpora_db = self.env.open_db(b"corpora")
-        self.docs_db = self.env.open_db(b"documents")
-        self.chunks_db = self.env.open_db(b"chunks")
-        self.hashes_db = self.env.open_db(b"hashes")
+        self.env_path = data_dir / "corpora.lmdb"
+        self._env_lock = SharedLock()
+        self.env = self._open_env()
         self.write_lock = threading.RLock()
         self._indexes: dict[str, VectorIndex] = {}
         self._remove_uncommitted_indexes()
+
+    def _open_env(self) -> lmdb.Environment:
+        env = lmdb.open(str(self.env_path), map_size=MAP_SIZE, max_dbs=5)
+        self.corpora_db = env.open_db(b"corpora")
+        self.docs_db = env.open_db(b"documents")
+        self.chunks_db = env.open_db(b"chunks")
+        self.hashes_db = env.open_db(b"hashes")
+        self.pending_db = env.open_db(b"pending")
+        return env
+
+    @contextmanager
+    def _begin(self, write: bool = False, db: Any = None) -> Iterator[lmdb.Transaction]:
+        with self._env_lock.shared(), self.env.begin(write=write, db=db) as txn:
+            yield txn
+
+    def compact(self) -> None:
+        """Rewrites the records file without the free pages that still hold the bytes
+        of deleted records (see chunkstore/lmdb_compact.py)."""
+        with self.write_lock, self._env_lock.exclusive():
+            self.env = compact_environment(self.env, self.env_path, self._open_env)
 
     def close(self) -> None:
         self.env.close()
@@ -136,11 +157,11 @@ class CorpusStore:
     # ---- corpora -------------------------------------------------------------------
 
     def list(self) -> list[CorpusInfo]:
-        with self.env.begin(db=self.corpora_db) as txn:
+        with self._begin(db=self.corpora_db) as txn:
             return [CorpusInfo(**json.loads(value)) for _, value in txn.cursor()]
 
     def get(self, name: str) -> CorpusInfo:
-        with self.env.begin() as txn:
+        with self._begin() as txn:
             info = self._read_corpus(txn, name)
         if info is None:
             known = ", ".join(c.name for c in self.list()) or "none yet"
@@ -149,7 +170,7 @@ class CorpusStore:
 
     def create(self, name: str, description: str = "") -> CorpusInfo:
         validate_corpus_name(name)
-        with self.write_lock, storage_errors(), self.env.begin(write=True) as txn:
+        with self.write_lock, storage_errors(), self._begin(write=True) as txn:
             if self._read_corpus(txn, name) is not None:
                 raise ConflictError(f"corpus {name!r} already exists", "name")
             info = CorpusInfo(name, description, time.time())
@@ -159,38 +180,64 @@ class CorpusStore:
     def delete(self, name: str) -> None:
         with self.write_lock:
             self.get(name)
-            with storage_errors(), self.env.begin(write=True) as txn:
+            with storage_errors(), self._begin(write=True) as txn:
                 for db in (self.docs_db, self.chunks_db, self.hashes_db):
                     for key in list(self._keys_with_prefix(txn, db, _prefix(name))):
                         txn.delete(key, db=db)
                 txn.delete(name.encode(), db=self.corpora_db)
             self._indexes.pop(name, None)
             shutil.rmtree(self.index_root / name, ignore_errors=True)
+            self.compact()
 
     # ---- records -------------------------------------------------------------------
 
     def documents(self, name: str) -> list[DocumentRecord]:
         self.get(name)
-        with self.env.begin(db=self.docs_db) as txn:
+        with self._begin(db=self.docs_db) as txn:
             return [
                 DocumentRecord(**json.loads(txn.get(key)))
                 for key in self._keys_with_prefix(txn, self.docs_db, _prefix(name))
             ]
 
     def document(self, name: str, doc_id: str) -> DocumentRecord | None:
-        with self.env.begin() as txn:
+        with self._begin() as txn:
             value = txn.get(_prefix(name) + doc_id.encode(), db=self.docs_db)
         return None if value is None else DocumentRecord(**json.loads(value))
 
     def doc_id_for_hash(self, name: str, content_hash: str) -> str | None:
-        with self.env.begin() as txn:
+        with self._begin() as txn:
             value = txn.get(_prefix(name) + content_hash.encode(), db=self.hashes_db)
         return None if value is None else value.decode()
 
     def chunks(self, name: str, chunk_ids: list[int]) -> list[ChunkRecord | None]:
-        with self.env.begin(db=self.chunks_db) as txn:
+        with self._begin(db=self.chunks_db) as txn:
             values = [txn.get(_chunk_key(name, chunk_id)) for chunk_id in chunk_ids]
         return [None if v is None else ChunkRecord(**json.loads(v)) for v in values]
+
+    def chunk_token_lists(self, name: str) -> list[list[int]]:
+        """Token ids of every chunk of corpus ``name``."""
+        with self._begin(db=self.chunks_db) as txn:
+            return [
+                json.loads(txn.get(key))["token_ids"]
+                for key in self._keys_with_prefix(txn, self.chunks_db, _prefix(name))
+            ]
+
+    # ---- pending chunk KV (see pending.py) ---------------------------------------------
+
+    def put_pending(self, record: PendingChunks) -> None:
+        with storage_errors(), self._begin(write=True) as txn:
+            txn.put(record.ticket.encode(), record.encode(), db=self.pending_db)
+
+    def remove_pending(self, ticket: str) -> None:
+        with storage_errors(), self._begin(write=True) as txn:
+            txn.delete(ticket.encode(), db=self.pending_db)
+
+    def pending(self) -> list[tuple[str, PendingChunks | None]]:
+        """Every pending record by ticket; None where a record does not parse."""
+        with self._begin(db=self.pending_db) as txn:
+            return [
+                (bytes(key).decode(), PendingChunks.decode(value)) for key, value in txn.cursor()
+            ]
 
     def index(self, name: str) -> VectorIndex:
         """The live index of a corpus (shared; never modify it, stage a change)."""
@@ -216,13 +263,15 @@ class CorpusStore:
             try:
                 with storage_errors():
                     change.index.save(folder)
-                    with self.env.begin(write=True) as txn:
+                    with self._begin(write=True) as txn:
                         info = self._apply(txn, change, generation)
             except BaseException:
                 shutil.rmtree(folder, ignore_errors=True)
                 raise
             self._indexes[name] = change.index
             self._remove_uncommitted_indexes(name)
+            if change.removed:
+                self.compact()
         return info
 
     def _apply(self, txn: lmdb.Transaction, change: CorpusChange, generation: str) -> CorpusInfo:
