@@ -118,3 +118,27 @@ def test_another_tenants_copy_stays(rag: RagCache) -> None:
     rag.delete_document("docs", "secret")
     assert tenant.query(QUESTION, "docs", k=1).cache.computed_tokens == 0
     assert len(cached_lists(rag)) < before
+
+
+@pytest.mark.cluster
+def test_the_remote_tier_forgets_a_deleted_document_too(tmp_path: Path) -> None:
+    from ragcache.cluster.redis_server import LocalRedis
+
+    with LocalRedis() as server:
+        config = tiny_config(tmp_path / "data")
+        config.chunkstore.remote_url = server.url
+        with RagCache(config=config, loaded=tiny_loaded(), embedder=minilm()) as rag:
+            rag.create_corpus("docs")
+            rag.ingest([upload("secret", SECRET), upload("public", PUBLIC)], "docs")
+            remote = rag.store.tiers[-1]
+            assert remote.name == "remote" and remote.keys()
+            secret = chunk_token_lists(rag, "docs", "secret")
+
+            rag.delete_document("docs", "secret")
+
+            assert recoverable(rag, secret) == []
+            client = remote.client  # type: ignore[attr-defined]
+            values = [client.dump(key) or b"" for key in client.keys("*")]
+            for token_ids in secret:
+                assert not any(form in value for value in values for form in encodings(token_ids))
+            assert len(remote.keys()) == len(chunk_token_lists(rag, "docs", "public"))
