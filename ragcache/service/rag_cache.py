@@ -79,7 +79,9 @@ class RagCache:
         self.data_dir = open_data_dir(self.config, self.loaded, self.embedder)
         self.prompts = PromptBuilder(self.loaded.tokenizer, service.system_prompt)
         self.chunker = Chunker.from_config(self.loaded.tokenizer, self.config.retriever)
-        self.corpora = CorpusStore(self.data_dir, self.embedder.dim, self.config.retriever)
+        self.corpora = CorpusStore(
+            self.data_dir, self.embedder.dim, self.config.retriever, self.embedder.embed
+        )
         cost_model = cost_model_for(
             self.config.chunkstore.cost_model, self.loaded, self.data_dir / "calibration"
         )
