@@ -26,6 +26,7 @@ import lmdb
 import numpy as np
 
 from ragcache.chunkstore.lmdb_compact import compact_environment
+from ragcache.chunkstore.lmdb_health import data_file_problem
 from ragcache.chunkstore.shared_lock import SharedLock
 from ragcache.corpus.checksums import (
     CorpusDamagedError,
@@ -35,7 +36,13 @@ from ragcache.corpus.checksums import (
     unseal,
 )
 from ragcache.corpus.pending import PendingChunks
-from ragcache.errors import ConflictError, InvalidParameterError, NotFoundError, storage_failure
+from ragcache.errors import (
+    ConflictError,
+    DataDirError,
+    InvalidParameterError,
+    NotFoundError,
+    storage_failure,
+)
 from ragcache.retriever.config import RetrieverConfig
 from ragcache.retriever.index import VectorIndex
 
@@ -158,13 +165,38 @@ class CorpusStore:
         self._remove_uncommitted_indexes()
 
     def _open_env(self) -> lmdb.Environment:
+        """The records environment, every page walked once; a damaged file is refused
+        before it is mapped (a truncated one would kill the process with SIGBUS). It is
+        not a cache: nothing else holds the documents, so it is never moved aside."""
+        problem = data_file_problem(self.env_path / "data.mdb")
+        if problem is None:
+            try:
+                return self._open_and_walk()
+            except lmdb.Error as error:
+                problem = f"{type(error).__name__}: {error}"
+        raise DataDirError(
+            f"{self.env_path / 'data.mdb'} is damaged ({problem}). It holds every corpus's "
+            "documents and cannot be rebuilt from the other files: restore the data "
+            "directory from a backup, or move it away and ingest the documents again.",
+            param="data_dir",
+        )
+
+    def _open_and_walk(self) -> lmdb.Environment:
         env = lmdb.open(str(self.env_path), map_size=MAP_SIZE, max_dbs=6)
-        self.corpora_db = env.open_db(b"corpora")
-        self.docs_db = env.open_db(b"documents")
-        self.chunks_db = env.open_db(b"chunks")
-        self.hashes_db = env.open_db(b"hashes")
-        self.pending_db = env.open_db(b"pending")
-        self.checksums_db = env.open_db(b"index_checksums")
+        try:
+            self.corpora_db = env.open_db(b"corpora")
+            self.docs_db = env.open_db(b"documents")
+            self.chunks_db = env.open_db(b"chunks")
+            self.hashes_db = env.open_db(b"hashes")
+            self.pending_db = env.open_db(b"pending")
+            self.checksums_db = env.open_db(b"index_checksums")
+            with env.begin(buffers=True) as txn:
+                for db in (self.corpora_db, self.docs_db, self.chunks_db, self.hashes_db):
+                    for _, value in txn.cursor(db=db):
+                        bytes(value[:1])
+        except BaseException:
+            env.close()
+            raise
         return env
 
     @contextmanager
