@@ -9,9 +9,13 @@ on-disk format on 64-bit builds (a page header of 16 bytes, then MDB_meta).
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import struct
 import time
 from pathlib import Path
+
+import lmdb
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +26,7 @@ PAGE_SIZE_OFFSET = PAGE_HEADER_BYTES + 24  # the free DB's md_pad holds the page
 LAST_PAGE_OFFSET = PAGE_HEADER_BYTES + 120  # mm_last_pg, then mm_txnid
 FALLBACK_PAGE_SIZE = 4096
 MAX_PLAUSIBLE_BYTES = 1 << 50
+WALK_FAILED = 3
 
 
 def _page_size(head: bytes) -> int:
@@ -85,3 +90,41 @@ def move_aside(directory: Path, problem: str, what: str) -> Path:
         target,
     )
     return target
+
+
+def _walk(directory: Path, named_dbs: tuple[bytes, ...]) -> None:
+    env = lmdb.open(str(directory), readonly=True, lock=False, max_dbs=len(named_dbs) or 0)
+    try:
+        dbs = [env.open_db(name, create=False) for name in named_dbs] or [None]
+        with env.begin(buffers=True) as txn:
+            for db in dbs:
+                for key, value in txn.cursor(db=db):
+                    bytes(key[:1])
+                    bytes(value[:1])
+                    bytes(value[-1:])
+    finally:
+        env.close()
+
+
+def walk_problem(directory: Path, named_dbs: tuple[bytes, ...] = ()) -> str | None:
+    """Why reading every record of the environment fails, or None. The walk runs in a
+    forked child: a garbled page can point LMDB past the end of the file, and the
+    SIGBUS that follows then ends the child, not this process."""
+    if not (directory / "data.mdb").exists():
+        return None
+    child = os.fork()
+    if child == 0:
+        code = 0
+        try:
+            _walk(directory, named_dbs)
+        except lmdb.Error:
+            code = WALK_FAILED
+        except BaseException:
+            code = WALK_FAILED + 1
+        os._exit(code)
+    _, status = os.waitpid(child, 0)
+    if os.WIFSIGNALED(status):
+        return f"reading its pages crashed with {signal.Signals(os.WTERMSIG(status)).name}"
+    if os.WEXITSTATUS(status) != 0:
+        return "its pages do not read back (LMDB reports them corrupted)"
+    return None

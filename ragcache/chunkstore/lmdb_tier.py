@@ -30,7 +30,7 @@ from ragcache.chunkstore.entry import (
     view_layers,
 )
 from ragcache.chunkstore.lmdb_compact import compact_environment
-from ragcache.chunkstore.lmdb_health import data_file_problem, move_aside
+from ragcache.chunkstore.lmdb_health import data_file_problem, move_aside, walk_problem
 from ragcache.chunkstore.shared_lock import SharedLock
 from ragcache.chunkstore.tier import PreparedEntry, Tier
 
@@ -76,7 +76,7 @@ class LMDBTier(Tier):
         """The environment and every record's size; a file that fails its checks or
         its first full walk is moved aside and an empty one opened (it is a cache)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        problem = data_file_problem(self.directory / "data.mdb")
+        problem = data_file_problem(self.directory / "data.mdb") or walk_problem(self.directory)
         if problem is None:
             env = None
             try:

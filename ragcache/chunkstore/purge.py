@@ -95,7 +95,7 @@ def purge(store: ChunkStore, select: Callable[[StoredChunk], bool]) -> PurgeRepo
 def unreachable(store: ChunkStore) -> Callable[[StoredChunk], bool]:
     """A selection of entries cached after a chunk that is no longer stored: no lookup
     can reach them."""
-    keys = {chunk.key for chunk in stored_chunks(store)}
+    keys = {key for tier in store.tiers for key in tier.keys()}
 
     def select(chunk: StoredChunk) -> bool:
         return len(chunk.parent_keys) > 1 and chunk.parent_keys[-1] not in keys

@@ -26,7 +26,7 @@ import lmdb
 import numpy as np
 
 from ragcache.chunkstore.lmdb_compact import compact_environment
-from ragcache.chunkstore.lmdb_health import data_file_problem
+from ragcache.chunkstore.lmdb_health import data_file_problem, walk_problem
 from ragcache.chunkstore.shared_lock import SharedLock
 from ragcache.corpus.checksums import (
     CorpusDamagedError,
@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 Embed = Callable[[Sequence[str]], np.ndarray]
 CORPUS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAP_SIZE = 1 << 36
+RECORD_DBS = (b"corpora", b"documents", b"chunks", b"hashes")
 _SEP = b"\x00"
 
 
@@ -168,7 +169,9 @@ class CorpusStore:
         """The records environment, every page walked once; a damaged file is refused
         before it is mapped (a truncated one would kill the process with SIGBUS). It is
         not a cache: nothing else holds the documents, so it is never moved aside."""
-        problem = data_file_problem(self.env_path / "data.mdb")
+        problem = data_file_problem(self.env_path / "data.mdb") or walk_problem(
+            self.env_path, RECORD_DBS
+        )
         if problem is None:
             try:
                 return self._open_and_walk()

@@ -87,9 +87,13 @@ def test_a_full_corpus_store_fails_the_ingest_and_keeps_the_corpus(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = tmp_path / "data"
-    big = [(json.dumps({"id": "big", "text": "word " * 120_000}).encode(), "big.json")]
+    text = "\n\n".join(
+        f"Ledger entry {n}: the mill ground {n * 7} bushels of wheat for farm {n % 97}."
+        for n in range(2000)
+    )
+    big = [(json.dumps({"id": "big", "text": text}).encode(), "big.json")]
     with monkeypatch.context() as patch:
-        patch.setattr(ragcache.corpus.store, "MAP_SIZE", 512 * 1024)
+        patch.setattr(ragcache.corpus.store, "MAP_SIZE", 256 * 1024)
         with open_service(data) as rag:
             rag.create_corpus("docs")
             rag.ingest([GETTYSBURG], "docs")
