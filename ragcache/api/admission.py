@@ -48,11 +48,15 @@ class OverloadedError(ServiceError):
 
 @dataclass(slots=True)
 class HeldIngest:
-    job_id: str
+    """Upload bytes held from admission (no job yet) until the upload's job finishes."""
+
+    job_id: str | None
     nbytes: int
     service: RagCache
 
     def finished(self) -> bool:
+        if self.job_id is None:
+            return False
         try:
             return self.service.jobs.get(self.job_id).finished
         except NotFoundError:
@@ -107,8 +111,9 @@ class Admission:
         with self._lock:
             return self._in_flight.get(tenant, 0)
 
-    def admit_ingest(self, tenant: str, nbytes: int) -> None:
-        """Refuses an upload of ``nbytes`` that would pass the tenant's or global limits."""
+    def admit_ingest(self, tenant: str, nbytes: int, service: RagCache) -> HeldIngest:
+        """Holds ``nbytes`` of the tenant's upload, or refuses it when they would pass the
+        tenant's or global limits. Name the job with ``started``, or ``release`` it."""
         server = self.server
         with self._lock:
             for tenant_name, held in list(self._ingests.items()):
@@ -134,8 +139,20 @@ class Admission:
                         INGEST_RETRY_AFTER_S,
                     )
                 )
+            held = HeldIngest(None, nbytes, service)
+            self._ingests.setdefault(tenant, []).append(held)
+            return held
+
+    def started(self, held: HeldIngest, job_id: str) -> None:
+        with self._lock:
+            held.job_id = job_id
+
+    def release(self, tenant: str, held: HeldIngest) -> None:
+        with self._lock:
+            self._ingests[tenant] = [h for h in self._ingests.get(tenant, []) if h is not held]
 
     def hold_ingest(self, tenant: str, job_id: str, nbytes: int, service: RagCache) -> None:
+        """Holds bytes for a job already running (admitted some other way)."""
         with self._lock:
             self._ingests.setdefault(tenant, []).append(HeldIngest(job_id, nbytes, service))
 

@@ -82,13 +82,20 @@ async def upload_documents(
         if not uploads:
             raise InvalidInputError("the upload holds no files; send them as form files", "files")
         admission, tenant = request.app.state.admission, tenant_of(request)
-        nbytes = sum(upload.size or 0 for upload in uploads)
-        admission.admit_ingest(tenant, nbytes)
-        files = [(await upload.read(), upload.filename or "upload") for upload in uploads]
+        held = admission.admit_ingest(tenant, sum(upload.size or 0 for upload in uploads), service)
+        try:
+            files = [(await upload.read(), upload.filename or "upload") for upload in uploads]
+        except BaseException:
+            admission.release(tenant, held)
+            raise
     finally:
         await form.close()
-    job = await run_in_threadpool(service.submit_ingest, files, name)
-    admission.hold_ingest(tenant, job.job_id, nbytes, service)
+    try:
+        job = await run_in_threadpool(service.submit_ingest, files, name)
+    except BaseException:
+        admission.release(tenant, held)
+        raise
+    admission.started(held, job.job_id)
     return job.to_dict()
 
 
