@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ragcache-installed
 
-.PHONY: setup serve test test-fast test-slow test-cluster test-browser redis chromium lint bench clean
+.PHONY: setup serve test test-fast test-slow test-cluster test-browser test-fault redis chromium lint bench clean
 
 setup: $(STAMP)
 
@@ -29,12 +29,17 @@ test: $(STAMP) redis chromium
 	$(BIN)/python -m pytest -q -m slow
 	$(BIN)/python -m pytest -q -m cluster
 	$(BIN)/python -m pytest -q -m browser
+	$(BIN)/python -m pytest -q -m fault
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# The fault tests damage files of their own data directories and kill their own processes.
+test-fault: $(STAMP)
+	$(BIN)/python -m pytest -q -m fault
 
 # The cluster tests start their own redis-server (and Ray) on loopback ports.
 test-cluster: $(STAMP) redis

@@ -70,8 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--json", action="store_true", help="print the whole result as JSON")
     query.add_argument("--adapter", help="answer with this LoRA adapter (see --lora)")
     _add_lora_flag(query)
-    cache = add("cache", "show or clear the chunk cache")
-    cache.add_argument("action", choices=("stats", "clear"))
+    cache = add("cache", "show, clear or garbage-collect the chunk cache")
+    cache.add_argument(
+        "action",
+        choices=("stats", "clear", "gc"),
+        help="gc removes chunk KV orphaned by killed ingests or deletions",
+    )
     evaluate = commands.add_parser(
         "eval", help="quality-vs-latency sweep of fusion methods", add_help=False
     )
@@ -173,6 +177,10 @@ def _query(args: argparse.Namespace, config: Config) -> None:
 
 def _cache(args: argparse.Namespace, config: Config) -> None:
     with _service(config) as service:
+        if args.action == "gc":
+            print(f"cache gc at start-up: {service.startup_collection.summary()}")
+            print(f"cache gc: {service.cache_gc().summary()}")
+            return
         out = service.cache_stats() if args.action == "stats" else service.cache_clear()
     print(json.dumps(out, indent=2))
 

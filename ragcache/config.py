@@ -82,6 +82,34 @@ class ServerConfig:
             "and plots; relative paths start at the working directory"
         },
     )
+    max_requests_in_flight: int = field(
+        default=256,
+        metadata={
+            "help": "most API requests served at once, all tenants together; more get 503 "
+            "with Retry-After (0: no limit)"
+        },
+    )
+    tenant_max_requests_in_flight: int = field(
+        default=32,
+        metadata={
+            "help": "most API requests one tenant has served at once; more get 429 with "
+            "Retry-After (0: no limit)"
+        },
+    )
+    tenant_max_ingest_bytes: int = field(
+        default=1024 * 1024 * 1024,
+        metadata={
+            "help": "most upload bytes one tenant may have waiting or being ingested; more "
+            "get 429 with Retry-After (0: no limit)"
+        },
+    )
+    max_queued_ingest_jobs: int = field(
+        default=64,
+        metadata={
+            "help": "most ingest jobs waiting or running, all tenants together; more get 503 "
+            "with Retry-After (0: no limit)"
+        },
+    )
 
 
 @dataclass(slots=True)

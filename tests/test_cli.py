@@ -174,3 +174,28 @@ def test_version_and_the_eval_data_dir_spelling(capsys: pytest.CaptureFixture[st
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     assert "--data_dir" in capsys.readouterr().out
+
+
+def test_cache_gc_removes_orphans_and_prints_a_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ragcache.chunkstore import ChunkStore, ChunkStoreConfig
+    from tests.chunkstore.helpers import ROOT_KEY, make_entry
+
+    data = tmp_path / "data"
+    flags = flag_args(data)
+    assert main(["ingest", str(SAMPLES / "gettysburg_address.md"), "--corpus", "s", *flags]) == 0
+    capsys.readouterr()
+    # An entry cached after a chunk the store no longer holds: no lookup reaches it.
+    store = ChunkStore(ChunkStoreConfig(disk_initial_map_bytes=1 << 20), data / "chunks")
+    entries = store.stats()["tiers"]["disk"]["entries"]
+    store.put(make_entry(7, parent_keys=[ROOT_KEY, "0" * 40]))
+    store.close()
+
+    assert main(["cache", "gc", *flags]) == 0
+    out = capsys.readouterr().out
+    assert "cache gc at start-up: 0 pending records settled; 1 chunk entries removed" in out
+    assert "disk file compacted" in out
+    assert "cache gc: 0 pending records settled; 0 chunk entries removed" in out
+    assert main(["cache", "stats", *flags]) == 0
+    assert json.loads(capsys.readouterr().out)["chunks"]["tiers"]["disk"]["entries"] == entries

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from ragcache.api import corpora, docs, lora, metrics, openai_routes, query, system
+from ragcache.api.admission import Admission, request_slot
 from ragcache.api.auth import AccessKeys, require_admin_key, require_api_key
 from ragcache.api.body_limit import install_body_limit
 from ragcache.api.errors import install_error_handlers
@@ -56,10 +57,11 @@ def create_app(
     app.state.service = service
     app.state.server_config = server
     app.state.metrics = service_metrics
+    app.state.admission = Admission(server)
     install_error_handlers(app)
     install_body_limit(app, server)
     install_middleware(app, server)
-    tenant = [Depends(require_api_key(keys))]
+    tenant = [Depends(require_api_key(keys)), Depends(request_slot)]
     admin = [Depends(require_admin_key(keys))]
     app.include_router(system.health_router)
     for router in (corpora.router, query.router, openai_routes.router):

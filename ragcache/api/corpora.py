@@ -10,6 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
+from ragcache.api.admission import tenant_of
 from ragcache.api.deps import get_server_config, get_service
 from ragcache.api.schemas import CreateCorpusRequest
 from ragcache.config import ServerConfig
@@ -80,10 +81,21 @@ async def upload_documents(
             raise _too_large(server.max_upload_bytes)
         if not uploads:
             raise InvalidInputError("the upload holds no files; send them as form files", "files")
-        files = [(await upload.read(), upload.filename or "upload") for upload in uploads]
+        admission, tenant = request.app.state.admission, tenant_of(request)
+        held = admission.admit_ingest(tenant, sum(upload.size or 0 for upload in uploads), service)
+        try:
+            files = [(await upload.read(), upload.filename or "upload") for upload in uploads]
+        except BaseException:
+            admission.release(tenant, held)
+            raise
     finally:
         await form.close()
-    job = await run_in_threadpool(service.submit_ingest, files, name)
+    try:
+        job = await run_in_threadpool(service.submit_ingest, files, name)
+    except BaseException:
+        admission.release(tenant, held)
+        raise
+    admission.started(held, job.job_id)
     return job.to_dict()
 
 

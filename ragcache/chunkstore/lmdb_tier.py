@@ -29,6 +29,9 @@ from ragcache.chunkstore.entry import (
     entry_from_header,
     view_layers,
 )
+from ragcache.chunkstore.lmdb_compact import compact_environment
+from ragcache.chunkstore.lmdb_health import data_file_problem, move_aside, walk_problem
+from ragcache.chunkstore.shared_lock import SharedLock
 from ragcache.chunkstore.tier import PreparedEntry, Tier
 
 T = TypeVar("T")
@@ -39,39 +42,14 @@ VERIFY_MODES = ("always", "once")
 LAYERS_PER_TRANSACTION = 4
 
 
-class _SharedLock:
-    """Many holders of ``shared`` or one holder of ``exclusive``."""
-
-    def __init__(self) -> None:
-        self._condition = threading.Condition()
-        self._shared = 0
-        self._exclusive = False
-
-    @contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._condition:
-            while self._exclusive:
-                self._condition.wait()
-            self._shared += 1
-        try:
-            yield
-        finally:
-            with self._condition:
-                self._shared -= 1
-                self._condition.notify_all()
-
-    @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        with self._condition:
-            while self._exclusive or self._shared:
-                self._condition.wait()
-            self._exclusive = True
-        try:
-            yield
-        finally:
-            with self._condition:
-                self._exclusive = False
-                self._condition.notify_all()
+def _record_sizes(env: lmdb.Environment) -> dict[str, int]:
+    """Every record's size, reading every page LMDB's own structure points to."""
+    sizes: dict[str, int] = {}
+    with env.begin(buffers=True) as txn, txn.cursor() as cursor:
+        for key, value in cursor:
+            bytes(value[:1])
+            sizes[bytes(key).decode("ascii")] = len(value)
+    return sizes
 
 
 class LMDBTier(Tier):
@@ -86,26 +64,45 @@ class LMDBTier(Tier):
         self.codec = get_codec(config.disk_codec)
         self.verify_always = config.disk_verify == "always"
         self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
-        data_file = directory / "data.mdb"
+        self.config = config
+        self._write_lock = threading.Lock()
+        self._resize_lock = SharedLock()
+        self._verified: set[str] = set()
+        self.moved_aside: Path | None = None
+        self.env, self._sizes = self._open_readable()
+        self._used = sum(self._sizes.values())
+
+    def _open_readable(self) -> tuple[lmdb.Environment, dict[str, int]]:
+        """The environment and every record's size; a file that fails its checks or
+        its first full walk is moved aside and an empty one opened (it is a cache)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        problem = data_file_problem(self.directory / "data.mdb") or walk_problem(self.directory)
+        if problem is None:
+            env = None
+            try:
+                env = self._open_env()
+                return env, _record_sizes(env)
+            except (lmdb.Error, UnicodeDecodeError) as error:
+                problem = f"{type(error).__name__}: {error}"
+                if env is not None:
+                    env.close()
+        self.moved_aside = move_aside(self.directory, problem, "the chunk cache")
+        self.directory.mkdir(parents=True)
+        env = self._open_env()
+        return env, _record_sizes(env)
+
+    def _open_env(self) -> lmdb.Environment:
+        data_file = self.directory / "data.mdb"
         existing = data_file.stat().st_size if data_file.exists() else 0
-        self.env = lmdb.open(
-            str(directory),
-            map_size=max(config.disk_initial_map_bytes, existing),
-            max_readers=config.disk_max_readers,
+        return lmdb.open(
+            str(self.directory),
+            map_size=max(self.config.disk_initial_map_bytes, existing),
+            max_readers=self.config.disk_max_readers,
             sync=True,
             metasync=True,
             lock=True,
             max_dbs=0,
         )
-        self._write_lock = threading.Lock()
-        self._resize_lock = _SharedLock()
-        self._verified: set[str] = set()
-        self._sizes: dict[str, int] = {}
-        with self._read() as txn, txn.cursor() as cursor:
-            for key, value in cursor:
-                self._sizes[bytes(key).decode("ascii")] = len(value)
-        self._used = sum(self._sizes.values())
 
     @contextmanager
     def _read(self) -> Iterator[lmdb.Transaction]:
@@ -298,6 +295,15 @@ class LMDBTier(Tier):
             return self.read_header(key)
         except CorruptEntryError as error:
             return error.with_traceback(None)
+
+    def file_bytes(self) -> int:
+        data_file = self.directory / "data.mdb"
+        return data_file.stat().st_size if data_file.exists() else 0
+
+    def compact(self) -> None:
+        """Rewrites the file with only its live records (see lmdb_compact.py)."""
+        with self._write_lock, self._resize_lock.exclusive():
+            self.env = compact_environment(self.env, self.directory, self._open_env)
 
     def close(self) -> None:
         self.env.close()

@@ -254,6 +254,21 @@ class ChunkStore:
             self._frequency.pop(key, None)
             return bool(indices)
 
+    def delete_many(self, keys: Iterable[str]) -> int:
+        """Deletes ``keys`` from every tier, the disk tier's copies in one durable
+        transaction; returns how many were stored."""
+        with self._lock:
+            located = {key: self.tier_indices(key) for key in dict.fromkeys(keys)}
+            disk = self.disk
+            if disk is not None:
+                index = self._disk_index
+                disk.delete_many(key for key, found in located.items() if index in found)
+            for key, indices in located.items():
+                for index in indices:
+                    self._remove_from(index, key, evicted=False)
+                self._frequency.pop(key, None)
+            return sum(1 for indices in located.values() if indices)
+
     def clear(self) -> None:
         with self._lock:
             for key in {key for tier in self.tiers for key in tier.keys()}:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -32,6 +33,17 @@ EMBED_BATCH = 64
 MAX_DOC_ID_BYTES = 256
 
 log = logging.getLogger(__name__)
+
+
+class KVJournal(Protocol):
+    """Notes the chunks whose KV an ingest is about to compute, and, once it committed
+    or failed, removes the KV that no live document needs (see pending.py)."""
+
+    def begin(self, token_lists: list[list[int]]) -> str: ...
+
+    def extend(self, ticket: str, token_lists: list[list[int]]) -> None: ...
+
+    def end(self, ticket: str) -> None: ...
 
 
 @dataclass(slots=True)
@@ -134,12 +146,14 @@ class Ingestor:
         embedder: Embedder,
         precompute_kv: KVPrecompute | None,
         separator_ids: Sequence[int],
+        journal: KVJournal | None = None,
     ) -> None:
         self.corpora = corpora
         self.chunker = chunker
         self.embedder = embedder
         self.precompute_kv = precompute_kv
         self.separator_ids = list(separator_ids)
+        self.journal = journal
 
     def ingest(
         self, corpus: str, documents: Sequence[Document], progress: Progress = no_progress
@@ -151,14 +165,22 @@ class Ingestor:
         chunks = self._chunk(fresh, progress)
         vectors = self._embed(chunks, progress)
         staged = self._stage(fresh, chunks, vectors)
-        if self.precompute_kv is not None and chunks:
-            unique = {tuple(c.token_ids): c.token_ids for c in chunks}
-            ids = [token_ids + self.separator_ids for token_ids in unique.values()]
-            result.kv_chunks_computed = self.precompute_kv(ids, progress)
-        if staged:
-            progress("commit", 0, 1)
-            self._commit(corpus, staged, result)
-            progress("commit", 1, 1)
+        unique = {tuple(c.token_ids): c.token_ids for c in chunks}
+        computes = self.precompute_kv is not None and bool(chunks)
+        ticket = None
+        if self.journal is not None and (computes or staged):
+            ticket = self.journal.begin(list(unique.values()) if computes else [])
+        try:
+            if self.precompute_kv is not None and computes:
+                ids = [token_ids + self.separator_ids for token_ids in unique.values()]
+                result.kv_chunks_computed = self.precompute_kv(ids, progress)
+            if staged:
+                progress("commit", 0, 1)
+                self._commit(corpus, staged, result, ticket)
+                progress("commit", 1, 1)
+        finally:
+            if ticket is not None and self.journal is not None:
+                self.journal.end(ticket)
         result.seconds = time.perf_counter() - began
         return result
 
@@ -244,8 +266,16 @@ class Ingestor:
             staged.append(StagedDocument(record, chunk_records, vectors[mine]))
         return staged
 
-    def _commit(self, corpus: str, staged: Sequence[StagedDocument], result: IngestResult) -> None:
-        """Applies ``staged`` to the corpus as it is now, under the write lock."""
+    def _commit(
+        self,
+        corpus: str,
+        staged: Sequence[StagedDocument],
+        result: IngestResult,
+        ticket: str | None,
+    ) -> None:
+        """Applies ``staged`` to the corpus as it is now, under the write lock. The
+        chunks of documents it replaces join the journal's ticket first, so their KV
+        is removed afterwards even if the process dies right after the commit."""
         with self.corpora.write_lock:
             try:
                 change = self.corpora.begin_change(corpus)
@@ -270,8 +300,15 @@ class Ingestor:
                     change.index.add(record.chunk_ids, doc.vectors)
                 change.added.append((record, doc.chunks))
                 result.chunks_added += len(doc.chunks)
+            if change.removed and ticket is not None and self.journal is not None:
+                replaced = [c for doc in change.removed for c in self._token_lists(corpus, doc)]
+                self.journal.extend(ticket, replaced)
             if not change.is_empty:
                 self.corpora.commit(change)
+
+    def _token_lists(self, corpus: str, doc: DocumentRecord) -> list[list[int]]:
+        records = self.corpora.chunks(corpus, doc.chunk_ids)
+        return [record.token_ids for record in records if record is not None]
 
 
 def _record(chunk: Chunk, source: str) -> ChunkRecord:

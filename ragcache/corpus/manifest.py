@@ -16,6 +16,8 @@ from ragcache.errors import DataDirError
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
+# What a used data directory holds beside its manifest.
+DATA_NAMES = ("corpora.lmdb", "chunks", "indexes")
 
 
 @dataclass(slots=True)
@@ -40,13 +42,31 @@ def open_manifest(data_dir: Path, wanted: Manifest) -> Manifest:
     """The directory's manifest, written on first use; refuses a mismatch."""
     path = data_dir / MANIFEST_FILE
     if not path.is_file():
+        held = [name for name in DATA_NAMES if (data_dir / name).exists()]
+        if held:
+            raise DataDirError(
+                f"{data_dir} holds ragcache data ({', '.join(held)}) but no {MANIFEST_FILE}, "
+                "so the model and embedder it was built for are unknown. Restore "
+                f"{MANIFEST_FILE} from a backup, or use an empty data_dir.",
+                param="data_dir",
+            )
         data_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps(asdict(wanted), indent=2))
         return wanted
     try:
         found = Manifest(**json.loads(path.read_text(encoding="utf-8")))
+    except UnicodeDecodeError:
+        raise DataDirError(
+            f"{path} is not UTF-8 text, so it is not a ragcache manifest (it is damaged). "
+            "Restore it from a backup, or use an empty data_dir.",
+            param="data_dir",
+        ) from None
     except (json.JSONDecodeError, TypeError) as error:
-        raise DataDirError(f"{path} is not a ragcache manifest ({error})") from None
+        raise DataDirError(
+            f"{path} is not a ragcache manifest ({error}). Restore it from a backup, or "
+            "use an empty data_dir.",
+            param="data_dir",
+        ) from None
     if found.format != MANIFEST_FORMAT:
         raise DataDirError(
             f"{path} has format {found.format}; this version reads {MANIFEST_FORMAT}"

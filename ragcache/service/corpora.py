@@ -8,7 +8,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ragcache.config import Config
-from ragcache.corpus.ingest import FileSource, Ingestor, IngestResult, parse_documents, read_sources
+from ragcache.corpus.ingest import (
+    FileSource,
+    Ingestor,
+    IngestResult,
+    KVJournal,
+    parse_documents,
+    read_sources,
+)
 from ragcache.corpus.jobs import Job, JobRunner
 from ragcache.corpus.progress import Progress, no_progress
 from ragcache.corpus.store import ChunkRecord, CorpusInfo, CorpusStore, DocumentRecord
@@ -40,6 +47,7 @@ class TenantCorpora:
         embedder: Embedder,
         config: Config,
         totals: IngestTotals,
+        journal: KVJournal | None = None,
     ) -> None:
         self.store = store
         self.tenant = tenant
@@ -49,6 +57,7 @@ class TenantCorpora:
         self.embedder = embedder
         self.config = config
         self.totals = totals
+        self.journal = journal
 
     def stored_name(self, name: str, *, must_exist: bool = True) -> str:
         """The stored name of this tenant's corpus ``name``; unknown names raise 404
@@ -88,7 +97,20 @@ class TenantCorpora:
         return self._public(self.store.get(self.stored_name(name)))
 
     def delete(self, name: str) -> None:
-        self.store.delete(self.stored_name(name))
+        """Deletes the corpus, then the chunk KV only its documents held."""
+        stored = self.stored_name(name)
+        ticket = self._note(self.store.chunk_token_lists(stored))
+        try:
+            self.store.delete(stored)
+        finally:
+            self._settle(ticket)
+
+    def _note(self, token_lists: list[list[int]]) -> str | None:
+        return None if self.journal is None else self.journal.begin(token_lists)
+
+    def _settle(self, ticket: str | None) -> None:
+        if ticket is not None and self.journal is not None:
+            self.journal.end(ticket)
 
     def documents(self, corpus: str) -> list[DocumentRecord]:
         return self.store.documents(self.stored_name(corpus))
@@ -133,15 +155,25 @@ class TenantCorpora:
         return dataclasses.replace(job, corpus=corpus)
 
     def delete_document(self, corpus: str, doc_id: str) -> None:
+        """Deletes the document, then the chunk KV only it held."""
         stored = self.stored_name(corpus)
-        with self.store.write_lock:
-            change = self.store.begin_change(stored)
-            record = self.store.document(stored, doc_id)
-            if record is None:
-                raise NotFoundError(f"document {doc_id!r} is not in corpus {corpus!r}", "doc_id")
-            change.removed.append(record)
-            change.index.remove(record.chunk_ids)
-            self.store.commit(change)
+        ticket = None
+        try:
+            with self.store.write_lock:
+                change = self.store.begin_change(stored)
+                # Unchecked reads: a record that fails its checksum can still be removed.
+                record = self.store.document(stored, doc_id, verify=False)
+                if record is None:
+                    raise NotFoundError(
+                        f"document {doc_id!r} is not in corpus {corpus!r}", "doc_id"
+                    )
+                chunks = self.store.chunks(stored, record.chunk_ids, verify=False)
+                ticket = self._note([c.token_ids for c in chunks if c is not None])
+                change.removed.append(record)
+                change.index.remove(record.chunk_ids)
+                self.store.commit(change)
+        finally:
+            self._settle(ticket)
 
     def check_k(self, k: int | None) -> int:
         k = self.config.retriever.top_k if k is None else k

@@ -41,6 +41,7 @@ from ragcache.retriever.chunker import Chunker
 from ragcache.retriever.embedder import Embedder, SentenceTransformerEmbedder
 from ragcache.service.adapters import Adapters, adapter_scope
 from ragcache.service.chunk_cache import ChunkCache
+from ragcache.service.chunk_gc import ChunkCollector, CollectReport, TenantJournal
 from ragcache.service.corpora import IngestTotals, TenantCorpora
 from ragcache.service.generation import Generator, Observer
 from ragcache.service.kv_source import ChunkKVSource
@@ -78,11 +79,15 @@ class RagCache:
         self.data_dir = open_data_dir(self.config, self.loaded, self.embedder)
         self.prompts = PromptBuilder(self.loaded.tokenizer, service.system_prompt)
         self.chunker = Chunker.from_config(self.loaded.tokenizer, self.config.retriever)
-        self.corpora = CorpusStore(self.data_dir, self.embedder.dim, self.config.retriever)
+        self.corpora = CorpusStore(
+            self.data_dir, self.embedder.dim, self.config.retriever, self.embedder.embed
+        )
         cost_model = cost_model_for(
             self.config.chunkstore.cost_model, self.loaded, self.data_dir / "calibration"
         )
         self.store = ChunkStore(self.config.chunkstore, self.data_dir / "chunks", cost_model)
+        self.collector = ChunkCollector(self.corpora, self.store, self.prompts.separator_ids)
+        self.startup_collection = self.collector.collect()
         self.async_engine = AsyncEngine(self.engine)
         # Threads that wait on the engine thread's chunk encoding while a query reads its
         # cached chunks (service.overlap_kv); shared by tenant and adapter views.
@@ -134,12 +139,14 @@ class RagCache:
     def _bind_ingest(self) -> None:
         """This tenant's corpora, ingestion (its KV computed under the base model) and jobs."""
         eager = self.config.service.kv_precompute == "eager"
+        journal = TenantJournal(self.collector, self.tenant)
         self.ingestor = Ingestor(
             self.corpora,
             self.chunker,
             self.embedder,
             self.kv.precompute if eager else None,
             self.prompts.separator_ids,
+            journal,
         )
         self.jobs: JobRunner | TenantJobs = (
             TenantJobs(self.job_runner, self.tenant) if self.tenant else self.job_runner
@@ -152,6 +159,7 @@ class RagCache:
             self.embedder,
             self.config,
             self.ingest_totals,
+            journal,
         )
         self._bind_preparer()
 
@@ -381,6 +389,11 @@ class RagCache:
             "engine": engine,
             "corpora": len(self.corpora.list()),
         }
+
+    def cache_gc(self) -> CollectReport:
+        """Removes the chunk KV that killed ingests or deletions left behind, entries no
+        lookup can reach and unreadable ones; compacts the disk file when it lost any."""
+        return self.collector.collect()
 
     def cache_clear(self) -> dict[str, Any]:
         before = self.chunk_cache.stats()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ragcache.chunkstore.purge import stored_chunks
 from ragcache.config import Config
 from ragcache.corpus.manifest import MANIFEST_FILE
 from ragcache.engine.sampling_params import SamplingParams
@@ -25,6 +26,7 @@ from ragcache.errors import (
     UnsupportedTypeError,
 )
 from ragcache.service import RagCache
+from ragcache.service.chunk_gc import token_digest
 from tests.service_helpers import (
     SAMPLES,
     minilm,
@@ -292,6 +294,7 @@ import json, sys, time
 from pathlib import Path
 from ragcache.config import load_config
 from ragcache.service import RagCache
+from ragcache.service.chunk_gc import token_digest
 
 flags, stage, marker = json.loads(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 
@@ -332,6 +335,10 @@ def test_an_ingest_killed_midway_leaves_the_corpus_as_before(tmp_path: Path, sta
     assert child.returncode == -signal.SIGKILL
     with open_service(data) as rag:
         assert corpus_snapshot(rag, "docs") == before
+        # The start-up collection removed the chunk KV the killed ingest computed.
+        assert rag.corpora.pending() == []
+        cached = {token_digest(chunk.token_ids) for chunk in stored_chunks(rag.store)}
+        assert cached == rag.collector.live_digests("")
         assert rag.query(QUESTION, "docs", k=2).sources
         assert len(rag.ingest(others, "docs").added) == len(others)
 
