@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
@@ -120,7 +122,11 @@ class Generation:
             spec.corpus_log_url, spec.corpus_namespace, self.rag.embedder.dim, spec.corpus_follow_s
         )
         share_corpora(self.rag, log, spec.corpus_follow_s)
+        # The app's log-record factory adds ``request_id`` to every record; Ray Serve
+        # passes its own ``request_id`` as an extra, which a record must not have already.
+        factory = logging.getLogRecordFactory()
         self.app = create_app(self.rag, config.server)
+        logging.setLogRecordFactory(factory)
         self._lifespan: AbstractAsyncContextManager[Any] | None = None
         self._lifespan_lock = asyncio.Lock()
         self.seen = SeenChunks()
@@ -185,6 +191,7 @@ class Generation:
                 "usage": dataclasses.asdict(prepared.usage),
                 "prompt_tokens": len(prepared.fused.prompt_ids),
                 "completion_tokens": len(last.token_ids),
+                "torch_threads": torch.get_num_threads(),
             }
         finally:
             self.ongoing -= 1
