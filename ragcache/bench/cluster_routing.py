@@ -6,8 +6,10 @@ Routing: each request answers one MuSiQue question over its first ``--passages``
 passages (documents given, no retrieval), with one answer token, so the time to its
 answer is its time to first token. The questions are drawn by Zipf(``--zipf``) from the
 first ``--questions``; both routers serve the same sequence one request at a time, each
-on a fresh cluster (its own Redis namespace and replica directories). Replicas keep
-chunk KV in host memory capped at ``--host-mb`` (no local disk tier) and share Redis.
+on its own application (its own Redis namespaces and replica directories) on one Ray,
+and each request goes to both in turn, so load from other processes falls on both alike.
+Replicas keep chunk KV in host memory capped at ``--host-mb`` (no local disk tier) and
+share Redis.
 
 Throughput: ``--concurrency`` requests in flight over the same kind of workload with
 ``--max-tokens`` answer tokens; 1 replica gets every core, 2 replicas one share each.
@@ -66,17 +68,21 @@ def cluster_config(args: Any, redis_url: str, data_root: Path) -> Config:
 
 
 class Cluster:
-    """Ray Serve application on a local Ray, torn down on exit."""
+    """A local Ray with Serve; applications are deployed by name and torn down on close."""
 
-    def __init__(self, config: Config, data_root: Path, replicas: int, routing: str, cpus: float):
+    def __init__(self, num_cpus: int) -> None:
         import ray
         from ray import serve
 
+        self.ray, self.serve = ray, serve
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+
+    def deploy(
+        self, name: str, config: Config, data_root: Path, replicas: int, routing: str, cpus: float
+    ) -> Any:
         from ragcache.cluster.deployments import ClusterSpec, build_app
 
-        self.ray, self.serve = ray, serve
-        cores = os.cpu_count() or 1
-        ray.init(num_cpus=cores * replicas + 2, include_dashboard=False, log_to_driver=False)
         spec = ClusterSpec(
             config,
             str(data_root),
@@ -86,15 +92,20 @@ class Cluster:
             routing=routing,
             stats_period_s=0.2,
         )
-        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
-        self.handle = serve.run(build_app(spec), name="ragcache", route_prefix=None)
+        handle = self.serve.run(build_app(spec), name=name, route_prefix=None)
+        answer(handle, ["warm-up"], "warm up", 1)
+        return handle
 
-    def answer(self, documents: list[str], question: str, max_tokens: int) -> dict[str, Any]:
-        return self.handle.answer.remote(documents, question, max_tokens=max_tokens).result()
+    def remove(self, name: str) -> None:
+        self.serve.delete(name)
 
     def close(self) -> None:
         self.serve.shutdown()
         self.ray.shutdown()
+
+
+def answer(handle: Any, documents: list[str], question: str, max_tokens: int) -> dict[str, Any]:
+    return handle.answer.remote(documents, question, max_tokens=max_tokens).result()
 
 
 def workload(args: Any) -> list[tuple[list[str], str]]:
@@ -105,37 +116,52 @@ def workload(args: Any) -> list[tuple[list[str], str]]:
     ]
 
 
-def run_routing(args: Any, redis_url: str, routing: str, sequence: list[int]) -> dict[str, Any]:
+def run_routing(args: Any, redis_url: str, sequence: list[int]) -> dict[str, Any]:
+    """Both routers side by side on one Ray, each its own application and Redis
+    namespaces; every request goes to both in turn (alternating which goes first), so
+    load from other processes falls on both alike."""
     items = workload(args)
+    modes = ("round_robin", "cache_aware")
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    tiers: dict[str, list[str]] = {mode: [] for mode in modes}
+    replicas: dict[str, list[str]] = {mode: [] for mode in modes}
+    threads: set[int] = set()
     with TemporaryDirectory(prefix="ragcache-bench-") as folder:
         root = Path(folder)
-        cluster = Cluster(cluster_config(args, redis_url, root), root, 2, routing, 1.0)
+        cluster = Cluster(num_cpus=8)
         try:
-            cluster.answer(["warm-up"], "warm up", 1)
-            times, tiers, replicas, results = [], [], [], []
+            handles = {
+                mode: cluster.deploy(
+                    mode, cluster_config(args, redis_url, root), root / mode, 2, mode, 1.0
+                )
+                for mode in modes
+            }
             for step, index in enumerate(sequence):
                 documents, question = items[index]
-                began = time.perf_counter()
-                result = cluster.answer(documents, question, 1)
-                times.append(time.perf_counter() - began)
-                tiers.extend(result["chunk_tiers"])
-                replicas.append(result["replica"])
-                results.append(result)
-                time.sleep(args.stats_wait_s)  # the router sees the replicas' new memory
-                print(f"{routing} request {step} {times[-1]:.2f}s", file=sys.stderr, flush=True)
+                for mode in modes if step % 2 == 0 else modes[::-1]:
+                    began = time.perf_counter()
+                    result = answer(handles[mode], documents, question, 1)
+                    times[mode].append(time.perf_counter() - began)
+                    tiers[mode].extend(str(tier) for tier in result["chunk_tiers"])
+                    replicas[mode].append(result["replica"])
+                    threads.add(result["torch_threads"])
+                time.sleep(args.stats_wait_s)  # the routers see the replicas' new memory
+                print(f"request {step}: {[times[m][-1] for m in modes]}", file=sys.stderr)
         finally:
             cluster.close()
-    counts = {str(tier): tiers.count(tier) for tier in set(tiers)}
-    in_memory = sum(tiers.count(tier) for tier in MEMORY_TIERS)
-    return {
-        "ttft_s": times,
-        "p50_s": statistics.median(times),
-        "mean_s": statistics.fmean(times),
-        "chunk_sources": counts,
-        "memory_share": in_memory / max(len(tiers), 1),
-        "requests_per_replica": {r: replicas.count(r) for r in set(replicas)},
-        "torch_threads_per_replica": sorted({result["torch_threads"] for result in results}),
-    }
+    rows = {}
+    for mode in modes:
+        in_memory = sum(tiers[mode].count(tier) for tier in MEMORY_TIERS)
+        rows[mode] = {
+            "ttft_s": times[mode],
+            "p50_s": statistics.median(times[mode]),
+            "mean_s": statistics.fmean(times[mode]),
+            "chunk_sources": {tier: tiers[mode].count(tier) for tier in sorted(set(tiers[mode]))},
+            "memory_share": in_memory / max(len(tiers[mode]), 1),
+            "requests_per_replica": sorted(replicas[mode].count(r) for r in set(replicas[mode])),
+            "torch_threads_per_replica": sorted(threads),
+        }
+    return rows
 
 
 def p50_ratio_interval(slow: list[float], fast: list[float], seed: int) -> list[float]:
@@ -152,21 +178,17 @@ def p50_ratio_interval(slow: list[float], fast: list[float], seed: int) -> list[
 def run_throughput(args: Any, redis_url: str, replicas: int, sequence: list[int]) -> dict:
     items = workload(args)
     cores = os.cpu_count() or 1
+    cpus = max(cores // replicas, 1)
     with TemporaryDirectory(prefix="ragcache-bench-") as folder:
         root = Path(folder)
-        cpus = max(cores // replicas, 1)
-        cluster = Cluster(
-            cluster_config(args, redis_url, root), root, replicas, "cache_aware", cpus
-        )
+        cluster = Cluster(num_cpus=cores + 2)
         try:
-            cluster.answer(["warm-up"], "warm up", 1)
+            config = cluster_config(args, redis_url, root)
+            handle = cluster.deploy("throughput", config, root, replicas, "cache_aware", cpus)
             began = time.perf_counter()
             with ThreadPoolExecutor(args.concurrency) as pool:
                 results = list(
-                    pool.map(
-                        lambda index: cluster.answer(*items[index], args.max_tokens),
-                        sequence,
-                    )
+                    pool.map(lambda index: answer(handle, *items[index], args.max_tokens), sequence)
                 )
             seconds = time.perf_counter() - began
         finally:
@@ -211,8 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     lines: list[str] = []
     with LocalRedis() as redis_server:
         if "routing" not in args.skip:
-            modes = {mode: run_routing(args, redis_server.url, mode, sequence) for mode in
-                     ("round_robin", "cache_aware")}  # fmt: skip
+            modes = run_routing(args, redis_server.url, sequence)
             slow, fast = modes["round_robin"], modes["cache_aware"]
             report["routing"] = modes
             report["p50_ratio"] = slow["p50_s"] / fast["p50_s"]

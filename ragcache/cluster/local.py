@@ -19,8 +19,11 @@ import signal
 import threading
 from pathlib import Path
 
+from ragcache.api.auth import AccessKeys
 from ragcache.cluster.redis_server import LocalRedis
 from ragcache.config import load_config
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def parse_settings(pairs: list[str]) -> dict[str, str]:
@@ -67,6 +70,12 @@ def main(argv: list[str] | None = None) -> None:
     from ragcache.cluster.deployments import ClusterSpec, build_app
 
     config = load_config(args.config, parse_settings(args.set))
+    keys = AccessKeys(config.server.api_keys, config.server.admin_keys)  # parses them first
+    if not keys.enabled and args.host not in LOOPBACK:
+        raise SystemExit(
+            f"--host {args.host}: without API keys (server.api_keys) the cluster serves "
+            "loopback only; set keys with --set server.api_keys=KEY=TENANT"
+        )
     root = Path(args.data_root).resolve()
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
