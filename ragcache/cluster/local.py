@@ -36,6 +36,11 @@ def parse_settings(pairs: list[str]) -> dict[str, str]:
     return flags
 
 
+def stop_on_signals(stop: threading.Event) -> None:
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, lambda *_: stop.set())
+
+
 def parser() -> argparse.ArgumentParser:
     built = argparse.ArgumentParser(
         prog="ragcache cluster",
@@ -78,8 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     root = Path(args.data_root).resolve()
     stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop_on_signals(stop)
     started: list[LocalRedis] = []
     if args.redis_url:
         config.chunkstore.remote_url = args.redis_url
@@ -104,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
             log = open_corpus_log(corpus_url, spec.corpus_namespace, embedding_dim(seed), 1.0)
             print(f"imported corpora: {import_corpora(seed, log) or 'none new'}", flush=True)
         ray.init(address=args.address, include_dashboard=False)
+        stop_on_signals(stop)  # Ray's own SIGTERM handler aborts the process: replace it
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_app(spec), name="ragcache", route_prefix="/")
         print(

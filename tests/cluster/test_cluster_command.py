@@ -64,7 +64,9 @@ def test_cluster_command_serves_and_shuts_down_cleanly(tmp_path: Path) -> None:
         created = httpx.post(f"{base}/v1/corpora", json={"name": "notes"}, timeout=60)
         assert created.status_code == 201, created.text
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=180) == 0
+        rest = process.communicate(timeout=180)[0]
+        assert process.returncode == 0, "".join(seen[-20:]) + rest[-6000:]
+        assert "shutting down" in rest
         assert not answers(chunk_tier) and not answers(corpus_log)
         assert (tmp_path / "cluster" / "redis-corpora" / "appendonlydir").is_dir()
     finally:
