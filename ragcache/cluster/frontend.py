@@ -12,6 +12,7 @@ back to that replica. A request whose replica dies before it answers is sent aga
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 from collections import OrderedDict
@@ -157,7 +158,8 @@ class Frontend:
                 start = await self._start(stream)
             except ReplicaLost:
                 if attempt == GENERATION_ATTEMPTS:
-                    raise
+                    message = f"no generator replica answered after {attempt} attempts; retry"
+                    return JSONResponse(error_body(message, "service_unavailable", None), 503)
                 await asyncio.sleep(RETRY_PAUSE_S * attempt)
                 continue
             headers = dict(start["headers"])
@@ -178,8 +180,6 @@ class Frontend:
             raise ReplicaLost() from error
 
     async def _remember_job(self, stream: Any, start: dict[str, Any], replica: str) -> Response:
-        import json
-
         body = b"".join([piece async for piece in _pieces(stream)])
         job_id = json.loads(body).get("job_id")
         if isinstance(job_id, str) and replica:
