@@ -107,8 +107,11 @@ class Cluster:
         self.ray.shutdown()
 
 
-def answer(handle: Any, documents: list[str], question: str, max_tokens: int) -> dict[str, Any]:
-    return handle.answer.remote(documents, question, max_tokens=max_tokens).result()
+def answer(
+    handle: Any, documents: list[str], question: str, max_tokens: int, method: str | None = None
+) -> dict[str, Any]:
+    call = handle.answer.remote(documents, question, max_tokens=max_tokens, method=method)
+    return call.result()
 
 
 def workload(args: Any) -> list[tuple[list[str], str]]:
@@ -143,7 +146,7 @@ def run_routing(args: Any, redis_url: str, sequence: list[int]) -> dict[str, Any
                 documents, question = items[index]
                 for mode in modes if step % 2 == 0 else modes[::-1]:
                     began = time.perf_counter()
-                    result = answer(handles[mode], documents, question, 1)
+                    result = answer(handles[mode], documents, question, 1, args.method)
                     times[mode].append(time.perf_counter() - began)
                     tiers[mode].extend(str(tier) for tier in result["chunk_tiers"])
                     replicas[mode].append(result["replica"])
@@ -219,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--zipf", type=float, default=1.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--host-mb", type=int, default=200, help="host tier cap per replica")
+    parser.add_argument("--method", help="fusion method of the routing run (default: service's)")
     parser.add_argument("--remote-codec", default="int8", help="codec of the Redis tier")
     parser.add_argument("--engine-kv-mb", type=int, default=256, help="engine KV pool each")
     parser.add_argument("--stats-wait-s", type=float, default=0.5)
@@ -247,7 +251,8 @@ def main(argv: list[str] | None = None) -> None:
             )
             lines += [
                 f"Zipf({args.zipf}) over {args.questions} questions, {args.requests} requests, "
-                f"{args.passages} passages, 2 replicas, host tier {args.host_mb} MB each",
+                f"{args.passages} passages, 2 replicas, host tier {args.host_mb} MB each, "
+                f"fusion {args.method or 'the service default'}",
                 "",
                 "| routing | p50 TTFT (ms) | mean (ms) | chunks from replica memory | sources |",
                 "|---|---:|---:|---:|---|",

@@ -81,12 +81,14 @@ class Frontend:
         question: str,
         tenant: str = "",
         max_tokens: int | None = None,
+        method: str | None = None,
     ) -> dict[str, Any]:
         request = {
             "documents": documents,
             "question": question,
             "tenant": tenant,
             "max_tokens": max_tokens,
+            "method": method,
             "chunk_fingerprints": [chunk_fingerprint(text, tenant) for text in documents],
         }
         for attempt in range(1, GENERATION_ATTEMPTS + 1):
