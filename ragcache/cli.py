@@ -1,4 +1,4 @@
-"""The ``ragcache`` command: serve | ingest | query | cache | eval | bench.
+"""The ``ragcache`` command: serve | ingest | query | cache | eval | bench | cluster.
 
 Every command takes ``--config FILE`` and any config field as ``--section.field VALUE``
 (``ragcache serve --help`` lists them all).
@@ -83,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmarks (ragcache bench lists them)")
     bench.add_argument("target", choices=tuple(BENCHMARKS), help="what to benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
+    cluster = commands.add_parser(
+        "cluster", help="Redis, Ray and N replicas on this machine (ragcache cluster --help)"
+    )
+    cluster.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -251,11 +255,13 @@ def _delegate(module_name: str, rest: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # eval and bench hand every later argument, options included, to their own parsers.
+    # eval, bench and cluster hand every later argument, options included, to their own parsers.
     if argv[:1] == ["eval"]:
         return _delegate("ragcache.evaluation.run_eval", argv[1:])
     if argv[:1] == ["bench"]:
         return _bench(argv[1:])
+    if argv[:1] == ["cluster"]:
+        return _delegate("ragcache.cluster.local", argv[1:])
     args, extra = _parser().parse_known_args(argv)
     try:
         config = load_config(args.config, _config_flags(extra))

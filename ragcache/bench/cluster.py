@@ -9,6 +9,9 @@ the remote stores have no memory tier, so every read goes to Redis and is checke
 
     python -m ragcache.bench.cluster --data ../shared/data/musique_dev.json \
         [--questions 5 --passages 4 --repeats 3 --out eval/reports/bench_cluster.json]
+
+``ragcache bench cluster routing ...`` runs cluster_routing.py instead: cache-aware
+routing against round robin over replicas on Ray Serve, and throughput at 1 and 2 replicas.
 """
 
 from __future__ import annotations
@@ -66,6 +69,12 @@ def fetched(store: ChunkStore, keys: list[str], chunks: list[ChunkKV]) -> list[C
 
 
 def main(argv: list[str] | None = None) -> None:
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["routing"]:
+        from ragcache.bench.cluster_routing import main as routing_main
+
+        routing_main(arguments[1:])
+        return
     parser = bench_parser("cluster", __doc__, "eval/reports/bench_cluster.json")
     parser.add_argument("--data", required=True, help="MuSiQue-format JSON with passages")
     parser.add_argument("--model", default="smollm2")

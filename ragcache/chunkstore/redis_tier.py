@@ -11,6 +11,10 @@ carry over and every read verifies every layer. In Redis, under ``remote_namespa
 Writes and deletes are Lua scripts, so the index and the byte count never disagree with
 the records. The store's policy decides what is written and evicted, as for every tier.
 
+Counts come from the index (HLEN), never from listing keys. A clear removes only the
+records this tier wrote (``clearable_keys``): the namespace is shared with other
+replicas, whose entries stay.
+
 Redis being down, restarting or timing out never fails a read or a put: the call is
 logged and counted, the tier reads as empty and takes no writes for ``remote_retry_s``,
 and the store serves from its local tiers or recomputes.
@@ -155,6 +159,8 @@ class RedisTier(Tier):
         self.health = RemoteHealth(where, config.remote_retry_s)
         self.bytes_read = 0
         self.bytes_written = 0
+        self._written: set[str] = set()
+        self._written_lock = threading.Lock()
         self._last_used = 0
         # read_header fetches the whole record (one round trip); the get or iter_layers
         # that follows on the same thread uses it instead of fetching it again.
@@ -189,6 +195,20 @@ class RedisTier(Tier):
         found = self._call("keys", lambda client: client.hkeys(self._index), [])
         return [key.decode("ascii") for key in found]
 
+    def num_entries(self) -> int:
+        return int(self._call("num_entries", lambda client: client.hlen(self._index), 0))
+
+    def clearable_keys(self) -> list[str]:
+        """The records this tier wrote that are still there; other writers' stay."""
+        with self._written_lock:
+            mine = sorted(self._written)
+        if not mine:
+            return []
+        found = self._call("clearable_keys", lambda client: client.hmget(self._index, mine), None)
+        if found is None:
+            return []
+        return [key for key, size in zip(mine, found, strict=True) if size is not None]
+
     def contains(self, key: str) -> bool:
         record_key = self._record_key(key)
         return bool(self._call("contains", lambda client: client.exists(record_key), 0))
@@ -206,6 +226,8 @@ class RedisTier(Tier):
         arguments = [prepared.key, prepared.payload, prepared.nbytes]
         if self._call("put", lambda _: self._put_script(keys, arguments), None) is not None:
             self.bytes_written += prepared.nbytes
+            with self._written_lock:
+                self._written.add(prepared.key)
 
     def _fetch(self, key: str) -> bytes | None:
         fetched = getattr(self._fetched, "record", None)
@@ -259,7 +281,11 @@ class RedisTier(Tier):
 
     def delete(self, key: str) -> bool:
         keys = [self._record_key(key), self._index, self._bytes]
-        return bool(self._call("delete", lambda _: self._delete_script(keys, [key]), 0))
+        deleted = bool(self._call("delete", lambda _: self._delete_script(keys, [key]), 0))
+        if deleted:
+            with self._written_lock:
+                self._written.discard(key)
+        return deleted
 
     def counters(self) -> dict[str, int]:
         return {

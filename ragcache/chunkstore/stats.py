@@ -47,7 +47,7 @@ class StoreStats:
                     "enabled": tier.enabled,
                     "capacity_bytes": tier.capacity_bytes,
                     "bytes": tier.used_bytes,
-                    "entries": len(tier.keys()),
+                    "entries": tier.num_entries(),
                     "hits": self.hits[tier.name],
                     "evictions": self.evictions[tier.name],
                     "rejected_admissions": self.rejected_admissions[tier.name],

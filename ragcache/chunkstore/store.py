@@ -270,9 +270,12 @@ class ChunkStore:
             return sum(1 for indices in located.values() if indices)
 
     def clear(self) -> None:
+        """Empties every tier of this store; of a shared (remote) tier, only the entries
+        this store wrote, so other replicas' entries stay (see docs/scale-out.md)."""
         with self._lock:
-            for key in {key for tier in self.tiers for key in tier.keys()}:
-                self.delete(key)
+            for index, tier in enumerate(self.tiers):
+                for key in tier.clearable_keys():
+                    self._remove_from(index, key, evicted=False)
             for policy in self.policies:
                 policy.clear()
             self._frequency.clear()
@@ -318,8 +321,10 @@ class ChunkStore:
     def _record_hit(self, key: str, index: int) -> None:
         self.stats_counters.hits[self.tier_names[index]] += 1
         frequency = self._count_request(key)
-        for i in self.tier_indices(key):
-            self.policies[i].on_access(key, frequency)
+        # Each policy knows the keys its tier holds; asking the tiers would cost a Redis
+        # call on every memory hit.
+        for policy in self.policies:
+            policy.on_access(key, frequency)
 
     def _promote(self, entry: ChunkEntry, index: int) -> None:
         top = self.top_tier_index

@@ -66,6 +66,13 @@ class Tier(ABC):
     @abstractmethod
     def delete(self, key: str) -> bool: ...
 
+    def num_entries(self) -> int:
+        return len(self.keys())
+
+    def clearable_keys(self) -> list[str]:
+        """The keys a clear of this store removes from this tier (a shared tier narrows it)."""
+        return self.keys()
+
     def clear(self) -> None:
         for key in self.keys():
             self.delete(key)

@@ -1,12 +1,13 @@
 """Ray Serve deployments: retrieval (embedder and faiss, cheap), generation (a RagCache with
-the engine, the expensive part, N replicas behind the cache-aware router) and a frontend
-that chains them. Replica health, restarts and autoscaling are Ray Serve's.
+the engine, the expensive part, N replicas behind the cache-aware router) and the
+frontend (frontend.py) that serves the single server's routes through them. Replica
+health, restarts and autoscaling are Ray Serve's.
 
 Every generator replica keeps its own data directory (``data_root/replica-<id>``: host
-tier, LMDB, calibration) and shares the Redis tier named by ``chunkstore.remote_url``, so a
-chunk one replica encodes is read by the others instead of computed again. Generation
-requests carry their documents' texts: each replica tokenizes a text alone, so every
-replica derives the same chunk key for it.
+tier, LMDB, its copy of the corpora, calibration) and shares two things in Redis: the
+chunk-KV tier named by ``chunkstore.remote_url``, so a chunk one replica encodes is read
+by the others instead of computed again, and the corpus log (``corpus_url``), so a
+corpus uploaded through any replica is searched by all (shared_corpora.py).
 """
 
 from __future__ import annotations
@@ -14,64 +15,88 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import logging
 import os
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.config import RequestRouterConfig
-from ray.serve.handle import DeploymentHandle
-from starlette.requests import Request
 
-from ragcache.cluster.router import CacheAwareRequestRouter
+from ragcache.api.app import create_app
+from ragcache.cluster.asgi_call import ForwardedRequest, run_asgi
+from ragcache.cluster.corpus_log import open_corpus_log
+from ragcache.cluster.frontend import REPLICA_HEADER, Frontend
+from ragcache.cluster.router import CacheAwareRequestRouter, RoundRobinRequestRouter
 from ragcache.cluster.routing import SeenChunks, chunk_fingerprint
+from ragcache.cluster.shared_corpora import SharedCorpusStore, share_corpora
 from ragcache.config import Config
-from ragcache.corpus.store import CorpusStore
 from ragcache.engine.sampling_params import SamplingParams
-from ragcache.retriever.config import RetrieverConfig
 from ragcache.retriever.embedder import SentenceTransformerEmbedder
 from ragcache.retriever.retriever import Retriever
 from ragcache.service.rag_cache import RagCache
 from ragcache.service.tenancy import tenant_corpus_prefix
 
 MEMORY_TIERS = ("device", "host")
-# A generation lost with its replica (SIGKILL, node loss) is sent again: it is idempotent.
-# Ray drops the dead replica from the candidates once it notices; the pause lets it.
-GENERATION_ATTEMPTS = 4
-RETRY_PAUSE_S = 0.5
+ROUTERS = {"cache_aware": CacheAwareRequestRouter, "round_robin": RoundRobinRequestRouter}
 
 
 @dataclass(slots=True)
 class ClusterSpec:
-    """How to build the application. ``config`` is every generator's service config (its
-    ``chunkstore.remote_url`` names the shared Redis); ``corpus_dir`` is a data directory
-    whose corpora the retrieval deployment serves (None: documents-only requests)."""
+    """How to build the application. ``config`` is every replica's service config (its
+    ``chunkstore.remote_url`` names the shared Redis chunk tier); the corpus log lives in
+    the Redis at ``corpus_url`` (default: the chunk tier's) under ``corpus_namespace``."""
 
     config: Config
     data_root: str
-    corpus_dir: str | None = None
     generators: int = 2
+    corpus_url: str | None = None
+    corpus_namespace: str = "ragcache-corpora"
+    corpus_follow_s: float = 1.0
     queue_weight: float = 1.0
     stats_period_s: float = 0.5
     generator_cpus: float = 1.0
     max_ongoing_requests: int = 8
+    routing: str = "cache_aware"
+
+    @property
+    def corpus_log_url(self) -> str:
+        url = self.corpus_url or self.config.chunkstore.remote_url
+        if not url:
+            raise ValueError("a cluster needs a Redis: set corpus_url or chunkstore.remote_url")
+        return url
+
+
+def open_shared_corpora(spec: ClusterSpec, data_dir: Path, dim: int) -> SharedCorpusStore:
+    log = open_corpus_log(spec.corpus_log_url, spec.corpus_namespace, dim, spec.corpus_follow_s)
+    return SharedCorpusStore(
+        data_dir, dim, spec.config.retriever, log, follow_block_s=spec.corpus_follow_s
+    )
+
+
+def replica_data_dir(spec: ClusterSpec, role: str) -> Path:
+    replica_id = serve.get_replica_context().replica_id.unique_id
+    return Path(spec.data_root) / f"{role}-{replica_id}"
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
 class Retrieval:
-    """Top-k chunk texts of a corpus, read from a corpus store every replica reaches."""
+    """Top-k chunk texts of a corpus, from this replica's copy of the shared corpora."""
 
-    def __init__(self, corpus_dir: str, config: RetrieverConfig) -> None:
-        self.config = config
-        self.embedder = SentenceTransformerEmbedder.from_config(config)
-        self.store = CorpusStore(Path(corpus_dir), self.embedder.dim, config)
+    def __init__(self, spec: ClusterSpec) -> None:
+        self.config = spec.config.retriever
+        self.embedder = SentenceTransformerEmbedder.from_config(self.config)
+        data_dir = replica_data_dir(spec, "retrieval")
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = open_shared_corpora(spec, data_dir, self.embedder.dim)
 
     def retrieve(self, question: str, corpus: str, k: int, tenant: str = "") -> list[dict]:
         stored = tenant_corpus_prefix(tenant) + corpus
-        known = {info.name for info in self.store.list()}
-        if stored not in known:
+        if stored not in {info.name for info in self.store.list()}:
             raise ValueError(f"corpus {corpus!r} does not exist for this tenant")
         retriever = Retriever(self.embedder, self.store.index(stored), self.config)
         hits = retriever.retrieve(question, k)
@@ -85,25 +110,59 @@ class Retrieval:
 
 @serve.deployment
 class Generation:
-    """A RagCache answering requests over given documents; reports the chunks its memory
-    tiers hold, for the router."""
+    """A RagCache over the shared corpora, serving the single server's app; reports the
+    chunks its memory tiers hold, for the router."""
 
-    def __init__(self, config: Config, data_root: str) -> None:
+    def __init__(self, spec: ClusterSpec) -> None:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        config = copy.deepcopy(config)
-        config.data_dir = str(Path(data_root) / f"replica-{self.replica_id}")
+        config = copy.deepcopy(spec.config)
+        config.data_dir = str(replica_data_dir(spec, "replica"))
         self.rag = RagCache(config=config)
+        log = open_corpus_log(
+            spec.corpus_log_url, spec.corpus_namespace, self.rag.embedder.dim, spec.corpus_follow_s
+        )
+        share_corpora(self.rag, log, spec.corpus_follow_s)
+        # The app's log-record factory adds ``request_id`` to every record; Ray Serve
+        # passes its own ``request_id`` as an extra, which a record must not have already.
+        factory = logging.getLogRecordFactory()
+        self.app = create_app(self.rag, config.server)
+        logging.setLogRecordFactory(factory)
+        self._lifespan: AbstractAsyncContextManager[Any] | None = None
+        self._lifespan_lock = asyncio.Lock()
         self.seen = SeenChunks()
         self.ongoing = 0
 
-    def _remember(self, view: RagCache, documents: list[str], tenant: str) -> None:
+    def _remember(self, tenant: str, documents: list[str]) -> None:
+        view = self.rag.for_tenant(tenant) if tenant else self.rag
         for text in documents:
             key = view.chunk_cache.key(view.prompts.chunk_ids(text))
             self.seen.add(chunk_fingerprint(text, tenant), key)
 
+    async def _started_app(self) -> Any:
+        async with self._lifespan_lock:
+            if self._lifespan is None:
+                self._lifespan = self.app.router.lifespan_context(self.app)
+                await self._lifespan.__aenter__()
+        return self.app
+
+    async def http(self, request: ForwardedRequest) -> AsyncIterator[dict | bytes]:
+        """The single server's response to a forwarded HTTP request, streamed."""
+        self.ongoing += 1
+        try:
+            app = await self._started_app()
+            async for message in run_asgi(app, request):
+                if isinstance(message, dict):
+                    header = (REPLICA_HEADER, self.replica_id.encode())
+                    message = {**message, "headers": [*message["headers"], header]}
+                yield message
+            if request.routing_texts:
+                self._remember(request.tenant, request.routing_texts)
+        finally:
+            self.ongoing -= 1
+
     async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Answer ``request["question"]`` over ``request["documents"]``; says which tier
-        each chunk's KV came from (None: computed here)."""
+        """Answer ``request["question"]`` over ``request["documents"]`` (a Python handle
+        call); says which tier each chunk's KV came from (None: computed here)."""
         self.ongoing += 1
         try:
             tenant = str(request.get("tenant") or "")
@@ -119,7 +178,7 @@ class Generation:
                 None,
                 sampling,
             )
-            self._remember(view, documents, tenant)
+            self._remember(tenant, documents)
             last = None
             async for out in view.generate(prepared):
                 last = out
@@ -132,6 +191,7 @@ class Generation:
                 "usage": dataclasses.asdict(prepared.usage),
                 "prompt_tokens": len(prepared.fused.prompt_ids),
                 "completion_tokens": len(last.token_ids),
+                "torch_threads": torch.get_num_threads(),
             }
         finally:
             self.ongoing -= 1
@@ -154,75 +214,14 @@ class Generation:
             rag.close()
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25})
-class Frontend:
-    """Retrieval, then generation on the replica the router picks."""
-
-    def __init__(self, generation: DeploymentHandle, retrieval: DeploymentHandle | None) -> None:
-        self.generation = generation
-        self.retrieval = retrieval
-
-    async def query(
-        self,
-        question: str,
-        corpus: str,
-        k: int = 3,
-        tenant: str = "",
-        max_tokens: int | None = None,
-    ) -> dict[str, Any]:
-        if self.retrieval is None:
-            raise ValueError("this cluster has no corpus store; send documents to answer()")
-        chunks = await self.retrieval.retrieve.remote(question, corpus, k, tenant)
-        result = await self.answer(
-            [chunk["text"] for chunk in chunks], question, tenant, max_tokens
-        )
-        return {**result, "sources": chunks}
-
-    async def answer(
-        self,
-        documents: list[str],
-        question: str,
-        tenant: str = "",
-        max_tokens: int | None = None,
-    ) -> dict[str, Any]:
-        request = {
-            "documents": documents,
-            "question": question,
-            "tenant": tenant,
-            "max_tokens": max_tokens,
-            "chunk_fingerprints": [chunk_fingerprint(text, tenant) for text in documents],
-        }
-        attempt = 1
-        while True:
-            try:
-                return await self.generation.generate.remote(request)
-            except (RayActorError, ActorUnavailableError):
-                if attempt == GENERATION_ATTEMPTS:
-                    raise
-                await asyncio.sleep(RETRY_PAUSE_S * attempt)
-                attempt += 1
-
-    async def cache_stats(self) -> dict[str, Any]:
-        return await self.generation.cache_stats.remote()
-
-    async def __call__(self, http: Request) -> dict[str, Any]:
-        """POST JSON ``{"question", "corpus", "k"}`` or ``{"question", "documents"}``, with
-        an optional ``max_tokens``; the default tenant (this route has no auth)."""
-        body = await http.json()
-        if not isinstance(body, dict) or not isinstance(body.get("question"), str):
-            raise ValueError('send a JSON object with "question" and "corpus" or "documents"')
-        max_tokens = body.get("max_tokens")
-        if "documents" in body:
-            return await self.answer(list(body["documents"]), body["question"], "", max_tokens)
-        k = int(body.get("k", 3))
-        return await self.query(body["question"], str(body["corpus"]), k, "", max_tokens)
-
-
 def build_app(spec: ClusterSpec) -> serve.Application:
-    """The application: Frontend -> Retrieval (when ``corpus_dir``) and Generation."""
+    """The application: Frontend -> Retrieval and Generation."""
+    if spec.routing not in ROUTERS:
+        raise ValueError(f"routing {spec.routing!r}; use one of {', '.join(ROUTERS)}")
+    cache_aware = spec.routing == "cache_aware"
     router = RequestRouterConfig(
-        request_router_class=CacheAwareRequestRouter,
-        request_router_kwargs={"queue_weight": spec.queue_weight},
+        request_router_class=ROUTERS[spec.routing],
+        request_router_kwargs={"queue_weight": spec.queue_weight} if cache_aware else {},
         request_routing_stats_period_s=spec.stats_period_s,
         request_routing_stats_timeout_s=max(spec.stats_period_s, 5.0),
     )
@@ -231,8 +230,5 @@ def build_app(spec: ClusterSpec) -> serve.Application:
         max_ongoing_requests=spec.max_ongoing_requests,
         ray_actor_options={"num_cpus": spec.generator_cpus},
         request_router_config=router,
-    ).bind(spec.config, spec.data_root)
-    retrieval = None
-    if spec.corpus_dir is not None:
-        retrieval = Retrieval.bind(spec.corpus_dir, spec.config.retriever)
-    return Frontend.bind(generation, retrieval)
+    ).bind(spec)
+    return Frontend.bind(generation, Retrieval.bind(spec), spec.config)

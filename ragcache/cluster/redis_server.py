@@ -65,6 +65,8 @@ class LocalRedis:
             "--logfile", str(self.directory / "redis.log"),
             "--save", "60 1" if self.persist else "",
             "--appendonly", "yes" if self.persist else "no",
+            # A persisted Redis holds what must survive (the corpus log): fsync every write.
+            "--appendfsync", "always" if self.persist else "everysec",
         ]  # fmt: skip
         if self.maxmemory_bytes:
             arguments += ["--maxmemory", str(self.maxmemory_bytes)]

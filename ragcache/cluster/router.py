@@ -5,7 +5,8 @@ Replicas report ``memory_chunks`` and ``queue_length`` through Ray Serve's routi
 (``Generation.record_routing_stats``); the router ranks candidates for each request's
 ``chunk_fingerprints`` and hands Ray one replica per rank, best first. Ray probes each
 in turn and sends the request to the first with room under ``max_ongoing_requests``;
-dead replicas are dropped from the candidates by Ray itself.
+dead replicas are dropped from the candidates by Ray itself. A request pinned to a
+replica (a job poll goes to the replica running the job) ranks that replica first.
 """
 
 from __future__ import annotations
@@ -14,17 +15,21 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
+from ragcache.cluster.asgi_call import ForwardedRequest
 from ragcache.cluster.routing import ReplicaView, rank_replicas
 
 
-def request_fingerprints(pending_request: PendingRequest | None) -> list[str]:
-    """The chunk fingerprints a generation request carries (first argument, a dict)."""
+def routing_fields(pending_request: PendingRequest | None) -> tuple[list[str], str | None]:
+    """The chunk fingerprints a generation request carries and the replica it is pinned
+    to, if any (first argument: a dict from ``answer``, a ForwardedRequest from HTTP)."""
     if pending_request is None or not pending_request.args:
-        return []
+        return [], None
     request = pending_request.args[0]
-    if not isinstance(request, dict):
-        return []
-    return [str(fingerprint) for fingerprint in request.get("chunk_fingerprints", ())]
+    if isinstance(request, dict):
+        return [str(f) for f in request.get("chunk_fingerprints", ())], None
+    if isinstance(request, ForwardedRequest):
+        return list(request.chunk_fingerprints), request.pinned_replica
+    return [], None
 
 
 class CacheAwareRequestRouter(RequestRouter):
@@ -49,5 +54,26 @@ class CacheAwareRequestRouter(RequestRouter):
     ) -> list[list[RunningReplica]]:
         by_id = {replica.replica_id.unique_id: replica for replica in candidate_replicas}
         views = [self._view(replica) for replica in candidate_replicas]
-        ranked = rank_replicas(request_fingerprints(pending_request), views, self.queue_weight)
+        fingerprints, pinned = routing_fields(pending_request)
+        ranked = rank_replicas(fingerprints, views, self.queue_weight)
+        if pinned in by_id:
+            ranked.sort(key=lambda view: view.replica_id != pinned)
         return [[by_id[view.replica_id]] for view in ranked]
+
+
+class RoundRobinRequestRouter(RequestRouter):
+    """The baseline the cache-aware router is measured against: replicas in turn."""
+
+    turn: int = 0
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        ordered = sorted(candidate_replicas, key=lambda replica: replica.replica_id.unique_id)
+        if not ordered:
+            return []
+        self.turn = (self.turn + 1) % len(ordered)
+        rotated = ordered[self.turn :] + ordered[: self.turn]
+        return [[replica] for replica in rotated]
