@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ragcache.blending.cachecraft import CacheCraft
 from ragcache.blending.config import FusionConfig
 from ragcache.blending.focus import ORDERS, CacheFocus, FocusParameterError
 from ragcache.blending.gradual import ALL_LAYERS, GradualBlend
@@ -68,6 +69,11 @@ METHODS: dict[str, MethodEntry] = {
     # gradual filtering with scores weighted by the query's attention at the scoring layer
     "gradual_weighted": MethodEntry(
         GradualBlend, _GRADUAL, {"name": "gradual_weighted", "query_weight": 1.0}
+    ),
+    # Cache-Craft: per-chunk budgets from measured deviation, repaired variants reused.
+    "cachecraft": MethodEntry(
+        CacheCraft,
+        {**_BLEND, "insensitive": "insensitive", "min_contexts": "min_contexts"},
     ),
     # queryblend: gradual filtering weighted by what the query reads over every layer.
     "queryblend": MethodEntry(

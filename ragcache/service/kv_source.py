@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from concurrent.futures import Executor
 
+from ragcache.blending.cachecraft import CacheCraft
 from ragcache.blending.chunk_kv import ChunkEncoder, ChunkKV
 from ragcache.blending.exact_path import encode_after
 from ragcache.blending.fuser import FusedRequest, fuse
@@ -22,6 +23,7 @@ from ragcache.engine.engine import Engine
 from ragcache.service.adapters import adapter_scope
 from ragcache.service.chunk_cache import ChunkCache
 from ragcache.service.chunk_gather import GatheredKV, gather_overlapped, gather_sequential
+from ragcache.service.chunk_variants import apply_variants, record_variants
 from ragcache.service.model_calls import ModelCallQueue, QueryCost
 
 
@@ -152,4 +154,10 @@ class ChunkKVSource:
                 root = self.encoder.root
                 return fuse(engine.model, layout, root, kvs, method, params, exact_chunks)
 
-        return self.model_calls.run(place_and_repair, cost)
+        craft = method if isinstance(method, CacheCraft) and self.stores else None
+        if craft is not None:
+            kvs = apply_variants(self.chunk_cache, craft, layout, kvs, exact_chunks)
+        fused = self.model_calls.run(place_and_repair, cost)
+        if craft is not None:
+            record_variants(self.chunk_cache, craft, layout)
+        return fused
