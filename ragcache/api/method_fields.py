@@ -13,6 +13,8 @@ class MethodFields(BaseModel):
     recompute_ratio: float | None = None
     check_layer: int | None = None
     legolink_k: int | None = None
+    craft_insensitive: float | None = None
+    craft_min_contexts: int | None = None
     focus_keep: float | None = None
     focus_layers: int | None = None
     focus_order: str | None = None
