@@ -19,8 +19,10 @@ class MethodFields(BaseModel):
     focus_layers: int | None = None
     focus_order: str | None = None
     focus_base: str | None = None
+    # Not a method parameter: reuse nothing whose bits could differ from a cold run.
+    deterministic: bool | None = None
 
     def method_params(self) -> dict[str, MethodParam]:
         """The fields the caller set, by name."""
-        values = {name: getattr(self, name) for name in REQUEST_FIELDS}
+        values = {name: getattr(self, name) for name in (*REQUEST_FIELDS, "deterministic")}
         return {name: value for name, value in values.items() if value is not None}

@@ -54,6 +54,11 @@ class ChunkCache:
         self.tree = KnowledgeTree.rebuild(store, context, root_ids)
         self.variants = VariantBook(store, context, self.tree.root.key)
 
+    @property
+    def keeps_exact_kv(self) -> bool:
+        """Whether every copy this cache hands back has every bit the encoder computed."""
+        return self.lossless and get_codec(self.tree.context.codec).stores_raw_bytes
+
     def key(self, token_ids: Sequence[int]) -> str:
         return self.tree.key_for(self.tree.root, token_ids)
 
