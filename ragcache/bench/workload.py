@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -50,6 +51,7 @@ from ragcache.bench.report import (
 from ragcache.bench.workload_stream import StreamRequest, request_stream
 from ragcache.bench.workload_summary import summarize, table
 from ragcache.blending.prompt import PromptBuilder
+from ragcache.chunkstore.cost_calibration import calibrated_cost_model
 from ragcache.config import Config
 from ragcache.engine.config import ModelConfig
 from ragcache.engine.loader import LoadedModel, load_model
@@ -288,7 +290,13 @@ def replay(
     compares the settings on the same requests."""
     spec = loaded.spec
     room = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 2 * 4 * 4096
+    # The prefill timing behind PGDSF's costs is measured once, beside the report, and
+    # every setting's data directory starts with it.
+    calibration = args.out.with_suffix(".calibration")
+    calibrated_cost_model(loaded, calibration)
     with tempfile.TemporaryDirectory(prefix="ragcache-workload-") as folder:
+        for name in args.settings:
+            shutil.copytree(calibration, Path(folder) / name / "calibration")
         services = {
             name: RagCache(
                 config=service_config(Path(folder) / name, name, cap, room),

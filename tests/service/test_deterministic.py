@@ -42,6 +42,7 @@ def open_service(data_dir: Path, deterministic: bool = False) -> RagCache:
     config.data_dir = str(data_dir)
     config.service.kv_precompute = "lazy"
     config.service.deterministic = deterministic
+    config.chunkstore.cost_model = "default"
     config.engine.kv_cache_bytes = 256 * 1024 * 1024
     return RagCache(config=config, loaded=smollm2(), embedder=minilm())
 
@@ -102,6 +103,7 @@ def test_a_lossy_codec_is_never_read_by_a_deterministic_request(tmp_path: Path) 
     config.service.kv_precompute = "lazy"
     config.chunkstore.disk_codec = "int8"
     config.chunkstore.host_bytes = 0
+    config.chunkstore.cost_model = "default"
     config.engine.kv_cache_bytes = 256 * 1024 * 1024
     docs = documents()[:2]
     with RagCache(config=config, loaded=smollm2(), embedder=minilm()) as rag:
