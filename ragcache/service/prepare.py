@@ -197,7 +197,7 @@ class QueryPreparer:
     ) -> PreparedQuery:
         """Deterministic requests reuse only what a cold run would compute bit for bit:
         chunk KV kept without loss, never a tree path, engine prefix blocks or what
-        Cache-Craft learnt from earlier requests."""
+        Cache-Craft learnt from earlier requests (they may still store paths)."""
         received = time.perf_counter()
         layout = self.prompts.layout(chunks, question, conversation)
         limit = self.engine.max_model_len
@@ -218,7 +218,6 @@ class QueryPreparer:
         timings: dict[str, float | None] = {"cache_fetch": 0.0, "kv_compute": 0.0}
         paths = self.config.service.tree_paths
         on_path = paths != "off" and self.kv.stores and not isinstance(method, CacheFocus)
-        on_path = on_path and not deterministic
         exact_compute = on_path and (method.name == "full_prefill" or paths == "always")
         if method.name == "full_prefill" and not exact_compute:
             context = layout.context_end - len(layout.root_ids)
@@ -228,7 +227,7 @@ class QueryPreparer:
             cost = self.kv.query_cost(chunks, layout, received)
             began = time.perf_counter()
             # A full prefill is the reference: it reuses nothing, but stores its path.
-            reuse_path = on_path and method.name != "full_prefill"
+            reuse_path = on_path and method.name != "full_prefill" and not deterministic
             # A path of one chunk is a root child, which fusion has always placed
             # unrepaired in front; only a deeper path changes what is repaired.
             shortest = 1 if exact_compute else 2
