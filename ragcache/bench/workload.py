@@ -217,8 +217,8 @@ def serve_one(
             usage.recomputed_tokens,
             usage.computed_tokens,
         )
-        if paths == "always":  # computed now, exactly: not counted as encoded twice
-            encoded = 0
+        if paths == "always":  # what was computed now is recomputed, not exact or encoded
+            exact, encoded = usage.reused_tokens, 0
     return {
         "kind": "request",
         "setting": setting,
@@ -357,16 +357,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             records.drop(setting)  # caches do not outlive a run; references do
         embedder = SentenceTransformerEmbedder.from_config(Config().retriever)
         replay(loaded, pool, stream, records, evaluator, cap, embedder, args)
-    summaries = {
-        name: summarize(records.requests[name])
-        for name in args.settings
-        if records.requests.get(name)
-    }
+    # The requests every setting served, so the settings stay paired in a stopped run.
+    done = min((len(records.requests.get(name, [])) for name in args.settings), default=0)
+    summaries = {name: summarize(records.requests[name][:done]) for name in args.settings if done}
     report.update(
         {
             "run": run,
             "requests": len(stream),
-            "requests_done": min((len(r) for r in records.requests.values()), default=0),
+            "requests_done": done,
             "distinct_questions": len({r.question for r in stream}),
             "repeats": sum(r.repeat for r in stream),
             "reordered_repeats": sum(r.reordered for r in stream),

@@ -16,7 +16,11 @@ def median(values: Sequence[float]) -> float:
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Token shares, paired gap closed with its 95% interval, agreement and TTFT."""
     context = sum(r["context_tokens"] for r in records) or 1
-    exact = sum(r["exact_tokens"] for r in records)
+    # A token computed for this request is recomputed, never exact as well (records of
+    # exact paths computed now carried both).
+    exact = sum(
+        min(r["exact_tokens"], r["context_tokens"] - r["recomputed_tokens"]) for r in records
+    )
     recomputed = sum(r["recomputed_tokens"] for r in records)
     nll = [r["nll"] for r in records]
     reuse = [r["reuse_nll"] for r in records]
