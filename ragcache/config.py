@@ -145,6 +145,15 @@ class ServiceConfig:
             "as RAGCache does; no fusion) or off"
         },
     )
+    deterministic: bool = field(
+        default=False,
+        metadata={
+            "help": "every request as if the caches were cold: no exact tree paths, engine "
+            "prefix blocks, Cache-Craft variants or history, and no KV from a lossy codec, so "
+            "greedy text is bit-identical to the same request run cold (per request: "
+            "deterministic)"
+        },
+    )
     system_prompt: str = field(
         default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "system prompt of every RAG query"}
     )

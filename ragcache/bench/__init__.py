@@ -17,5 +17,6 @@ BENCHMARKS: dict[str, str] = {
     "cluster": "TTFT with chunk KV from the host tier, the Redis tier, or recomputed",
     "recall": "retrieval recall@k on MuSiQue",
     "serve": "the HTTP server under Poisson load, chunk caching on and off",
+    "workload": "the knowledge tree and Cache-Craft under a MuSiQue request stream",
     "scheduling": "overlapped KV and cache-aware order on a burst of warm and cold queries",
 }

@@ -13,7 +13,8 @@ class FusionConfig:
             "help": "full_prefill, prefix_only, full_reuse, cacheblend, legolink, "
             "gradual (CacheBlend's gradual filtering by value deviation), gradual_weighted "
             "(query-weighted at the scoring layer), queryblend (weighted by what the query "
-            "reads over every layer), sinkblend, cachefocus"
+            "reads over every layer), sinkblend, cachefocus, cachecraft (per-chunk budgets "
+            "from measured deviation, repaired variants reused in the same context)"
         },
     )
     recompute_ratio: float = field(
@@ -26,6 +27,17 @@ class FusionConfig:
             "help": "cacheblend/gradual/queryblend: first layer that scores tokens, >= 1 "
             "(below 3, the last check layer, for the gradual family)"
         },
+    )
+    craft_insensitive: float = field(
+        default=0.02,
+        metadata={
+            "help": "cachecraft: mean relative value deviation below which a chunk measured "
+            "in craft_min_contexts contexts gets no recompute budget"
+        },
+    )
+    craft_min_contexts: int = field(
+        default=2,
+        metadata={"help": "cachecraft: contexts a chunk is measured in before it can be skipped"},
     )
     legolink_k: int = field(
         default=32, metadata={"help": "LegoLink: leading tokens recomputed per chunk"}

@@ -128,7 +128,8 @@ def fuse(
         ks[layer][indices[inside]] = k[inside].to(ks[layer].dtype)
         vs[layer][indices[inside]] = v[inside].to(vs[layer].dtype)
     recompute = [i for i in plan.recompute if i < end]
-    reused = max(0, end - len(layout.root_ids) - len(recompute))
+    repaired = sum(1 for i in plan.repaired if i < end)
+    reused = max(0, end - len(layout.root_ids) - len(recompute) - repaired)
     exact = len(layout.root_ids)
     if plan.exact_prefix is not None and (plan.exact_prefix <= exact or chunks[0].exact):
         exact = plan.exact_prefix

@@ -66,6 +66,9 @@ class FusionPlan:
     fresh: FreshPass | None = None
     exact_prefix: int | None = None
     selection_work: int = 0
+    # Prompt indices the method recomputed through every layer itself (their KV is in
+    # layer_kv and the fresh layers); counted as recomputed, not computed again.
+    repaired: list[int] = field(default_factory=list)
     # Fresh KV of some tokens at deeper layers: layer -> (prompt indices, K, V).
     layer_kv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
         default_factory=dict

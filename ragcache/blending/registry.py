@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ragcache.blending.cachecraft import CacheCraft
 from ragcache.blending.config import FusionConfig
 from ragcache.blending.focus import ORDERS, CacheFocus, FocusParameterError
 from ragcache.blending.gradual import ALL_LAYERS, GradualBlend
@@ -69,6 +70,11 @@ METHODS: dict[str, MethodEntry] = {
     "gradual_weighted": MethodEntry(
         GradualBlend, _GRADUAL, {"name": "gradual_weighted", "query_weight": 1.0}
     ),
+    # Cache-Craft: per-chunk budgets from measured deviation, repaired variants reused.
+    "cachecraft": MethodEntry(
+        CacheCraft,
+        {**_BLEND, "insensitive": "insensitive", "min_contexts": "min_contexts"},
+    ),
     # queryblend: gradual filtering weighted by what the query reads over every layer.
     "queryblend": MethodEntry(
         GradualBlend,
@@ -86,6 +92,8 @@ REQUEST_FIELDS = {
     "recompute_ratio": "ratio",
     "check_layer": "check_layer",
     "legolink_k": "k",
+    "craft_insensitive": "insensitive",
+    "craft_min_contexts": "min_contexts",
     "focus_keep": "keep",
     "focus_layers": "layers",
     "focus_order": "order",
@@ -99,6 +107,19 @@ class MethodParameterError(ValueError):
     def __init__(self, message: str, param: str) -> None:
         super().__init__(message)
         self.param = param
+
+
+def _craft_params(fields: Mapping[str, Any]) -> dict[str, MethodParam]:
+    insensitive, min_contexts = fields["craft_insensitive"], fields["craft_min_contexts"]
+    if isinstance(insensitive, str) or not float(insensitive) >= 0.0:
+        raise MethodParameterError(
+            f"craft_insensitive={insensitive!r} must be a number >= 0", "craft_insensitive"
+        )
+    if not isinstance(min_contexts, int) or min_contexts < 1:
+        raise MethodParameterError(
+            f"craft_min_contexts={min_contexts!r} must be an integer >= 1", "craft_min_contexts"
+        )
+    return {"insensitive": float(insensitive), "min_contexts": min_contexts}
 
 
 def make_method(name: str, **params: MethodParam) -> FusionMethod:
@@ -172,6 +193,8 @@ def method_for_request(
             f"legolink_k={legolink_k!r} must be an integer >= 0", "legolink_k"
         )
     used: dict[str, MethodParam] = {"ratio": ratio, "check_layer": check_layer, "k": legolink_k}
+    if name == "cachecraft":
+        used.update(_craft_params(fields))
     if name != "cachefocus":
         method = make_method(name, **used)
         if isinstance(method, GradualBlend) and check_layer >= method.last_check:

@@ -19,6 +19,7 @@ from ragcache.chunkstore.entry import ChunkEntry
 from ragcache.chunkstore.keys import KeyContext
 from ragcache.chunkstore.store import ChunkStore
 from ragcache.chunkstore.tree import KnowledgeTree
+from ragcache.chunkstore.variants import VariantBook
 
 
 def chunk_kv_from_entry(entry: ChunkEntry, lossless: bool = True) -> ChunkKV:
@@ -51,6 +52,12 @@ class ChunkCache:
         self.store = store
         self.lossless = store_is_lossless(store)
         self.tree = KnowledgeTree.rebuild(store, context, root_ids)
+        self.variants = VariantBook(store, context, self.tree.root.key)
+
+    @property
+    def keeps_exact_kv(self) -> bool:
+        """Whether every copy this cache hands back has every bit the encoder computed."""
+        return self.lossless and get_codec(self.tree.context.codec).stores_raw_bytes
 
     def key(self, token_ids: Sequence[int]) -> str:
         return self.tree.key_for(self.tree.root, token_ids)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from concurrent.futures import Executor
 
+from ragcache.blending.cachecraft import CacheCraft
 from ragcache.blending.chunk_kv import ChunkEncoder, ChunkKV
 from ragcache.blending.exact_path import encode_after
 from ragcache.blending.fuser import FusedRequest, fuse
@@ -22,6 +23,7 @@ from ragcache.engine.engine import Engine
 from ragcache.service.adapters import adapter_scope
 from ragcache.service.chunk_cache import ChunkCache
 from ragcache.service.chunk_gather import GatheredKV, gather_overlapped, gather_sequential
+from ragcache.service.chunk_variants import apply_variants, record_variants
 from ragcache.service.model_calls import ModelCallQueue, QueryCost
 
 
@@ -76,14 +78,17 @@ class ChunkKVSource:
         missing = sum(map(len, chunks)) - cached
         return QueryCost(len(layout.root_ids) + cached, missing + len(layout.query_ids), received)
 
-    def gather(self, chunks: list[list[int]], cost: QueryCost) -> GatheredKV:
+    def gather(
+        self, chunks: list[list[int]], cost: QueryCost, lossless_only: bool = False
+    ) -> GatheredKV:
         """Every chunk's KV: cached copies read, missing chunks encoded, at the same time
-        when service.overlap_kv is on."""
+        when service.overlap_kv is on. With ``lossless_only`` nothing is read where the
+        cache may hand back KV that went through a lossy codec."""
 
         def encode(missing: list[list[int]]) -> list[ChunkKV]:
             return self.encode(missing, cost)
 
-        if not self.stores:
+        if not self.stores or (lossless_only and not self.chunk_cache.keeps_exact_kv):
             return gather_sequential(chunks, lambda ids: None, encode)
         if self.config.overlap_kv:
             return gather_overlapped(
@@ -146,10 +151,20 @@ class ChunkKVSource:
         params: dict[str, MethodParam],
         cost: QueryCost,
         exact_chunks: int = 0,
+        history: bool = True,
     ) -> FusedRequest:
+        """Places and repairs the chunks; Cache-Craft reads what earlier requests left
+        (variants, deviations) only with ``history``."""
+
         def place_and_repair(engine: Engine) -> FusedRequest:
             with adapter_scope(engine, self.adapter_id):
                 root = self.encoder.root
                 return fuse(engine.model, layout, root, kvs, method, params, exact_chunks)
 
-        return self.model_calls.run(place_and_repair, cost)
+        craft = method if isinstance(method, CacheCraft) and self.stores else None
+        if craft is not None and history:
+            kvs = apply_variants(self.chunk_cache, craft, layout, kvs, exact_chunks)
+        fused = self.model_calls.run(place_and_repair, cost)
+        if craft is not None:
+            record_variants(self.chunk_cache, craft, layout)
+        return fused

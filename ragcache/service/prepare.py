@@ -57,6 +57,21 @@ class QueryPreparer:
         except MethodParameterError as error:
             raise InvalidParameterError(str(error), error.param) from None
 
+    def split_deterministic(
+        self, params: dict[str, MethodParam]
+    ) -> tuple[dict[str, MethodParam], bool]:
+        """The method parameters without ``deterministic``, and whether the request is
+        deterministic (service.deterministic when it does not say)."""
+        rest = dict(params)
+        value = rest.pop("deterministic", None)
+        if value is None:
+            return rest, self.config.service.deterministic
+        if not isinstance(value, bool):
+            raise InvalidParameterError(
+                f"deterministic={value!r} must be true or false", "deterministic"
+            )
+        return rest, value
+
     def prepare_corpus(
         self,
         text: str,
@@ -71,12 +86,13 @@ class QueryPreparer:
         ``conversation`` holds (role, content) turns asked before it (see PromptBuilder)."""
         received = time.perf_counter()
         sampling = self.sampling(sampling)
+        method_params, deterministic = self.split_deterministic(method_params)
         method, params = self.method(method_name, method_params)
         sources, records = self.corpora.retrieve(text, corpus, self.corpora.check_k(k))
         chunks = [record.token_ids + self.prompts.separator_ids for record in records]
         hint = f"{len(chunks)} retrieved chunks and the question", "lower k or shorten the question"
         prepared = self._prepare_chunks(
-            chunks, text, sources, method, params, sampling, "k", hint, conversation
+            chunks, text, sources, method, params, sampling, "k", hint, conversation, deterministic
         )
         prepared.timings["retrieval"] = prepared.received - received
         prepared.received = received
@@ -96,7 +112,8 @@ class QueryPreparer:
         KV cached by content (under this tenant), then fused before the question (and
         the ``conversation`` turns asked before it)."""
         sampling = self.sampling(sampling)
-        method, params = self.method(method_name, method_params or {})
+        method_params, deterministic = self.split_deterministic(method_params or {})
+        method, params = self.method(method_name, method_params)
         limit = self.config.service.max_k
         if not 1 <= len(documents) <= limit:
             raise InvalidParameterError(
@@ -114,7 +131,16 @@ class QueryPreparer:
         ]
         hint = f"{len(chunks)} documents and the question", "send fewer or shorter documents"
         prepared = self._prepare_chunks(
-            chunks, question, sources, method, params, sampling, param, hint, conversation
+            chunks,
+            question,
+            sources,
+            method,
+            params,
+            sampling,
+            param,
+            hint,
+            conversation,
+            deterministic,
         )
         prepared.timings["retrieval"] = 0.0
         return prepared
@@ -135,7 +161,8 @@ class QueryPreparer:
                 param,
             )
         report = FusionReport("none", 0, 0, 0, 0.0)
-        fused = FusedRequest(list(prompt_ids), None, True, report)
+        prefix_cache = not self.config.service.deterministic
+        fused = FusedRequest(list(prompt_ids), None, prefix_cache, report)
         return PreparedQuery(
             list(prompt_ids), fused, [], CacheUsage("none"), sampling, {}, received, [], param
         )
@@ -166,7 +193,11 @@ class QueryPreparer:
         length_param: str,
         hint: tuple[str, str],
         conversation: Sequence[tuple[str, str]] = (),
+        deterministic: bool = False,
     ) -> PreparedQuery:
+        """Deterministic requests reuse only what a cold run would compute bit for bit:
+        chunk KV kept without loss, never a tree path, engine prefix blocks or what
+        Cache-Craft learnt from earlier requests (they may still store paths)."""
         received = time.perf_counter()
         layout = self.prompts.layout(chunks, question, conversation)
         limit = self.engine.max_model_len
@@ -196,7 +227,7 @@ class QueryPreparer:
             cost = self.kv.query_cost(chunks, layout, received)
             began = time.perf_counter()
             # A full prefill is the reference: it reuses nothing, but stores its path.
-            reuse_path = on_path and method.name != "full_prefill"
+            reuse_path = on_path and method.name != "full_prefill" and not deterministic
             # A path of one chunk is a root child, which fusion has always placed
             # unrepaired in front; only a deeper path changes what is repaired.
             shortest = 1 if exact_compute else 2
@@ -212,7 +243,7 @@ class QueryPreparer:
                 self.kv.store_path(chunks, len(path), computed)
                 kvs, hits, exact = prefix + computed, hits + [None] * len(rest), len(chunks)
             else:
-                gathered = self.kv.gather(rest, cost)
+                gathered = self.kv.gather(rest, cost, lossless_only=deterministic)
                 timings["cache_fetch"] = (timings["cache_fetch"] or 0.0) + gathered.fetch_s
                 timings["kv_compute"] = gathered.compute_s
                 kvs, hits, exact = prefix + gathered.kvs, hits + gathered.hits, len(path)
@@ -225,7 +256,8 @@ class QueryPreparer:
                     usage.tokens_by_tier[hit[1]] = usage.tokens_by_tier.get(hit[1], 0) + len(ids)
                 else:
                     usage.computed_tokens += len(ids)
-            fused = self.kv.fuse(layout, kvs, method, params, cost, exact)
+            fused = self.kv.fuse(layout, kvs, method, params, cost, exact, not deterministic)
+            fused.use_prefix_cache = fused.use_prefix_cache and not deterministic
             if exact_compute:  # computed now, exactly: reused only what the path held
                 report = fused.report
                 report.reused_tokens = sum(kv.num_tokens for kv in prefix)

@@ -196,6 +196,21 @@ BAD_QUERIES = {
         InvalidParameterError,
         "focus_layers",
     ),
+    "craft insensitive": (
+        dict(method="cachecraft", method_params={"craft_insensitive": -0.1}),
+        InvalidParameterError,
+        "craft_insensitive",
+    ),
+    "craft contexts": (
+        dict(method="cachecraft", method_params={"craft_min_contexts": 0}),
+        InvalidParameterError,
+        "craft_min_contexts",
+    ),
+    "deterministic": (
+        dict(method_params={"deterministic": "yes"}),
+        InvalidParameterError,
+        "deterministic",
+    ),
     "focus base": (
         dict(method="cachefocus", method_params={"focus_base": "cachefocus"}),
         InvalidParameterError,
