@@ -10,7 +10,7 @@ from ragcache.engine.config import ModelConfig
 from ragcache.engine.fused_decode import (
     MAX_ROWS,
     decode_path_unavailable,
-    decode_step_extension,
+    decode_step_library,
 )
 from ragcache.engine.kv_pool import KVPool
 from ragcache.engine.loader import ModelLoadError, load_model
@@ -25,7 +25,7 @@ from tests.engine.test_packed_weights import (
 from tests.service_helpers import tiny_model_folder
 
 pytestmark = pytest.mark.skipif(
-    decode_step_extension() is None, reason="the fused step needs AVX2 and a C++ toolchain"
+    decode_step_library() is None, reason="the fused step needs AVX2 and a C++ toolchain"
 )
 
 PROMPT = torch.randint(3, 256, (21,), generator=torch.Generator().manual_seed(8)).tolist()

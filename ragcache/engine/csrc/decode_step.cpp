@@ -7,11 +7,14 @@
 // token that per-call cost is most of a decode step. Weights are rebuilt in fp32 exactly
 // as the dequantised tensors hold them (q * d + m, q * d) before fp32 products, so results
 // differ from the torch path only in the order of fp32 sums and in exp's last bits.
+//
+// It includes no torch header (it compiles in seconds) and exposes plain C functions
+// over raw pointers; ``fused_decode.py`` checks every shape before calling.
 
-#include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <torch/extension.h>
+#include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -108,20 +111,6 @@ struct BlockMatrix {
   }
 };
 
-BlockMatrix block_matrix(const std::vector<torch::Tensor>& parts) {
-  // [codes uint8 (Q4_1: K / 2 a row) or int8 (Q8_0: K a row), scales, (minimums)]
-  BlockMatrix m;
-  m.q4 = parts.size() == 3;
-  TORCH_CHECK(parts.size() == 2 || parts.size() == 3, "a block matrix has 2 or 3 tensors");
-  for (const auto& t : parts) TORCH_CHECK(t.is_contiguous() && t.device().is_cpu());
-  m.rows = parts[0].size(0);
-  m.cols = m.q4 ? parts[0].size(1) * 2 : parts[0].size(1);
-  m.codes = static_cast<const uint8_t*>(parts[0].data_ptr());
-  m.scales = reinterpret_cast<const uint16_t*>(parts[1].data_ptr());
-  m.minimums = m.q4 ? reinterpret_cast<const uint16_t*>(parts[2].data_ptr()) : nullptr;
-  return m;
-}
-
 // out[r, n] = sum_k x[r, k] W[n, k] for R rows from ``row`` and outputs n0 .. n0 + O - 1.
 // Each block is rebuilt once and used for every row; O outputs in flight keep enough
 // independent FMA chains when R is small.
@@ -168,13 +157,17 @@ inline void dot_rows_tail(const BlockMatrix& w, const float* x, int64_t row, int
 }
 
 // out [T, N] = x [T, K] @ W.T, outputs split over torch's threads.
+// Called inside a parallel region: each thread takes one contiguous share of outputs.
 void block_product(const BlockMatrix& w, const float* x, int64_t tokens, float* out) {
-  const int64_t grain = std::max<int64_t>(16, w.rows / (4 * at::get_num_threads()));
-  at::parallel_for(0, w.rows, grain, [&](int64_t begin, int64_t end) {
-    int64_t row = 0;
-    for (; row + 8 <= tokens; row += 8) dot_outputs<8>(w, x, row, begin, end, out, w.rows);
-    dot_rows_tail<7>(w, x, row, tokens - row, begin, end, out, w.rows);
-  });
+  const int64_t threads = omp_get_num_threads();
+  const int64_t share = (w.rows / threads + 3) / 4 * 4;
+  const int64_t begin = std::min<int64_t>(w.rows, omp_get_thread_num() * share);
+  const int64_t end = omp_get_thread_num() == threads - 1 ? w.rows
+                                                          : std::min<int64_t>(w.rows, begin + share);
+  int64_t row = 0;
+  for (; row + 8 <= tokens; row += 8) dot_outputs<8>(w, x, row, begin, end, out, w.rows);
+  dot_rows_tail<7>(w, x, row, tokens - row, begin, end, out, w.rows);
+#pragma omp barrier
 }
 
 // ---- element-wise parts -------------------------------------------------------------
@@ -239,12 +232,12 @@ inline int64_t slot_of(const PagedView& pool, int64_t seq, int64_t position) {
 
 // One token's group of query heads sharing KV head g over positions [0, length).
 void attend_group(const PagedView& pool, int64_t seq, int64_t length, const float* q,
-                  int64_t group, int64_t kv_heads, int64_t head_dim, float scale, float* out,
+                  int64_t kv_head, int64_t group, int64_t kv_heads, int64_t head_dim, float scale, float* out,
                   std::vector<float>& scores) {
   scores.resize(static_cast<size_t>(group * length));
   const int64_t lanes = head_dim / 8;
   for (int64_t j = 0; j < length; ++j) {
-    const float* key = pool.k + slot_of(pool, seq, j) * kv_heads * head_dim;
+    const float* key = pool.k + (slot_of(pool, seq, j) * kv_heads + kv_head) * head_dim;
     for (int64_t h = 0; h < group; ++h) {
       __m256 acc = _mm256_setzero_ps();
       for (int64_t l = 0; l < lanes; ++l)
@@ -273,17 +266,17 @@ void attend_group(const PagedView& pool, int64_t seq, int64_t length, const floa
     const float inv = 1.0f / total;
     for (j = 0; j < length; ++j) s[j] *= inv;
   }
-  std::vector<__m256> acc(static_cast<size_t>(group * lanes), _mm256_setzero_ps());
+  std::fill(out, out + group * head_dim, 0.0f);
   for (int64_t j = 0; j < length; ++j) {
-    const float* value = pool.v + slot_of(pool, seq, j) * kv_heads * head_dim;
+    const float* value = pool.v + (slot_of(pool, seq, j) * kv_heads + kv_head) * head_dim;
     for (int64_t h = 0; h < group; ++h) {
       const __m256 p = _mm256_set1_ps(scores[h * length + j]);
+      float* o = out + h * head_dim;
       for (int64_t l = 0; l < lanes; ++l)
-        acc[h * lanes + l] = _mm256_fmadd_ps(p, _mm256_loadu_ps(value + 8 * l), acc[h * lanes + l]);
+        _mm256_storeu_ps(o + 8 * l, _mm256_fmadd_ps(p, _mm256_loadu_ps(value + 8 * l),
+                                                     _mm256_loadu_ps(o + 8 * l)));
     }
   }
-  for (int64_t h = 0; h < group; ++h)
-    for (int64_t l = 0; l < lanes; ++l) _mm256_storeu_ps(out + h * head_dim + 8 * l, acc[h * lanes + l]);
 }
 
 struct Layer {
@@ -293,128 +286,132 @@ struct Layer {
   const float* qkv_bias = nullptr;
 };
 
+struct Model {
+  std::vector<Layer> layers;
+  int64_t hidden = 0, num_heads = 0, num_kv_heads = 0, head_dim = 0, inter = 0;
+  float eps = 0.0f;
+};
+
+BlockMatrix matrix_of(const void* codes, const void* scales, const void* minimums, int64_t rows,
+                      int64_t cols) {
+  BlockMatrix m;
+  m.q4 = minimums != nullptr;
+  m.rows = rows;
+  m.cols = cols;
+  m.codes = static_cast<const uint8_t*>(codes);
+  m.scales = static_cast<const uint16_t*>(scales);
+  m.minimums = static_cast<const uint16_t*>(minimums);
+  return m;
+}
+
 }  // namespace
 
-// The decoder layers of one model over its paged pool; tensors are kept alive here.
-class DecodeStep {
- public:
-  DecodeStep(std::vector<std::vector<torch::Tensor>> matrices, std::vector<torch::Tensor> norms,
-             std::vector<torch::Tensor> biases, int64_t num_heads, int64_t num_kv_heads,
-             int64_t head_dim, double eps)
-      : num_heads_(num_heads), num_kv_heads_(num_kv_heads), head_dim_(head_dim), eps_(eps) {
-    const int64_t num_layers = static_cast<int64_t>(norms.size() / 2);
-    TORCH_CHECK(static_cast<int64_t>(matrices.size()) == 4 * num_layers,
-                "four block matrices a layer");
-    TORCH_CHECK(head_dim % 8 == 0, "head_dim must be a multiple of 8");
-    for (int64_t i = 0; i < num_layers; ++i) {
-      Layer layer;
-      layer.qkv = block_matrix(matrices[4 * i]);
-      layer.o = block_matrix(matrices[4 * i + 1]);
-      layer.gate_up = block_matrix(matrices[4 * i + 2]);
-      layer.down = block_matrix(matrices[4 * i + 3]);
-      layer.input_norm = norms[2 * i].data_ptr<float>();
-      layer.post_norm = norms[2 * i + 1].data_ptr<float>();
-      if (!biases.empty()) layer.qkv_bias = biases[i].data_ptr<float>();
-      layers_.push_back(layer);
-    }
-    for (auto& m : matrices)
-      for (auto& t : m) kept_.push_back(t);
-    for (auto& t : norms) kept_.push_back(t);
-    for (auto& t : biases) kept_.push_back(t);
-  }
+extern "C" {
 
-  // hidden [T, H] embedded tokens; cos_full, sin_signed [T, D]; pool [L, 2, B, bs, Hkv, D];
-  // slots [T] int64 (where each token's KV goes); token_seq, token_len [T] int32 (row of
-  // its block table, positions it attends: its own slot + 1); tables [S, W] int32.
-  torch::Tensor forward(torch::Tensor hidden, torch::Tensor cos_full, torch::Tensor sin_signed,
-                        torch::Tensor pool, torch::Tensor slots, torch::Tensor token_seq,
-                        torch::Tensor token_len, torch::Tensor tables) {
-    TORCH_CHECK(hidden.dim() == 2 && hidden.scalar_type() == torch::kFloat32);
-    TORCH_CHECK(pool.scalar_type() == torch::kFloat32 && pool.is_contiguous() && pool.dim() == 6);
-    TORCH_CHECK(pool.size(0) == static_cast<int64_t>(layers_.size()));
-    hidden = hidden.contiguous().clone();
-    cos_full = cos_full.contiguous();
-    sin_signed = sin_signed.contiguous();
-    slots = slots.to(torch::kInt64).contiguous();
-    token_seq = token_seq.to(torch::kInt32).contiguous();
-    token_len = token_len.to(torch::kInt32).contiguous();
-    tables = tables.to(torch::kInt32).contiguous();
-    const int64_t T = hidden.size(0);
-    const int64_t H = hidden.size(1);
-    const int64_t q_size = num_heads_ * head_dim_;
-    const int64_t kv_size = num_kv_heads_ * head_dim_;
-    const int64_t block_size = pool.size(3);
-    const int64_t layer_slots = pool.size(2) * block_size;
-    const int64_t group = num_heads_ / num_kv_heads_;
-    const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim_));
-    const int64_t* slot_p = slots.data_ptr<int64_t>();
-    const int32_t* seq_p = token_seq.data_ptr<int32_t>();
-    const int32_t* len_p = token_len.data_ptr<int32_t>();
-    for (int64_t t = 0; t < T; ++t)
-      TORCH_CHECK(slot_p[t] >= 0 && slot_p[t] < layer_slots && len_p[t] >= 1 &&
-                      len_p[t] <= tables.size(1) * block_size && seq_p[t] < tables.size(0),
-                  "token ", t, " has a slot or length outside its block table");
-    const int64_t inter = layers_[0].down.cols;
-    std::vector<float> normed(T * H), qkv(T * (q_size + 2 * kv_size)), attn(T * q_size),
-        proj(T * H), gate_up(T * 2 * inter), act(T * inter);
-    float* h = hidden.data_ptr<float>();
-    float* pool_p = pool.data_ptr<float>();
-    const float* cos_p = cos_full.data_ptr<float>();
-    const float* sin_p = sin_signed.data_ptr<float>();
-    const int64_t qkv_width = q_size + 2 * kv_size;
-    for (size_t l = 0; l < layers_.size(); ++l) {
-      const Layer& layer = layers_[l];
-      rms_norm(h, layer.input_norm, eps_, T, H, normed.data());
-      block_product(layer.qkv, normed.data(), T, qkv.data());
+// A model of ``num_layers`` layers; its weights stay owned by the caller.
+void* decode_model_new(int64_t num_layers, int64_t hidden, int64_t num_heads,
+                       int64_t num_kv_heads, int64_t head_dim, int64_t inter, float eps) {
+  auto* model = new Model();
+  model->layers.resize(static_cast<size_t>(num_layers));
+  model->hidden = hidden;
+  model->num_heads = num_heads;
+  model->num_kv_heads = num_kv_heads;
+  model->head_dim = head_dim;
+  model->inter = inter;
+  model->eps = eps;
+  return model;
+}
+
+void decode_model_free(void* model) { delete static_cast<Model*>(model); }
+
+// Projection ``which`` (0 qkv, 1 o, 2 gate_up, 3 down) of a layer: Q4_1 where
+// ``minimums`` is given, else Q8_0.
+void decode_model_set_matrix(void* handle, int64_t layer, int64_t which, const void* codes,
+                             const void* scales, const void* minimums, int64_t rows,
+                             int64_t cols) {
+  Layer& l = static_cast<Model*>(handle)->layers[static_cast<size_t>(layer)];
+  BlockMatrix* slots[4] = {&l.qkv, &l.o, &l.gate_up, &l.down};
+  *slots[which] = matrix_of(codes, scales, minimums, rows, cols);
+}
+
+void decode_model_set_norms(void* handle, int64_t layer, const float* input_norm,
+                            const float* post_norm, const float* qkv_bias) {
+  Layer& l = static_cast<Model*>(handle)->layers[static_cast<size_t>(layer)];
+  l.input_norm = input_norm;
+  l.post_norm = post_norm;
+  l.qkv_bias = qkv_bias;
+}
+
+// hidden [T, H] in place (embedded tokens in, last layer's output out); cos_full,
+// sin_signed [T, D]; pool [L, 2, num_blocks, block_size, Hkv, D]; slots [T] (where each
+// token's KV goes); token_seq, token_len [T] (its block-table row, the positions it
+// attends: its own slot + 1); tables [S, width].
+void decode_model_forward(void* handle, float* hidden, int64_t T, const float* cos_full,
+                          const float* sin_signed, float* pool, int64_t num_blocks,
+                          int64_t block_size, const int64_t* slots, const int32_t* token_seq,
+                          const int32_t* token_len, const int32_t* tables, int64_t width,
+                          int64_t threads) {
+  const Model& model = *static_cast<Model*>(handle);
+  const int64_t H = model.hidden;
+  const int64_t head_dim = model.head_dim;
+  const int64_t q_size = model.num_heads * head_dim;
+  const int64_t kv_size = model.num_kv_heads * head_dim;
+  const int64_t qkv_width = q_size + 2 * kv_size;
+  const int64_t inter = model.inter;
+  const int64_t group = model.num_heads / model.num_kv_heads;
+  const int64_t layer_slots = num_blocks * block_size;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  std::vector<float> normed(T * H), qkv(T * qkv_width), attn(T * q_size), proj(T * H),
+      gate_up(T * 2 * inter), act(T * inter);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> scores;
+    for (size_t l = 0; l < model.layers.size(); ++l) {
+      const Layer& layer = model.layers[l];
       PagedView view;
-      view.k = pool_p + (2 * l) * layer_slots * kv_size;
-      view.v = pool_p + (2 * l + 1) * layer_slots * kv_size;
+      view.k = pool + (2 * l) * layer_slots * kv_size;
+      view.v = pool + (2 * l + 1) * layer_slots * kv_size;
       view.block_size = block_size;
-      view.tables = tables.data_ptr<int32_t>();
-      view.width = tables.size(1);
+      view.tables = tables;
+      view.width = width;
+#pragma omp single
+      rms_norm(hidden, layer.input_norm, model.eps, T, H, normed.data());
+      block_product(layer.qkv, normed.data(), T, qkv.data());
+#pragma omp single
       for (int64_t t = 0; t < T; ++t) {
         float* row = qkv.data() + t * qkv_width;
         if (layer.qkv_bias != nullptr)
           for (int64_t i = 0; i < qkv_width; ++i) row[i] += layer.qkv_bias[i];
-        const float* c = cos_p + t * head_dim_;
-        const float* s = sin_p + t * head_dim_;
-        rotate(row, num_heads_, head_dim_, c, s);
-        rotate(row + q_size, num_kv_heads_, head_dim_, c, s);
-        std::copy(row + q_size, row + q_size + kv_size, view.k + slot_p[t] * kv_size);
-        std::copy(row + q_size + kv_size, row + qkv_width, view.v + slot_p[t] * kv_size);
+        const float* c = cos_full + t * head_dim;
+        const float* s = sin_signed + t * head_dim;
+        rotate(row, model.num_heads, head_dim, c, s);
+        rotate(row + q_size, model.num_kv_heads, head_dim, c, s);
+        std::copy(row + q_size, row + q_size + kv_size, view.k + slots[t] * kv_size);
+        std::copy(row + q_size + kv_size, row + qkv_width, view.v + slots[t] * kv_size);
       }
-      at::parallel_for(0, T * num_kv_heads_, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> scores;
-        for (int64_t work = begin; work < end; ++work) {
-          const int64_t t = work / num_kv_heads_;
-          const int64_t g = work % num_kv_heads_;
-          attend_group(view, seq_p[t], len_p[t],
-                       qkv.data() + t * qkv_width + g * group * head_dim_, group,
-                       num_kv_heads_, head_dim_, scale,
-                       attn.data() + t * q_size + g * group * head_dim_, scores);
-        }
-      });
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t work = 0; work < T * model.num_kv_heads; ++work) {
+        const int64_t t = work / model.num_kv_heads;
+        const int64_t g = work % model.num_kv_heads;
+        attend_group(view, token_seq[t], token_len[t],
+                     qkv.data() + t * qkv_width + g * group * head_dim, g, group,
+                     model.num_kv_heads, head_dim, scale,
+                     attn.data() + t * q_size + g * group * head_dim, scores);
+      }
       block_product(layer.o, attn.data(), T, proj.data());
-      for (int64_t i = 0; i < T * H; ++i) h[i] = proj[i] + h[i];
-      rms_norm(h, layer.post_norm, eps_, T, H, normed.data());
+#pragma omp single
+      {
+        for (int64_t i = 0; i < T * H; ++i) hidden[i] = proj[i] + hidden[i];
+        rms_norm(hidden, layer.post_norm, model.eps, T, H, normed.data());
+      }
       block_product(layer.gate_up, normed.data(), T, gate_up.data());
+#pragma omp single
       silu_times(gate_up.data(), T, inter, act.data());
       block_product(layer.down, act.data(), T, proj.data());
-      for (int64_t i = 0; i < T * H; ++i) h[i] = proj[i] + h[i];
+#pragma omp single
+      for (int64_t i = 0; i < T * H; ++i) hidden[i] = proj[i] + hidden[i];
     }
-    return hidden;
   }
-
- private:
-  std::vector<Layer> layers_;
-  std::vector<torch::Tensor> kept_;
-  int64_t num_heads_, num_kv_heads_, head_dim_;
-  float eps_;
-};
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  py::class_<DecodeStep>(m, "DecodeStep")
-      .def(py::init<std::vector<std::vector<torch::Tensor>>, std::vector<torch::Tensor>,
-                    std::vector<torch::Tensor>, int64_t, int64_t, int64_t, double>())
-      .def("forward", &DecodeStep::forward, py::call_guard<py::gil_scoped_release>());
 }
+
+}  // extern "C"
