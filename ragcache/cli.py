@@ -199,6 +199,17 @@ def _ensure_sample(service: Any) -> None:
     service.ingest([SAMPLES_DIR], SAMPLE_CORPUS, create=True, progress=_progress())
 
 
+def _runtime_line(service: Any, config: Config) -> str:
+    """The configuration the engine chose for this machine (dtype, threads, weights)."""
+    import torch
+
+    from ragcache.engine.runtime_choice import runtime_choice
+
+    engine = service.engine
+    model = engine.loaded.model
+    return runtime_choice(model, torch.get_num_threads(), config.model.dtype).describe()
+
+
 def _serve(args: argparse.Namespace, config: Config) -> None:
     import uvicorn
 
@@ -213,6 +224,7 @@ def _serve(args: argparse.Namespace, config: Config) -> None:
             server.host = "127.0.0.1"
         print("no API keys configured: serving on loopback only")
     service = _service(config)
+    print(_runtime_line(service, config))
     if args.sample:
         _ensure_sample(service)
     base = f"http://{server.host}:{server.port}"

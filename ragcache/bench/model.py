@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ragcache.bench.llama_cpp import greedy_decode, llama_cpp_missing, open_llama, prefill_seconds
 from ragcache.bench.model_passes import (
     BLOCK_SIZE,
     corpus_token_ids,
@@ -134,6 +135,51 @@ def bench_decode(
     # new_tokens - 1 steps between the first token and the last
     row = Row(dtype_name, weights_name(loaded), "decode_b1", new_tokens - 1, ours_s, theirs_s)
     return row, agreeing
+
+
+def bench_llama_cpp(loaded: LoadedModel, rows: list[Row], args: argparse.Namespace) -> dict:
+    """llama.cpp on the embedded GGUF file with this process's thread count, right after
+    our rows: prefill of the same token ids and greedy decode after the same prompt.
+    ``ratio`` is llama.cpp's median seconds / ours (above 1: ours is faster)."""
+    missing = llama_cpp_missing()
+    if missing is not None:
+        print(missing, flush=True)
+        return {"skipped": missing}
+    threads = torch.get_num_threads()
+    lengths = [n for n in args.prefill_lengths if n <= 2048]
+    context = max([*lengths, args.decode_prompt + args.decode_tokens]) + 16
+    llama = open_llama(locate_embedded_gguf(), threads, context)
+    result: dict[str, Any] = {"threads": threads, "prefill": {}, "decode_b1": {}}
+    for length in lengths:
+        ids = corpus_token_ids(loaded.tokenizer, length)
+        prefill_seconds(llama, ids)
+        seconds = [prefill_seconds(llama, ids) for _ in range(args.repeats)]
+        ours = next(r for r in rows if r.metric == "prefill" and r.tokens == length)
+        result["prefill"][str(length)] = llama_cpp_point(length, seconds, ours)
+    ids = corpus_token_ids(loaded.tokenizer, args.decode_prompt)
+    greedy_decode(llama, ids, args.decode_tokens)
+    seconds = [greedy_decode(llama, ids, args.decode_tokens)[1] for _ in range(args.repeats)]
+    ours = next(r for r in rows if r.metric == "decode_b1")
+    result["decode_b1"] = llama_cpp_point(args.decode_tokens - 1, seconds, ours)
+    for name, point in [*result["prefill"].items(), ("decode", result["decode_b1"])]:
+        print(
+            f"llama.cpp {name}: {point['llama_cpp_tokens_per_s']:.1f} tok/s, "
+            f"ours {point['ours_tokens_per_s']:.1f}, ratio {point['ratio']:.2f}",
+            flush=True,
+        )
+    return result
+
+
+def llama_cpp_point(tokens: int, seconds: list[float], ours: Row) -> dict[str, float]:
+    theirs = statistics.median(seconds)
+    mine = statistics.median(ours.ours_seconds)
+    return {
+        "tokens": tokens,
+        "llama_cpp_seconds": seconds,
+        "llama_cpp_tokens_per_s": tokens / theirs,
+        "ours_tokens_per_s": tokens / mine,
+        "ratio": theirs / mine,
+    }
 
 
 # ---- fresh-process probes ---------------------------------------------------------------
@@ -274,6 +320,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 report["packed_copy_mib"][key] = packed_copy_bytes(decoded) / 2**20
                 print(row.metric, dtype_name, mode, f"{row.ratio:.2f}", agreeing, flush=True)
                 write_report(args.out, report, rows)
+        if args.llama_cpp and dtype_name == args.dtypes[0]:
+            report["llama_cpp"] = bench_llama_cpp(loaded, rows, args)
+            write_report(args.out, report, rows)
         del loaded, models, reference
     if args.process_costs:
         for dtype_name in args.dtypes:
@@ -311,6 +360,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         dest="process_costs",
         action="store_false",
         help="skip the subprocess memory and load-time probes",
+    )
+    parser.add_argument(
+        "--no-llama-cpp",
+        dest="llama_cpp",
+        action="store_false",
+        help="skip llama.cpp on the same GGUF file (timed when llama-cpp-python is installed)",
     )
     parser.add_argument("--probe", nargs="+", help=argparse.SUPPRESS)
     return parser.parse_args(argv)

@@ -33,6 +33,14 @@ class ModelConfig:
             "(exact_blocks where it applies)"
         },
     )
+    fused_decode: str = field(
+        default="auto",
+        metadata={
+            "help": "forward calls of up to 16 tokens (decode, verification) in one compiled "
+            "call over the exact block copies: auto (where it applies: CPU, float32, "
+            "exact_blocks, no active LoRA adapter) or off (layer by layer)"
+        },
+    )
 
 
 @dataclass(slots=True)
@@ -122,7 +130,10 @@ class EngineConfig:
     preemption_mode: str = field(
         default="recompute", metadata={"help": "recompute or swap (to host memory)"}
     )
-    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 keeps torch default"})
+    threads: int = field(
+        default=0,
+        metadata={"help": "torch CPU threads; 0: one per physical core this process may use"},
+    )
     speculative: SpeculativeConfig = field(
         default_factory=SpeculativeConfig,
         metadata={"help": "speculative decoding: draft proposer, draft length, adaptivity"},

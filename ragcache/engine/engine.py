@@ -18,6 +18,7 @@ from ragcache.engine.lora_config import LoraConfig
 from ragcache.engine.lora_manager import AdapterInfo, LoraManager
 from ragcache.engine.model_runner import ModelRunner
 from ragcache.engine.outputs import RequestOutput
+from ragcache.engine.runtime_choice import CpuFacts, choose_threads
 from ragcache.engine.sampler import Sampler
 from ragcache.engine.sampling_params import InvalidRequestError, SamplingParams
 from ragcache.engine.scheduler import ScheduledSeq, Scheduler, make_policy
@@ -41,8 +42,8 @@ class Engine:
         self.loaded = loaded
         self.spec = loaded.spec
         self.tokenizer = loaded.tokenizer
-        if self.config.threads > 0:
-            torch.set_num_threads(self.config.threads)
+        if loaded.device.type == "cpu":
+            torch.set_num_threads(choose_threads(self.config.threads, CpuFacts.of_this_machine()))
         num_blocks = KVPool.blocks_for_bytes(
             self.spec, self.config.kv_cache_bytes, self.config.block_size, loaded.dtype
         )

@@ -23,6 +23,7 @@ import torch
 
 from ragcache.engine.config import ModelConfig
 from ragcache.engine.model import LlamaModel, hf_state_dict_to_ours
+from ragcache.engine.runtime_choice import CpuFacts, choose_cpu_dtype
 from ragcache.engine.spec import SUPPORTED_MODEL_TYPES, ModelSpec, UnsupportedModelError
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 CONVERSION_VERSION = "1"
 PACKED_WEIGHTS_MODES = ("auto", "off", "exact_blocks", "int4_bf16")
+FUSED_DECODE_MODES = ("auto", "off")
 
 
 class ModelLoadError(ValueError):
@@ -66,20 +68,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        # Without native bf16 instructions the CPU emulates it and runs slower than fp32.
-        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+        return choose_cpu_dtype(CpuFacts.of_this_machine())[0]
     dtypes = {
         "float32": torch.float32,
         "fp32": torch.float32,
@@ -245,11 +238,16 @@ def load_model(config: ModelConfig | None = None) -> LoadedModel:
             f"model.packed_weights={config.packed_weights!r}; use "
             f"{' or '.join(PACKED_WEIGHTS_MODES)}"
         )
+    if config.fused_decode not in FUSED_DECODE_MODES:
+        raise ModelLoadError(
+            f"model.fused_decode={config.fused_decode!r}; use {' or '.join(FUSED_DECODE_MODES)}"
+        )
     loaded = _load_unpacked(config)
     mode = resolve_packed_weights(config.packed_weights, loaded.model)
     if mode != "off":
         added = loaded.model.pack_weights(mode)
         log.info("%s weight copies for few-row products: %.0f MiB", mode, added / 2**20)
+    loaded.model.use_fused_decode(config.fused_decode == "auto")
     return loaded
 
 

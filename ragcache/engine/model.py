@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ragcache.engine.attention_metadata import AttentionMetadata
+from ragcache.engine.fused_decode import FusedDecoder
 from ragcache.engine.kv_pool import KVPool
 from ragcache.engine.linear import Projection, linear
 from ragcache.engine.packed_weights import PackedWeight
@@ -177,6 +178,7 @@ class LlamaModel(nn.Module):
         # A plain attribute, not a buffer: it must stay fp32 when the weights are cast.
         self.inv_freq = self.rope_inv_freq_for(spec)
         self.output_packed: PackedWeight | None = None
+        self.fused_decoder: FusedDecoder | None = None
 
     @staticmethod
     def rope_inv_freq_for(spec: ModelSpec) -> torch.Tensor:
@@ -226,6 +228,9 @@ class LlamaModel(nn.Module):
         hook: LayerHook | None = None,
     ) -> torch.Tensor:
         """Hidden states after all layers (before the final norm) of the computed tokens."""
+        fused = self.fused_decoder
+        if hook is None and fused is not None and fused.serves(input_ids.shape[0], pool):
+            return fused(input_ids, positions, meta, pool)
         return self.run_layers(self.embed(input_ids), self.rope(positions), meta, pool, None, hook)
 
     def output_weight(self) -> torch.Tensor:
@@ -246,6 +251,12 @@ class LlamaModel(nn.Module):
                 added += module.packed.nbytes if module.packed is not None else 0
         self.output_packed = PackedWeight.of(self.output_weight(), mode)
         return added + (self.output_packed.nbytes if self.output_packed is not None else 0)
+
+    def use_fused_decode(self, enabled: bool = True) -> bool:
+        """Let forward calls of a few tokens take the compiled step where it applies;
+        returns whether it does."""
+        self.fused_decoder = FusedDecoder.of(self) if enabled else None
+        return self.fused_decoder is not None
 
 
 def hf_state_dict_to_ours(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, Any]:
