@@ -4,7 +4,9 @@
 dequantised tensor holds it and multiplies with AVX2/FMA, so a decode step reads 0.625 or
 1.06 bytes per weight instead of 4. It is compiled on first use with torch's C++
 extension builder (a C++ compiler and ninja are needed; about 35 s on a 2-core machine)
-and cached under torch's extension folder (``TORCH_EXTENSIONS_DIR``). Where the CPU has
+and cached in a folder named after the source's digest (under ``RAGCACHE_KERNEL_DIR``, by
+default ``~/.cache/ragcache/kernels``), compiled from a copy kept there, so every checkout
+of the same source shares one build. Where the CPU has
 no AVX2 or the build fails, ``block_kernels()`` returns None and callers keep the fp32
 weights.
 """
@@ -12,6 +14,7 @@ weights.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import platform
@@ -29,6 +32,22 @@ COMPILE_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 # compiled with OpenMP; without it every product runs on one thread.
 LINK_FLAGS = ["-fopenmp"]
 DISABLE_ENV = "RAGCACHE_DISABLE_BLOCK_KERNELS"
+KERNEL_DIR_ENV = "RAGCACHE_KERNEL_DIR"
+
+
+def build_folder() -> Path:
+    """The build folder of this source: the same for every checkout holding it."""
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
+    root = Path(os.environ.get(KERNEL_DIR_ENV, "~/.cache/ragcache/kernels")).expanduser()
+    folder = root / f"{EXTENSION_NAME}-{digest}"
+    folder.mkdir(parents=True, exist_ok=True)
+    copy = folder / SOURCE.name
+    if not copy.exists() or copy.read_bytes() != source:
+        partial = folder / f"{SOURCE.name}.partial"
+        partial.write_bytes(source)
+        partial.replace(copy)
+    return folder
 
 
 def cpu_supports_block_kernels() -> bool:
@@ -50,9 +69,11 @@ def block_kernels() -> ModuleType | None:
 
     log.info("loading the block weight product kernel (compiled once, about 35 s)")
     try:
+        folder = build_folder()
         return load(
             name=EXTENSION_NAME,
-            sources=[str(SOURCE)],
+            sources=[str(folder / SOURCE.name)],
+            build_directory=str(folder),
             extra_cflags=COMPILE_FLAGS,
             extra_ldflags=LINK_FLAGS,
             verbose=False,
