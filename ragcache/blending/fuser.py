@@ -10,6 +10,7 @@ from ragcache.blending.focus import CacheFocus
 from ragcache.blending.methods import FusionContext, FusionMethod, FusionPlan, MethodParam
 from ragcache.blending.placement import place_context
 from ragcache.blending.prompt import PromptLayout
+from ragcache.chunkstore.transfer import EngineTarget
 from ragcache.engine.model import LlamaModel
 from ragcache.engine.sequence import PlacedKV
 
@@ -50,6 +51,19 @@ class FusedRequest:
     report: FusionReport
 
 
+def check_on_engine(target: EngineTarget, parts: list[ChunkKV]) -> None:
+    """Refuse chunk KV that is not on the engine's device and dtype: a tier's copy
+    reaches the engine only through ``EngineTarget.move``."""
+    for number, part in enumerate(parts):
+        for tensor in (*part.k, *part.v):
+            if not target.holds(tensor):
+                raise ValueError(
+                    f"chunk KV {number} is {tensor.dtype} on {tensor.device}; the engine "
+                    f"computes in {target.dtype} on {target.device}: pass a tier's copy "
+                    "through EngineTarget.move"
+                )
+
+
 def fuse(
     model: LlamaModel,
     layout: PromptLayout,
@@ -72,6 +86,7 @@ def fuse(
     for chunk, ids in zip(chunks, layout.chunk_ids, strict=True):
         if chunk.token_ids != ids:
             raise ValueError("a chunk's cached token ids differ from the prompt's chunk ids")
+    check_on_engine(EngineTarget.of(model), [root, *chunks])
     context = layout.context_end - len(layout.root_ids)
     retrieved = len(chunks)
     order = list(range(retrieved))
@@ -138,4 +153,4 @@ def fuse(
     return FusedRequest(prompt_ids, placed, True, report(reused, plan.selection_work))
 
 
-__all__ = ["FusedRequest", "FusionReport", "fuse"]
+__all__ = ["FusedRequest", "FusionReport", "check_on_engine", "fuse"]

@@ -18,16 +18,19 @@ from ragcache.chunkstore.codecs import get_codec
 from ragcache.chunkstore.entry import ChunkEntry
 from ragcache.chunkstore.keys import KeyContext
 from ragcache.chunkstore.store import ChunkStore
+from ragcache.chunkstore.transfer import EngineTarget
 from ragcache.chunkstore.tree import KnowledgeTree
 
 
-def chunk_kv_from_entry(entry: ChunkEntry, lossless: bool = True) -> ChunkKV:
-    """The entry's KV; exact only where every codec its copies may have gone through
-    keeps every bit (a copy in memory may have been promoted from a lossy record)."""
+def chunk_kv_from_entry(entry: ChunkEntry, target: EngineTarget, lossless: bool = True) -> ChunkKV:
+    """The entry's KV on the engine's device and dtype; exact only where every codec its
+    copies may have gone through keeps every bit (a copy in memory may have been
+    promoted from a lossy record)."""
+    layers = [target.move_layer(kv) for kv in entry.layers]
     return ChunkKV(
         list(entry.token_ids),
-        [k for k, _ in entry.layers],
-        [v for _, v in entry.layers],
+        [k for k, _ in layers],
+        [v for _, v in layers],
         torch.tensor(entry.positions, dtype=torch.long),
         lossless and entry.context is not None and get_codec(entry.context.codec).stores_raw_bytes,
     )
@@ -58,19 +61,21 @@ class ChunkCache:
     def contains(self, token_ids: Sequence[int]) -> bool:
         return self.store.contains(self.key(token_ids))
 
-    def fetch(self, token_ids: Sequence[int]) -> CachedChunk:
-        """The chunk's KV from the fastest tier holding it, with that tier's name."""
+    def fetch(self, token_ids: Sequence[int], target: EngineTarget) -> CachedChunk:
+        """The chunk's KV from the fastest tier holding it, on ``target``, with that
+        tier's name."""
         key = self.key(token_ids)
         tier = self.store.tier_of(key)
         entry = self.store.get(key, token_ids)
         if entry is None:
             return CachedChunk(None, None)
-        return CachedChunk(chunk_kv_from_entry(entry, self.lossless), tier)
+        return CachedChunk(chunk_kv_from_entry(entry, target, self.lossless), tier)
 
     def match_path(
-        self, chunks: Sequence[Sequence[int]], min_length: int = 1
+        self, chunks: Sequence[Sequence[int]], target: EngineTarget, min_length: int = 1
     ) -> list[tuple[ChunkKV, str]]:
-        """KV (and tier) of the longest exact path of ``chunks``, in prompt order; empty
+        """KV (on ``target``) and tier of the longest exact path of ``chunks``, in prompt
+        order; empty
         when it is shorter than ``min_length`` (nothing is read then), and where the
         namespace's codec is lossy, since such KV is never exact."""
         nodes = self.tree.match_path(chunks)
@@ -82,7 +87,7 @@ class ChunkCache:
             entry = self.store.get(node.key, node.token_ids)
             if entry is None:
                 break
-            kv = chunk_kv_from_entry(entry, self.lossless)
+            kv = chunk_kv_from_entry(entry, target, self.lossless)
             if not kv.exact:
                 break
             found.append((kv, tier or "?"))

@@ -15,6 +15,7 @@ from ragcache.blending.exact_path import encode_after
 from ragcache.blending.fuser import FusedRequest, fuse
 from ragcache.blending.methods import FusionMethod, MethodParam
 from ragcache.blending.prompt import PromptLayout
+from ragcache.chunkstore.transfer import EngineTarget
 from ragcache.config import ServiceConfig
 from ragcache.corpus.progress import Progress
 from ragcache.engine.async_engine import AsyncEngine
@@ -57,13 +58,14 @@ class ChunkKVSource:
         self.model_calls = model_calls
         self.pool = pool
         self.config = config
+        self.target = EngineTarget.of(encoder.model)
 
     @property
     def stores(self) -> bool:
         return self.config.kv_precompute != "off"
 
     def fetch_one(self, ids: list[int]) -> tuple[ChunkKV, str] | None:
-        cached = self.chunk_cache.fetch(ids)
+        cached = self.chunk_cache.fetch(ids, self.target)
         return None if cached.kv is None else (cached.kv, cached.tier or "?")
 
     def query_cost(
@@ -121,7 +123,7 @@ class ChunkKVSource:
 
     def match_path(self, chunks: list[list[int]], min_length: int = 1) -> list[tuple[ChunkKV, str]]:
         """The exact KV (and tier) of the longest cached path of ``chunks``."""
-        return self.chunk_cache.match_path(chunks, min_length) if self.stores else []
+        return self.chunk_cache.match_path(chunks, self.target, min_length) if self.stores else []
 
     def encode_path(
         self, prefix: list[ChunkKV], chunks: list[list[int]], cost: QueryCost
