@@ -25,7 +25,7 @@ def reposition(chunk: ChunkKV, start: int, inv_freq: torch.Tensor) -> list[torch
     return list(rotated.reshape(n, num_layers, heads, dim).unbind(dim=1))
 
 
-def _rotate_into(
+def rotate_into(
     out: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> None:
     """out = keys rotated by (cos, sin), written in place; keys and out are [n, H, D]."""
@@ -68,7 +68,7 @@ def place_context(
         moved = bool(delta.any())
         for layer in range(num_layers):
             if moved:
-                _rotate_into(k_out[layer, start:end], part.k[layer], cos, sin)
+                rotate_into(k_out[layer, start:end], part.k[layer], cos, sin)
             else:
                 k_out[layer, start:end].copy_(part.k[layer])
             v_out[layer, start:end].copy_(part.v[layer])

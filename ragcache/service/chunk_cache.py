@@ -17,7 +17,7 @@ from ragcache.blending.chunk_kv import ChunkKV
 from ragcache.chunkstore.codecs import get_codec
 from ragcache.chunkstore.entry import ChunkEntry
 from ragcache.chunkstore.keys import KeyContext
-from ragcache.chunkstore.store import ChunkStore
+from ragcache.chunkstore.store import ChunkStore, LayerRead
 from ragcache.chunkstore.transfer import EngineTarget
 from ragcache.chunkstore.tree import KnowledgeTree
 
@@ -70,6 +70,16 @@ class ChunkCache:
         if entry is None:
             return CachedChunk(None, None)
         return CachedChunk(chunk_kv_from_entry(entry, target, self.lossless), tier)
+
+    def read_layers(self, token_ids: Sequence[int]) -> LayerRead | None:
+        """The chunk's KV as a stream of layers from the fastest tier holding it (each
+        layer still in the tier's form: pass it through an EngineTarget)."""
+        return self.store.read_layers(self.key(token_ids), token_ids)
+
+    def is_exact(self, read: LayerRead) -> bool:
+        """Whether a read's KV keeps every bit (see ``chunk_kv_from_entry``)."""
+        context = read.context
+        return self.lossless and context is not None and get_codec(context.codec).stores_raw_bytes
 
     def match_path(
         self, chunks: Sequence[Sequence[int]], target: EngineTarget, min_length: int = 1
