@@ -40,6 +40,11 @@ class FusionReport:
     pruned_tokens: int = 0
     selection_fraction: float = 0.0  # work spent choosing, as a share of a full prefill
     exact_tokens: int = 0  # context tokens on an exact tree path (reused, never repaired)
+    # Layer-pipelined loading: the loader's time (read, decode, move, place) and the part
+    # of it fusion waited for; the rest ran while fusion computed.
+    load_s: float = 0.0
+    load_wait_s: float = 0.0
+    lost_chunks: int = 0  # streamed chunks their tier lost mid-read, computed again
 
     @property
     def recompute_fraction(self) -> float:
@@ -100,11 +105,12 @@ def fuse(
     streamed = any(isinstance(c, StreamedChunk) for c in chunks)
     if streamed and recompute is None:
         raise ValueError("chunks streamed from a tier need a recompute for a lost chunk")
+    pipelines: list[LayerPipeline] = []
     if streamed and isinstance(method, CacheFocus):
         # CacheFocus scores whole chunks before it places any: read them first.
-        pipeline = _pipeline(model, root, list(chunks), target, recompute)
-        pipeline.finish()
-        chunks = pipeline.chunk_kvs()[1:]
+        pipelines.append(_pipeline(model, root, list(chunks), target, recompute))
+        pipelines[-1].finish()
+        chunks = pipelines[-1].chunk_kvs()[1:]
     context = layout.context_end - len(layout.root_ids)
     retrieved = len(chunks)
     order = list(range(retrieved))
@@ -138,6 +144,9 @@ def fuse(
             context - kept,
             selection_work / full_prefill,
             exact_tokens,
+            sum(p.load_s for p in pipelines),
+            sum(p.wait_s for p in pipelines),
+            sum(len(p.recomputed) for p in pipelines),
         )
 
     prompt_ids = layout.prompt_ids
@@ -149,6 +158,7 @@ def fuse(
     placed_v: Sequence[torch.Tensor]
     if any(isinstance(c, StreamedChunk) for c in chunks):
         pipeline = _pipeline(model, root, list(chunks), target, recompute, starts)
+        pipelines.append(pipeline)
         placed_k, placed_v = pipeline.k, pipeline.v
     else:
         placed_k, placed_v = place_context(

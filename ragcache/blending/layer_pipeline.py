@@ -12,6 +12,7 @@ caller's thread, which is the engine's, and placed whole.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -72,6 +73,8 @@ class LayerPipeline:
         self._lost: set[int] = set()
         self._recomputed: set[int] = set()
         self._error: BaseException | None = None
+        self.load_s = 0.0  # the loader's time reading, decoding, moving and placing
+        self.wait_s = 0.0  # the caller's time waiting for a layer not placed yet
         self.k: Sequence[torch.Tensor] = _LayerView(self, self._k)
         self.v: Sequence[torch.Tensor] = _LayerView(self, self._v)
         self._thread = threading.Thread(target=self._load, name="kv-layer-loader", daemon=True)
@@ -98,8 +101,10 @@ class LayerPipeline:
         self._v[layer, start:end].copy_(v)
 
     def _load(self) -> None:
+        began = time.perf_counter()
         with torch.inference_mode(self._inference):
             self._load_layers()
+        self.load_s = time.perf_counter() - began
 
     def _load_layers(self) -> None:
         try:
@@ -134,8 +139,10 @@ class LayerPipeline:
 
     def wait(self, layer: int) -> None:
         """Returns once ``layer`` of every part is placed (computing lost parts here)."""
+        began = time.perf_counter()
         with self._condition:
             self._condition.wait_for(lambda: self._placed > layer or self._error is not None)
+            self.wait_s += time.perf_counter() - began
             if self._error is not None:
                 raise self._error
             lost = sorted(self._lost - self._recomputed)

@@ -3,7 +3,9 @@
 ``host`` keeps the KV in host memory; ``lmdb`` and ``lmdb-int8`` keep it only in an
 LMDB environment (raw bytes, or int8 with per-token scales), with no memory tier above
 it, so every read goes to the record, checks it and decodes it. Reads go through the
-service's ChunkCache, so every tensor reaches the engine through ``EngineTarget.move``.
+service's ChunkCache, so every tensor reaches the engine through ``EngineTarget.move``:
+whole entries before fusion (``read``), or layer by layer while fusion computes
+(``stream``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ragcache.blending.chunk_kv import ChunkKV
+from ragcache.blending.layer_pipeline import StreamedChunk
 from ragcache.chunkstore.config import ChunkStoreConfig
 from ragcache.chunkstore.keys import KeyContext
 from ragcache.chunkstore.store import ChunkStore
@@ -27,6 +30,12 @@ CHUNK_TIERS = ("host", "lmdb", "lmdb-int8")
 class TierRead:
     kvs: list[ChunkKV]
     read_s: float
+
+
+@dataclass(slots=True)
+class TierStream:
+    parts: list[StreamedChunk]
+    lookup_s: float
 
 
 class ChunkTier:
@@ -67,6 +76,17 @@ class ChunkTier:
                 raise RuntimeError(f"the {self.tier} tier lost a chunk it was given")
             kvs.append(hit.kv)
         return TierRead(kvs, time.perf_counter() - began)
+
+    def stream(self, chunk_ids: list[list[int]]) -> TierStream:
+        """Every chunk looked up, its layers left to be read while fusion computes."""
+        began = time.perf_counter()
+        parts = []
+        for ids in chunk_ids:
+            read = self.cache.read_layers(ids)
+            if read is None:
+                raise RuntimeError(f"the {self.tier} tier lost a chunk it was given")
+            parts.append(StreamedChunk(ids, read.positions, read.layers, self.cache.is_exact(read)))
+        return TierStream(parts, time.perf_counter() - began)
 
     def close(self) -> None:
         self.cache.close()

@@ -13,12 +13,13 @@ baseline a reader would otherwise use.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ragcache.blending.chunk_kv import ChunkEncoder, ChunkKV
 from ragcache.blending.fuser import FusedRequest, fuse
+from ragcache.blending.layer_pipeline import StreamedChunk
 from ragcache.blending.methods import MethodParam
 from ragcache.blending.prompt import PromptBuilder, PromptLayout
 from ragcache.blending.registry import METHOD_NAMES, TEXT_PARAMS, make_method
@@ -40,6 +41,8 @@ from ragcache.evaluation.metrics import (
 )
 from ragcache.evaluation.outcomes import Outcome
 
+LOADS = ("layers", "whole")
+
 
 @dataclass(slots=True)
 class Setting:
@@ -48,6 +51,7 @@ class Setting:
     params: dict[str, MethodParam] = field(default_factory=dict)
     codec: str = "raw"
     tier: str | None = None  # where its chunks are read from; None: the run's --chunk-tier
+    load: str = "layers"  # layers: streamed while fusion computes; whole: read first
 
 
 def evaluation_engine(loaded: LoadedModel) -> Engine:
@@ -84,7 +88,8 @@ def parse_settings(specs: Iterable[str]) -> list[Setting]:
     """'cacheblend:ratio=0.15,check_layer=1' -> Setting; a bare name takes defaults.
 
     ``codec=int8`` stores the chunks' KV through that codec before fusing them;
-    ``tier=lmdb`` reads them from that tier (host, lmdb, lmdb-int8) instead of the run's; the
+    ``tier=lmdb`` reads them from that tier (host, lmdb, lmdb-int8) instead of the run's;
+    ``load=whole`` reads every entry whole before fusing (default: layer by layer); the
     parameters in ``TEXT_PARAMS`` take names (``cachefocus:order=relevance``).
     """
     out = []
@@ -96,6 +101,7 @@ def parse_settings(specs: Iterable[str]) -> list[Setting]:
         params: dict[str, MethodParam] = {}
         codec = "raw"
         tier: str | None = None
+        load = "layers"
         for pair in filter(None, rest.split(",")):
             key, _, value = pair.partition("=")
             if not value:
@@ -112,6 +118,12 @@ def parse_settings(specs: Iterable[str]) -> list[Setting]:
                         f"setting {spec!r}: tier {value!r} is not one of {', '.join(CHUNK_TIERS)}"
                     )
                 tier = value
+            elif key == "load":
+                if value not in LOADS:
+                    raise ValueError(
+                        f"setting {spec!r}: load {value!r} is not one of {', '.join(LOADS)}"
+                    )
+                load = value
             elif key in TEXT_PARAMS:
                 if value not in TEXT_PARAMS[key]:
                     choices = ", ".join(TEXT_PARAMS[key])
@@ -126,8 +138,9 @@ def parse_settings(specs: Iterable[str]) -> list[Setting]:
             f"-{v}" if isinstance(v, str) else f"-{v:g}" for v in params.values()
         )
         label += "" if tier is None else f"-{tier}"
+        label += "" if load == "layers" else f"-{load}"
         label += "" if codec == "raw" else f"-{codec}"
-        out.append(Setting(label, name, params, codec, tier))
+        out.append(Setting(label, name, params, codec, tier, load))
     return out
 
 
@@ -207,9 +220,17 @@ class FusionEvaluator:
             [entry.logprob for entry in seq.logprobs],
         )
 
-    def _fuse(self, layout: PromptLayout, chunks: list[ChunkKV], setting: Setting):
+    def _fuse(
+        self, layout: PromptLayout, chunks: Sequence[ChunkKV | StreamedChunk], setting: Setting
+    ) -> FusedRequest:
         method = make_method(setting.method, **setting.params)
-        return fuse(self.model, layout, self.encoder.root, chunks, method, setting.params)
+        root = self.encoder.root
+        return fuse(
+            self.model, layout, root, chunks, method, setting.params, recompute=self._recompute
+        )
+
+    def _recompute(self, ids: list[int]) -> ChunkKV:
+        return self.encoder.encode([ids])[0]
 
     def evaluate(
         self, index: int, item: dict[str, Any], settings: list[Setting], passages: int
@@ -237,18 +258,23 @@ class FusionEvaluator:
                 outcomes.append(baseline | paired)
                 continue
             began = time.perf_counter()
-            read_s = 0.0
+            read_s = wait_s = 0.0
+            stored: Sequence[ChunkKV | StreamedChunk] = chunks
+            tier = self.tier(setting.tier or self.chunk_tier)
             if setting.method == "full_prefill":
-                stored = chunks  # a full prefill reads no tier: fusion computes everything
+                pass  # a full prefill reads no tier: fusion computes everything
+            elif setting.load == "whole" or setting.codec != "raw":
+                read = tier.read(layout.chunk_ids, self.target)
+                stored, read_s, wait_s = read.kvs, read.read_s, read.read_s
+                if setting.codec != "raw":
+                    stored = through_codec(read.kvs, setting.codec)
             else:
-                read = self.tier(setting.tier or self.chunk_tier).read(
-                    layout.chunk_ids, self.target
-                )
-                stored, read_s = read.kvs, read.read_s
-            if setting.codec != "raw":
-                stored = through_codec(stored, setting.codec)
+                streamed = tier.stream(layout.chunk_ids)
+                stored, read_s, wait_s = streamed.parts, streamed.lookup_s, streamed.lookup_s
             fused = self._fuse(layout, stored, setting)
             prepare = time.perf_counter() - began
+            read_s += fused.report.load_s
+            wait_s += fused.report.load_wait_s
             reuse_reference = setting.method == "full_prefill" and setting.codec == "raw"
             run = reference_run if reuse_reference else self._run(fused, [], greedy)
             if run.answer_ids[: len(ref_ids)] == ref_ids:
@@ -270,6 +296,7 @@ class FusionEvaluator:
                     "prompt_tokens": len(fused.prompt_ids),
                     "group": group,
                     "read_s": read_s,
+                    "read_wait_s": wait_s,
                     "selection_fraction": fused.report.selection_fraction,
                     "query_tokens": len(layout.query_ids),
                 }

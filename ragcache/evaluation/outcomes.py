@@ -40,6 +40,7 @@ class Outcome:
     # Inside ttft_s: reading every chunk from its tier (lookup, read, checksum, decode,
     # move to the engine); and what the setting computed besides its recomputed tokens.
     read_s: float = 0.0
+    read_wait_s: float = 0.0  # the part of read_s fusion waited for (not hidden by compute)
     selection_fraction: float = 0.0
     query_tokens: int = 0
 
@@ -146,6 +147,7 @@ def _aggregate(rows: list[Outcome]) -> dict[str, float]:
         "recompute_fraction": mean("recompute_fraction"),
         "recomputed_tokens": mean("recomputed_tokens"),
         "read_s": median("read_s"),
+        "read_wait_s": median("read_wait_s"),
         "bound_speedup": statistics.median(bound_speedup(r) for r in rows),
     }
 
