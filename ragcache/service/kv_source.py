@@ -7,12 +7,13 @@ between them; ingest-time encoding runs straight on the engine thread.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
 
 from ragcache.blending.chunk_kv import ChunkEncoder, ChunkKV
 from ragcache.blending.exact_path import encode_after
 from ragcache.blending.fuser import FusedRequest, fuse
+from ragcache.blending.layer_pipeline import StreamedChunk
 from ragcache.blending.methods import FusionMethod, MethodParam
 from ragcache.blending.prompt import PromptLayout
 from ragcache.chunkstore.transfer import EngineTarget
@@ -64,9 +65,13 @@ class ChunkKVSource:
     def stores(self) -> bool:
         return self.config.kv_precompute != "off"
 
-    def fetch_one(self, ids: list[int]) -> tuple[ChunkKV, str] | None:
-        cached = self.chunk_cache.fetch(ids, self.target)
-        return None if cached.kv is None else (cached.kv, cached.tier or "?")
+    def fetch_one(self, ids: list[int]) -> tuple[StreamedChunk, str] | None:
+        """A cached chunk looked up; its layers are read while fusion computes."""
+        read = self.chunk_cache.read_layers(ids)
+        if read is None:
+            return None
+        exact = self.chunk_cache.is_exact(read)
+        return StreamedChunk(ids, read.positions, read.layers, exact), read.tier
 
     def query_cost(
         self, chunks: list[list[int]], layout: PromptLayout, received: float
@@ -143,7 +148,7 @@ class ChunkKVSource:
     def fuse(
         self,
         layout: PromptLayout,
-        kvs: list[ChunkKV],
+        kvs: Sequence[ChunkKV | StreamedChunk],
         method: FusionMethod,
         params: dict[str, MethodParam],
         cost: QueryCost,
@@ -152,6 +157,16 @@ class ChunkKVSource:
         def place_and_repair(engine: Engine) -> FusedRequest:
             with adapter_scope(engine, self.adapter_id):
                 root = self.encoder.root
-                return fuse(engine.model, layout, root, kvs, method, params, exact_chunks)
+                # A chunk its tier lost mid-read is computed here, on the engine thread.
+                return fuse(
+                    engine.model,
+                    layout,
+                    root,
+                    kvs,
+                    method,
+                    params,
+                    exact_chunks,
+                    lambda ids: self.encoder.encode([ids])[0],
+                )
 
         return self.model_calls.run(place_and_repair, cost)
