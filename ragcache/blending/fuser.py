@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import torch
 
 from ragcache.blending.chunk_kv import ChunkKV
 from ragcache.blending.focus import CacheFocus
+from ragcache.blending.layer_pipeline import LayerPipeline, Recompute, StreamedChunk
 from ragcache.blending.methods import FusionContext, FusionMethod, FusionPlan, MethodParam
 from ragcache.blending.placement import place_context
 from ragcache.blending.prompt import PromptLayout
+from ragcache.chunkstore.transfer import EngineTarget
 from ragcache.engine.model import LlamaModel
 from ragcache.engine.sequence import PlacedKV
 
@@ -35,6 +40,11 @@ class FusionReport:
     pruned_tokens: int = 0
     selection_fraction: float = 0.0  # work spent choosing, as a share of a full prefill
     exact_tokens: int = 0  # context tokens on an exact tree path (reused, never repaired)
+    # Layer-pipelined loading: the loader's time (read, decode, move, place) and the part
+    # of it fusion waited for; the rest ran while fusion computed.
+    load_s: float = 0.0
+    load_wait_s: float = 0.0
+    lost_chunks: int = 0  # streamed chunks their tier lost mid-read, computed again
 
     @property
     def recompute_fraction(self) -> float:
@@ -50,14 +60,28 @@ class FusedRequest:
     report: FusionReport
 
 
+def check_on_engine(target: EngineTarget, parts: list[ChunkKV]) -> None:
+    """Refuse chunk KV that is not on the engine's device and dtype: a tier's copy
+    reaches the engine only through ``EngineTarget.move``."""
+    for number, part in enumerate(parts):
+        for tensor in (*part.k, *part.v):
+            if not target.holds(tensor):
+                raise ValueError(
+                    f"chunk KV {number} is {tensor.dtype} on {tensor.device}; the engine "
+                    f"computes in {target.dtype} on {target.device}: pass a tier's copy "
+                    "through EngineTarget.move"
+                )
+
+
 def fuse(
     model: LlamaModel,
     layout: PromptLayout,
     root: ChunkKV,
-    chunks: list[ChunkKV],
+    chunks: Sequence[ChunkKV | StreamedChunk],
     method: FusionMethod,
     params: dict[str, MethodParam] | None = None,
     exact_chunks: int = 0,
+    recompute: Recompute | None = None,
 ) -> FusedRequest:
     """Place the root and chunks at their offsets and let ``method`` choose the repair.
 
@@ -65,6 +89,10 @@ def fuse(
     the chunks before them): they are reused as they are and enter the exact prefix.
     CacheFocus first drops and reorders chunks; the prompt is then built from the kept
     ones, so ``prompt_ids`` may be shorter than the layout's.
+
+    A ``StreamedChunk`` still arrives from its tier: its layers are placed while the
+    method computes (see ``LayerPipeline``), and ``recompute`` computes it again when
+    its tier loses it mid-read.
     """
     began = time.perf_counter()
     if len(chunks) != len(layout.chunk_ids):
@@ -72,6 +100,17 @@ def fuse(
     for chunk, ids in zip(chunks, layout.chunk_ids, strict=True):
         if chunk.token_ids != ids:
             raise ValueError("a chunk's cached token ids differ from the prompt's chunk ids")
+    target = EngineTarget.of(model)
+    check_on_engine(target, [root, *(c for c in chunks if isinstance(c, ChunkKV))])
+    streamed = any(isinstance(c, StreamedChunk) for c in chunks)
+    if streamed and recompute is None:
+        raise ValueError("chunks streamed from a tier need a recompute for a lost chunk")
+    pipelines: list[LayerPipeline] = []
+    if streamed and isinstance(method, CacheFocus):
+        # CacheFocus scores whole chunks before it places any: read them first.
+        pipelines.append(_pipeline(model, root, list(chunks), target, recompute))
+        pipelines[-1].finish()
+        chunks = pipelines[-1].chunk_kvs()[1:]
     context = layout.context_end - len(layout.root_ids)
     retrieved = len(chunks)
     order = list(range(retrieved))
@@ -105,20 +144,37 @@ def fuse(
             context - kept,
             selection_work / full_prefill,
             exact_tokens,
+            sum(p.load_s for p in pipelines),
+            sum(p.wait_s for p in pipelines),
+            sum(len(p.recomputed) for p in pipelines),
         )
 
     prompt_ids = layout.prompt_ids
     if not chunks:
         return FusedRequest(prompt_ids, None, True, report(0))
     starts = [0, *layout.chunk_starts]
-    placed_k, placed_v = place_context([root, *chunks], starts, model.inv_freq)
+    pipeline: LayerPipeline | None = None
+    placed_k: Sequence[torch.Tensor]
+    placed_v: Sequence[torch.Tensor]
+    if any(isinstance(c, StreamedChunk) for c in chunks):
+        pipeline = _pipeline(model, root, list(chunks), target, recompute, starts)
+        pipelines.append(pipeline)
+        placed_k, placed_v = pipeline.k, pipeline.v
+    else:
+        placed_k, placed_v = place_context(
+            [root, *(c for c in chunks if isinstance(c, ChunkKV))], starts, model.inv_freq
+        )
     ctx = FusionContext(model, layout, placed_k, placed_v, exact_chunks)
     plan = FusionPlan() if exact_chunks >= len(chunks) else method.plan(ctx)
     if not plan.use_cache:
+        if pipeline is not None:
+            pipeline.finish()
         return FusedRequest(prompt_ids, None, False, report(0))
     end = layout.context_end if plan.reuse_until is None else plan.reuse_until
     ks = [k[:end] for k in placed_k]
     vs = [v[:end] for v in placed_v]
+    if pipeline is not None:
+        pipeline.finish()
     if plan.fresh is not None:
         for layer in range(plan.fresh_layers):
             ks[layer] = plan.fresh.k[layer][:end].to(ks[layer].dtype)
@@ -139,4 +195,25 @@ def fuse(
     return FusedRequest(prompt_ids, placed, True, report(reused, plan.selection_work))
 
 
-__all__ = ["FusedRequest", "FusionReport", "fuse"]
+def _pipeline(
+    model: LlamaModel,
+    root: ChunkKV,
+    chunks: list[ChunkKV | StreamedChunk],
+    target: EngineTarget,
+    recompute: Recompute | None,
+    starts: list[int] | None = None,
+) -> LayerPipeline:
+    assert recompute is not None
+    parts: list[ChunkKV | StreamedChunk] = [root, *chunks]
+    if starts is None:  # every chunk after the root, in retrieved order
+        starts = [0]
+        for part in parts[:-1]:
+            starts.append(starts[-1] + len(part.token_ids))
+    spec = model.spec
+    head_shape = (spec.num_kv_heads, spec.head_dim)
+    return LayerPipeline(
+        parts, starts, model.inv_freq, target, spec.num_layers, head_shape, recompute
+    )
+
+
+__all__ = ["FusedRequest", "FusionReport", "check_on_engine", "fuse"]

@@ -8,6 +8,7 @@ which chunks enter the prompt and where, then plans like the base method it wrap
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -28,8 +29,8 @@ class FusionContext:
 
     model: LlamaModel
     layout: PromptLayout
-    placed_k: list[torch.Tensor]
-    placed_v: list[torch.Tensor]
+    placed_k: Sequence[torch.Tensor]  # per layer; a streamed layer waits until placed
+    placed_v: Sequence[torch.Tensor]
     exact_chunks: int = 0
 
     @property

@@ -4,6 +4,7 @@ prompt, or the query tokens alone against the placed (cached) context KV."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -70,8 +71,8 @@ class QueryPass:
 @torch.inference_mode()
 def run_query_pass(
     model: LlamaModel,
-    placed_k: list[torch.Tensor],
-    placed_v: list[torch.Tensor],
+    placed_k: Sequence[torch.Tensor],
+    placed_v: Sequence[torch.Tensor],
     query_ids: list[int],
     query_positions: torch.Tensor,
     num_layers: int,

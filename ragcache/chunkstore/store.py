@@ -13,11 +13,13 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from ragcache.chunkstore.config import ChunkStoreConfig
 from ragcache.chunkstore.entry import ChunkEntry, CorruptEntryError, EntryHeader, LayerKV
+from ragcache.chunkstore.keys import KeyContext
 from ragcache.chunkstore.lmdb_tier import LMDBTier
 from ragcache.chunkstore.policy import CostModel, ReplacementPolicy, make_policy
 from ragcache.chunkstore.redis_tier import RedisTier
@@ -29,6 +31,18 @@ logger = logging.getLogger(__name__)
 FREQUENCY_HISTORY = 65536
 
 LayerStream = Iterator[tuple[int, LayerKV]]
+
+
+@dataclass(slots=True)
+class LayerRead:
+    """A hit read layer by layer: the tier that holds it, its stored positions, its
+    key context (which names the codec) and the stream of (layer, (K, V))."""
+
+    tier: str
+    positions: list[int]
+    num_layers: int
+    context: KeyContext | None
+    layers: LayerStream
 
 
 class StoreGuard(Protocol):
@@ -394,19 +408,37 @@ class ChunkStore:
         A disk record that fails a layer checksum mid-stream is dropped and counted,
         and the iterator raises CorruptEntryError: the caller computes the chunk.
         """
+        read = self.read_layers(key, token_ids, layers, promote)
+        return None if read is None else read.layers
+
+    def read_layers(
+        self,
+        key: str,
+        token_ids: Sequence[int],
+        layers: Iterable[int] | None = None,
+        promote: bool = True,
+    ) -> LayerRead | None:
+        """Like ``get_layers``, with what a reader needs before the first layer: the
+        tier it comes from, the stored positions and the key context."""
         with self._lock:
             found = self._locate(key, token_ids)
             if found is None:
                 return None
             index, header = found
             self._record_hit(key, index)
-        wanted = list(range(header.num_layers) if layers is None else layers)  # type: ignore[attr-defined]
+        assert isinstance(header, ChunkEntry | EntryHeader)
+        wanted = list(range(header.num_layers) if layers is None else layers)
+        stream: LayerStream
         if isinstance(header, ChunkEntry):
             if promote:
                 with self._lock:
                     self._promote(header, index)
-            return ((layer, header.layers[layer]) for layer in wanted)
-        return self._stream_disk(key, index, header, wanted, promote)  # type: ignore[arg-type]
+            entry = header
+            stream = ((layer, entry.layers[layer]) for layer in wanted)
+        else:
+            stream = self._stream_disk(key, index, header, wanted, promote)
+        name = self.tier_names[index]
+        return LayerRead(name, list(header.positions), header.num_layers, header.context, stream)
 
     def _stream_disk(
         self, key: str, index: int, header: EntryHeader, wanted: list[int], promote: bool

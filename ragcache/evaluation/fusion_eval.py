@@ -1,30 +1,35 @@
 """Measures every fusion setting against full prefill on MuSiQue-style examples.
 
-Per example: the chunks are encoded once (as if already in the host tier), full
-prefill gives the reference greedy answer, then every setting is timed to its first
-token and to its last, and scored by the teacher-forced NLL of the reference answer,
-16-token agreement, first-token agreement, and F1/EM/containment against the gold
-answers. The `transformers` setting runs the same prompt through plain transformers
-generate, the baseline a reader would otherwise use.
+Per example: the chunks are encoded once and stored in the chosen tier (host memory,
+LMDB raw or LMDB int8), full prefill gives the reference greedy answer, then every
+setting is timed to its first token and to its last, from before its first tier read:
+the read, the codec's decode, the move to the engine, selection and every pass count.
+Each is scored by the teacher-forced NLL of the reference answer, 16-token agreement,
+first-token agreement, and F1/EM/containment against the gold answers. The
+`transformers` setting runs the same prompt through plain transformers generate, the
+baseline a reader would otherwise use.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ragcache.blending.chunk_kv import ChunkEncoder, ChunkKV
 from ragcache.blending.fuser import FusedRequest, fuse
+from ragcache.blending.layer_pipeline import StreamedChunk
 from ragcache.blending.methods import MethodParam
 from ragcache.blending.prompt import PromptBuilder, PromptLayout
 from ragcache.blending.registry import METHOD_NAMES, TEXT_PARAMS, make_method
 from ragcache.chunkstore.codecs import CODECS, get_codec
+from ragcache.chunkstore.transfer import EngineTarget
 from ragcache.engine.config import EngineConfig, SpeculativeConfig
 from ragcache.engine.engine import Engine
 from ragcache.engine.loader import LoadedModel
 from ragcache.engine.sampling_params import SamplingParams
+from ragcache.evaluation.chunk_tier import CHUNK_TIERS, ChunkTier
 from ragcache.evaluation.examples import passage_text
 from ragcache.evaluation.hf_baseline import BASELINE_LABEL, TransformersBaseline
 from ragcache.evaluation.metrics import (
@@ -36,6 +41,8 @@ from ragcache.evaluation.metrics import (
 )
 from ragcache.evaluation.outcomes import Outcome
 
+LOADS = ("layers", "whole")
+
 
 @dataclass(slots=True)
 class Setting:
@@ -43,6 +50,8 @@ class Setting:
     method: str
     params: dict[str, MethodParam] = field(default_factory=dict)
     codec: str = "raw"
+    tier: str | None = None  # where its chunks are read from; None: the run's --chunk-tier
+    load: str = "layers"  # layers: streamed while fusion computes; whole: read first
 
 
 def evaluation_engine(loaded: LoadedModel) -> Engine:
@@ -78,7 +87,9 @@ def default_sweep() -> list[Setting]:
 def parse_settings(specs: Iterable[str]) -> list[Setting]:
     """'cacheblend:ratio=0.15,check_layer=1' -> Setting; a bare name takes defaults.
 
-    ``codec=int8`` stores the chunks' KV through that codec before fusing them; the
+    ``codec=int8`` stores the chunks' KV through that codec before fusing them;
+    ``tier=lmdb`` reads them from that tier (host, lmdb, lmdb-int8) instead of the run's;
+    ``load=whole`` reads every entry whole before fusing (default: layer by layer); the
     parameters in ``TEXT_PARAMS`` take names (``cachefocus:order=relevance``).
     """
     out = []
@@ -89,6 +100,8 @@ def parse_settings(specs: Iterable[str]) -> list[Setting]:
             raise ValueError(f"setting {spec!r}: unknown method {name!r}; use one of {known}")
         params: dict[str, MethodParam] = {}
         codec = "raw"
+        tier: str | None = None
+        load = "layers"
         for pair in filter(None, rest.split(",")):
             key, _, value = pair.partition("=")
             if not value:
@@ -99,6 +112,18 @@ def parse_settings(specs: Iterable[str]) -> list[Setting]:
                         f"setting {spec!r}: codec {value!r} is not one of {sorted(CODECS)}"
                     )
                 codec = value
+            elif key == "tier":
+                if value not in CHUNK_TIERS:
+                    raise ValueError(
+                        f"setting {spec!r}: tier {value!r} is not one of {', '.join(CHUNK_TIERS)}"
+                    )
+                tier = value
+            elif key == "load":
+                if value not in LOADS:
+                    raise ValueError(
+                        f"setting {spec!r}: load {value!r} is not one of {', '.join(LOADS)}"
+                    )
+                load = value
             elif key in TEXT_PARAMS:
                 if value not in TEXT_PARAMS[key]:
                     choices = ", ".join(TEXT_PARAMS[key])
@@ -112,8 +137,10 @@ def parse_settings(specs: Iterable[str]) -> list[Setting]:
         label = name + "".join(
             f"-{v}" if isinstance(v, str) else f"-{v:g}" for v in params.values()
         )
+        label += "" if tier is None else f"-{tier}"
+        label += "" if load == "layers" else f"-{load}"
         label += "" if codec == "raw" else f"-{codec}"
-        out.append(Setting(label, name, params, codec))
+        out.append(Setting(label, name, params, codec, tier, load))
     return out
 
 
@@ -144,6 +171,7 @@ class FusionEvaluator:
         builder: PromptBuilder,
         max_new_tokens: int = 16,
         baseline: TransformersBaseline | None = None,
+        chunk_tier: str = "host",
     ) -> None:
         self.engine = engine
         self.model = engine.model
@@ -151,6 +179,21 @@ class FusionEvaluator:
         self.max_new_tokens = max_new_tokens
         self.baseline = baseline
         self.encoder = ChunkEncoder(self.model, builder.root_ids)
+        self.target = EngineTarget.of(self.model)
+        self.chunk_tier = chunk_tier
+        self.tiers: dict[str, ChunkTier] = {}
+
+    def tier(self, name: str) -> ChunkTier:
+        if name not in self.tiers:
+            loaded = self.engine.loaded
+            self.tiers[name] = ChunkTier(
+                name, loaded.fingerprint, str(loaded.dtype), self.builder.root_ids
+            )
+        return self.tiers[name]
+
+    def close(self) -> None:
+        for tier in self.tiers.values():
+            tier.close()
 
     def layout(self, item: dict[str, Any], passages: int) -> PromptLayout:
         chunks = [self.builder.chunk_ids(passage_text(ctx)) for ctx in item["ctxs"][:passages]]
@@ -177,15 +220,25 @@ class FusionEvaluator:
             [entry.logprob for entry in seq.logprobs],
         )
 
-    def _fuse(self, layout: PromptLayout, chunks: list[ChunkKV], setting: Setting):
+    def _fuse(
+        self, layout: PromptLayout, chunks: Sequence[ChunkKV | StreamedChunk], setting: Setting
+    ) -> FusedRequest:
         method = make_method(setting.method, **setting.params)
-        return fuse(self.model, layout, self.encoder.root, chunks, method, setting.params)
+        root = self.encoder.root
+        return fuse(
+            self.model, layout, root, chunks, method, setting.params, recompute=self._recompute
+        )
+
+    def _recompute(self, ids: list[int]) -> ChunkKV:
+        return self.encoder.encode([ids])[0]
 
     def evaluate(
         self, index: int, item: dict[str, Any], settings: list[Setting], passages: int
     ) -> list[Outcome]:
         layout = self.layout(item, passages)
         chunks = self.encoder.encode(layout.chunk_ids)
+        for name in {s.tier or self.chunk_tier for s in settings if s.method != "full_prefill"}:
+            self.tier(name).replace(chunks)
         greedy = SamplingParams(max_tokens=self.max_new_tokens, ignore_eos=False, logprobs=0)
         scoring = SamplingParams(max_tokens=1, prompt_logprobs=True)
         reference = self._fuse(layout, chunks, Setting("full_prefill", "full_prefill"))
@@ -204,9 +257,24 @@ class FusionEvaluator:
                 baseline = self._baseline(index, item, reference.prompt_ids, ref_ids, group)
                 outcomes.append(baseline | paired)
                 continue
-            stored = chunks if setting.codec == "raw" else through_codec(chunks, setting.codec)
+            began = time.perf_counter()
+            read_s = wait_s = 0.0
+            stored: Sequence[ChunkKV | StreamedChunk] = chunks
+            tier = self.tier(setting.tier or self.chunk_tier)
+            if setting.method == "full_prefill":
+                pass  # a full prefill reads no tier: fusion computes everything
+            elif setting.load == "whole" or setting.codec != "raw":
+                read = tier.read(layout.chunk_ids, self.target)
+                stored, read_s, wait_s = read.kvs, read.read_s, read.read_s
+                if setting.codec != "raw":
+                    stored = through_codec(read.kvs, setting.codec)
+            else:
+                streamed = tier.stream(layout.chunk_ids)
+                stored, read_s, wait_s = streamed.parts, streamed.lookup_s, streamed.lookup_s
             fused = self._fuse(layout, stored, setting)
-            prepare = fused.report.prepare_s
+            prepare = time.perf_counter() - began
+            read_s += fused.report.load_s
+            wait_s += fused.report.load_wait_s
             reuse_reference = setting.method == "full_prefill" and setting.codec == "raw"
             run = reference_run if reuse_reference else self._run(fused, [], greedy)
             if run.answer_ids[: len(ref_ids)] == ref_ids:
@@ -227,6 +295,10 @@ class FusionEvaluator:
                     "recomputed_tokens": round(fraction * context_tokens),
                     "prompt_tokens": len(fused.prompt_ids),
                     "group": group,
+                    "read_s": read_s,
+                    "read_wait_s": wait_s,
+                    "selection_fraction": fused.report.selection_fraction,
+                    "query_tokens": len(layout.query_ids),
                 }
                 | paired
             )

@@ -23,6 +23,10 @@ COLUMNS = (
     ("e2e_s", "e2e s (p50)"),
     ("speedup", "TTFT speed-up"),
     ("e2e_speedup", "e2e speed-up"),
+    ("read_s", "tier read s (p50)"),
+    ("read_wait_s", "read waited s (p50)"),
+    ("bound_speedup", "compute bound"),
+    ("bound_share", "share of bound"),
 )
 
 

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from ragcache.blending.prompt import PromptBuilder
 from ragcache.engine.config import ModelConfig
 from ragcache.engine.loader import LoadedModel, load_model
+from ragcache.evaluation.chunk_tier import CHUNK_TIERS
 from ragcache.evaluation.corpus_examples import corpus_examples
 from ragcache.evaluation.examples import ExampleFormatError, load_examples
 from ragcache.evaluation.fusion_eval import (
@@ -97,6 +98,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument(
         "--no-baseline", action="store_true", help="leave out the plain transformers generate row"
+    )
+    sweep.add_argument(
+        "--chunk-tier",
+        choices=CHUNK_TIERS,
+        default="host",
+        help="where the chunks' KV waits for a query: host memory, LMDB raw or LMDB int8; "
+        "every setting's TTFT includes reading it from there",
     )
     sweep.add_argument("--max-new-tokens", type=int, default=16)
     sweep.add_argument("--model", default="smollm2")
@@ -188,17 +196,35 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "suite": args.suite,
         "data": args.data or args.corpus,
         "seed": args.seed,
+        "chunk_tier": args.chunk_tier,
     }
     _check_resume(out.with_suffix(".meta.json"), results, meta)
-    done = load_outcomes(results)
-    finished = {(o.example, o.setting) for o in done}
     engine = evaluation_engine(loaded)
     baseline = None
     if any(s.method == BASELINE_LABEL for s in settings):
         baseline = TransformersBaseline(loaded.source, loaded.dtype, engine.eos_ids)
     evaluator = FusionEvaluator(
-        engine, PromptBuilder(loaded.tokenizer), args.max_new_tokens, baseline
+        engine, PromptBuilder(loaded.tokenizer), args.max_new_tokens, baseline, args.chunk_tier
     )
+    try:
+        return _sweep(args, command, settings, examples, order, evaluator, meta)
+    finally:
+        evaluator.close()
+
+
+def _sweep(
+    args: argparse.Namespace,
+    command: str,
+    settings: list[Setting],
+    examples: list[dict[str, Any]],
+    order: list[int],
+    evaluator: FusionEvaluator,
+    meta: dict[str, Any],
+) -> dict[str, Any]:
+    out = Path(args.out)
+    results = out.with_suffix(".jsonl")
+    done = load_outcomes(results)
+    finished = {(o.example, o.setting) for o in done}
     warm = examples[order[0]]
     warm_settings = list({s.label: s for s in (settings[0], settings[-1])}.values())
     evaluator.evaluate(-1, warm, warm_settings, min(args.passages, 2))

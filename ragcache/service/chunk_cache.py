@@ -17,18 +17,21 @@ from ragcache.blending.chunk_kv import ChunkKV
 from ragcache.chunkstore.codecs import get_codec
 from ragcache.chunkstore.entry import ChunkEntry
 from ragcache.chunkstore.keys import KeyContext
-from ragcache.chunkstore.store import ChunkStore
+from ragcache.chunkstore.store import ChunkStore, LayerRead
+from ragcache.chunkstore.transfer import EngineTarget
 from ragcache.chunkstore.tree import KnowledgeTree
 from ragcache.chunkstore.variants import VariantBook
 
 
-def chunk_kv_from_entry(entry: ChunkEntry, lossless: bool = True) -> ChunkKV:
-    """The entry's KV; exact only where every codec its copies may have gone through
-    keeps every bit (a copy in memory may have been promoted from a lossy record)."""
+def chunk_kv_from_entry(entry: ChunkEntry, target: EngineTarget, lossless: bool = True) -> ChunkKV:
+    """The entry's KV on the engine's device and dtype; exact only where every codec its
+    copies may have gone through keeps every bit (a copy in memory may have been
+    promoted from a lossy record)."""
+    layers = [target.move_layer(kv) for kv in entry.layers]
     return ChunkKV(
         list(entry.token_ids),
-        [k for k, _ in entry.layers],
-        [v for _, v in entry.layers],
+        [k for k, _ in layers],
+        [v for _, v in layers],
         torch.tensor(entry.positions, dtype=torch.long),
         lossless and entry.context is not None and get_codec(entry.context.codec).stores_raw_bytes,
     )
@@ -65,19 +68,31 @@ class ChunkCache:
     def contains(self, token_ids: Sequence[int]) -> bool:
         return self.store.contains(self.key(token_ids))
 
-    def fetch(self, token_ids: Sequence[int]) -> CachedChunk:
-        """The chunk's KV from the fastest tier holding it, with that tier's name."""
+    def fetch(self, token_ids: Sequence[int], target: EngineTarget) -> CachedChunk:
+        """The chunk's KV from the fastest tier holding it, on ``target``, with that
+        tier's name."""
         key = self.key(token_ids)
         tier = self.store.tier_of(key)
         entry = self.store.get(key, token_ids)
         if entry is None:
             return CachedChunk(None, None)
-        return CachedChunk(chunk_kv_from_entry(entry, self.lossless), tier)
+        return CachedChunk(chunk_kv_from_entry(entry, target, self.lossless), tier)
+
+    def read_layers(self, token_ids: Sequence[int]) -> LayerRead | None:
+        """The chunk's KV as a stream of layers from the fastest tier holding it (each
+        layer still in the tier's form: pass it through an EngineTarget)."""
+        return self.store.read_layers(self.key(token_ids), token_ids)
+
+    def is_exact(self, read: LayerRead) -> bool:
+        """Whether a read's KV keeps every bit (see ``chunk_kv_from_entry``)."""
+        context = read.context
+        return self.lossless and context is not None and get_codec(context.codec).stores_raw_bytes
 
     def match_path(
-        self, chunks: Sequence[Sequence[int]], min_length: int = 1
+        self, chunks: Sequence[Sequence[int]], target: EngineTarget, min_length: int = 1
     ) -> list[tuple[ChunkKV, str]]:
-        """KV (and tier) of the longest exact path of ``chunks``, in prompt order; empty
+        """KV (on ``target``) and tier of the longest exact path of ``chunks``, in prompt
+        order; empty
         when it is shorter than ``min_length`` (nothing is read then), and where the
         namespace's codec is lossy, since such KV is never exact."""
         nodes = self.tree.match_path(chunks)
@@ -89,7 +104,7 @@ class ChunkCache:
             entry = self.store.get(node.key, node.token_ids)
             if entry is None:
                 break
-            kv = chunk_kv_from_entry(entry, self.lossless)
+            kv = chunk_kv_from_entry(entry, target, self.lossless)
             if not kv.exact:
                 break
             found.append((kv, tier or "?"))

@@ -17,8 +17,10 @@ from concurrent.futures import Executor, wait
 from dataclasses import dataclass
 
 from ragcache.blending.chunk_kv import ChunkKV
+from ragcache.blending.layer_pipeline import StreamedChunk
 
-Hit = tuple[ChunkKV, str]  # a cached chunk's KV and the tier it came from
+# A cached chunk's KV (whole, or its layers still streaming from the tier) and its tier.
+Hit = tuple[ChunkKV | StreamedChunk, str]
 Fetch = Callable[[list[int]], Hit | None]
 Encode = Callable[[list[list[int]]], list[ChunkKV]]
 
@@ -28,7 +30,7 @@ class GatheredKV:
     """Per chunk, in retrieval order: its cache hit (None when it was computed now)."""
 
     hits: list[Hit | None]
-    kvs: list[ChunkKV]
+    kvs: list[ChunkKV | StreamedChunk]
     computed: list[ChunkKV]
     fetch_s: float  # spent reading the cached chunks
     compute_s: float  # spent encoding the missing chunks (concurrent with reading when overlapped)

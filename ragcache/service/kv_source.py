@@ -7,15 +7,17 @@ between them; ingest-time encoding runs straight on the engine thread.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
 
 from ragcache.blending.cachecraft import CacheCraft
 from ragcache.blending.chunk_kv import ChunkEncoder, ChunkKV
 from ragcache.blending.exact_path import encode_after
 from ragcache.blending.fuser import FusedRequest, fuse
+from ragcache.blending.layer_pipeline import StreamedChunk
 from ragcache.blending.methods import FusionMethod, MethodParam
 from ragcache.blending.prompt import PromptLayout
+from ragcache.chunkstore.transfer import EngineTarget
 from ragcache.config import ServiceConfig
 from ragcache.corpus.progress import Progress
 from ragcache.engine.async_engine import AsyncEngine
@@ -59,14 +61,19 @@ class ChunkKVSource:
         self.model_calls = model_calls
         self.pool = pool
         self.config = config
+        self.target = EngineTarget.of(encoder.model)
 
     @property
     def stores(self) -> bool:
         return self.config.kv_precompute != "off"
 
-    def fetch_one(self, ids: list[int]) -> tuple[ChunkKV, str] | None:
-        cached = self.chunk_cache.fetch(ids)
-        return None if cached.kv is None else (cached.kv, cached.tier or "?")
+    def fetch_one(self, ids: list[int]) -> tuple[StreamedChunk, str] | None:
+        """A cached chunk looked up; its layers are read while fusion computes."""
+        read = self.chunk_cache.read_layers(ids)
+        if read is None:
+            return None
+        exact = self.chunk_cache.is_exact(read)
+        return StreamedChunk(ids, read.positions, read.layers, exact), read.tier
 
     def query_cost(
         self, chunks: list[list[int]], layout: PromptLayout, received: float
@@ -126,7 +133,7 @@ class ChunkKVSource:
 
     def match_path(self, chunks: list[list[int]], min_length: int = 1) -> list[tuple[ChunkKV, str]]:
         """The exact KV (and tier) of the longest cached path of ``chunks``."""
-        return self.chunk_cache.match_path(chunks, min_length) if self.stores else []
+        return self.chunk_cache.match_path(chunks, self.target, min_length) if self.stores else []
 
     def encode_path(
         self, prefix: list[ChunkKV], chunks: list[list[int]], cost: QueryCost
@@ -146,7 +153,7 @@ class ChunkKVSource:
     def fuse(
         self,
         layout: PromptLayout,
-        kvs: list[ChunkKV],
+        kvs: Sequence[ChunkKV | StreamedChunk],
         method: FusionMethod,
         params: dict[str, MethodParam],
         cost: QueryCost,
@@ -159,7 +166,17 @@ class ChunkKVSource:
         def place_and_repair(engine: Engine) -> FusedRequest:
             with adapter_scope(engine, self.adapter_id):
                 root = self.encoder.root
-                return fuse(engine.model, layout, root, kvs, method, params, exact_chunks)
+                # A chunk its tier lost mid-read is computed here, on the engine thread.
+                return fuse(
+                    engine.model,
+                    layout,
+                    root,
+                    kvs,
+                    method,
+                    params,
+                    exact_chunks,
+                    lambda ids: self.encoder.encode([ids])[0],
+                )
 
         craft = method if isinstance(method, CacheCraft) and self.stores else None
         if craft is not None and history:

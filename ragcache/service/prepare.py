@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from ragcache.blending.chunk_kv import ChunkKV
 from ragcache.blending.focus import CacheFocus
 from ragcache.blending.fuser import FusedRequest, FusionReport
 from ragcache.blending.methods import FusionMethod, MethodParam
@@ -16,6 +15,7 @@ from ragcache.config import Config
 from ragcache.engine.engine import Engine
 from ragcache.engine.sampling_params import InvalidRequestError, SamplingParams
 from ragcache.errors import InvalidInputError, InvalidParameterError, PromptTooLongError
+from ragcache.service.chunk_gather import Hit
 from ragcache.service.corpora import TenantCorpora
 from ragcache.service.kv_source import ChunkKVSource
 from ragcache.service.results import CacheUsage, PreparedQuery, SourceChunk
@@ -234,7 +234,7 @@ class QueryPreparer:
             path = self.kv.match_path(chunks, shortest) if reuse_path else []
             prefix = [kv for kv, _ in path]
             rest = chunks[len(path) :]
-            hits: list[tuple[ChunkKV, str] | None] = list(path)
+            hits: list[Hit | None] = list(path)
             timings["cache_fetch"] = time.perf_counter() - began
             if exact_compute:
                 began = time.perf_counter()

@@ -131,3 +131,39 @@ def test_offset_selects_a_slice_and_keeps_absolute_example_indices(
     rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
     assert {row["example"] for row in rows} == {1}
     assert _eval(data, out, "full_reuse", extra=("--offset", "3")) == 2  # nothing left
+
+
+def test_chunks_on_lmdb_are_read_inside_ttft(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tiers"
+    settings = (
+        "full_reuse",
+        "cacheblend:ratio=0.5",
+        "cacheblend:ratio=0.5,tier=lmdb",
+        "cacheblend:ratio=0.5,tier=lmdb-int8",
+        "cacheblend:ratio=0.5,tier=lmdb,load=whole",
+    )
+    extra = ("--no-baseline", "--questions", "2", "--chunk-tier", "host")
+    assert _eval(data, out, *settings, extra=extra) == 0
+    rows = {
+        (row["example"], row["setting"]): row
+        for row in map(json.loads, out.with_suffix(".jsonl").read_text().splitlines())
+    }
+    for (example, setting), row in rows.items():
+        if setting == "full_prefill":
+            assert row["read_s"] == 0.0
+            continue
+        assert 0 < row["read_wait_s"] <= row["read_s"]
+        assert row["read_wait_s"] <= row["prepare_s"] <= row["ttft_s"]
+        if "-lmdb" in setting and "int8" not in setting:  # the host tier's KV, exactly
+            host = rows[(example, "cacheblend-0.5")]
+            assert row["answer_ids"] == host["answer_ids"]
+            assert row["nll"] == pytest.approx(host["nll"], abs=1e-5)
+    summary = json.loads(out.with_suffix(".json").read_text())["summary"]
+    assert "cacheblend-0.5-lmdb-whole" in summary
+    assert "first_token_vs_raw" in summary["cacheblend-0.5-lmdb-int8"]
+    assert summary["full_reuse"]["bound_speedup"] > 1.0
+    assert "bound_share" in summary["cacheblend-0.5"]
+
+
+def test_an_unknown_tier_in_a_setting_is_refused(data: Path, tmp_path: Path) -> None:
+    assert _eval(data, tmp_path / "bad", "full_reuse:tier=ssd") == 2
