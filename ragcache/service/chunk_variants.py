@@ -4,9 +4,13 @@ and the new variants stored under their context."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ragcache.blending.cachecraft import CacheCraft, ChunkHint
 from ragcache.blending.chunk_kv import ChunkKV
+from ragcache.blending.layer_pipeline import StreamedChunk
 from ragcache.blending.prompt import PromptLayout
+from ragcache.chunkstore.transfer import EngineTarget
 from ragcache.service.chunk_cache import ChunkCache, chunk_kv_from_entry
 
 
@@ -14,12 +18,13 @@ def apply_variants(
     cache: ChunkCache,
     method: CacheCraft,
     layout: PromptLayout,
-    kvs: list[ChunkKV],
+    kvs: Sequence[ChunkKV | StreamedChunk],
     exact_chunks: int,
-) -> list[ChunkKV]:
+    target: EngineTarget,
+) -> list[ChunkKV | StreamedChunk]:
     """``kvs`` with the variants of this prompt's contexts in place; sets the hints."""
     keys = [cache.key(ids) for ids in layout.chunk_ids]
-    out = list(kvs)
+    out: list[ChunkKV | StreamedChunk] = list(kvs)
     hints = [ChunkHint() for _ in kvs]
     for index in range(max(1, exact_chunks), len(kvs)):
         known = cache.variants.deviation(keys[index])
@@ -27,7 +32,7 @@ def apply_variants(
             hints[index] = ChunkHint(False, known.contexts, known.mean)
         entry = cache.variants.get(keys[index], keys[:index], layout.chunk_ids[index])
         if entry is not None:
-            out[index] = chunk_kv_from_entry(entry, lossless=False)
+            out[index] = chunk_kv_from_entry(entry, target, lossless=False)
             hints[index].variant = True
     method.hints = hints
     return out

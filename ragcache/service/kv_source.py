@@ -180,7 +180,7 @@ class ChunkKVSource:
 
         craft = method if isinstance(method, CacheCraft) and self.stores else None
         if craft is not None and history:
-            kvs = apply_variants(self.chunk_cache, craft, layout, kvs, exact_chunks)
+            kvs = apply_variants(self.chunk_cache, craft, layout, kvs, exact_chunks, self.target)
         fused = self.model_calls.run(place_and_repair, cost)
         if craft is not None:
             record_variants(self.chunk_cache, craft, layout)
