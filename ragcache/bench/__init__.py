@@ -17,5 +17,6 @@ BENCHMARKS: dict[str, str] = {
     "cluster": "TTFT with chunk KV from the host tier, the Redis tier, or recomputed",
     "recall": "retrieval recall@k on MuSiQue",
     "serve": "the HTTP server under Poisson load, chunk caching on and off",
+    "noisy_neighbour": "a tenant's queries alone and beside another's ingest and bad requests",
     "scheduling": "overlapped KV and cache-aware order on a burst of warm and cold queries",
 }
