@@ -4,7 +4,9 @@ large ingest and stream of bad requests, on one server.
     ragcache bench noisy_neighbour --out eval/reports/bench_noisy_neighbour.json
 
 It starts ``ragcache serve`` on loopback with API keys for tenants A and B (flags it does
-not know go to that server, e.g. ``--service.kv_precompute lazy``). Tenant B uploads the
+not know go to that server, e.g. ``--service.kv_precompute lazy``), or with ``--url`` it
+drives a running server whose ``server.api_keys`` holds
+``key-tenant-a=tenant-a,key-tenant-b=tenant-b``. Tenant B uploads the
 passages of the first ``--questions`` MuSiQue questions, asks each once to warm up, then
 asks them at a steady ``--rate`` for ``--duration`` seconds: the quiet phase. The noisy
 phase repeats the same requests while tenant A uploads the passages of the next
@@ -22,6 +24,8 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +52,7 @@ TARGET_RATIO = 2.0
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = bench_parser("noisy_neighbour", __doc__, "eval/reports/bench_noisy_neighbour.json")
     parser.epilog = "Other --section.field VALUE flags configure the server this run starts."
+    parser.add_argument("--url", help="base URL of a running server (default: start one)")
     parser.add_argument("--data", type=Path, default=Path("../shared/data/musique_dev.json"))
     parser.add_argument("--questions", type=int, default=4, help="tenant B's questions")
     parser.add_argument("--ingest-questions", type=int, default=40, help="tenant A's upload")
@@ -59,6 +64,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--timeout", type=float, default=300.0, help="per-request limit (s)")
     parser.add_argument("--target", type=float, default=TARGET_RATIO, help="p50 noisy/quiet")
     args, server_flags = parser.parse_known_args(argv)
+    if args.url and server_flags:
+        parser.error(f"server flags {server_flags} only apply without --url")
     if server_flags and not server_flags[0].startswith("--"):
         parser.error(f"unexpected argument {server_flags[0]!r}")
     if min(args.rate, args.duration, args.bad_rate) <= 0:
@@ -119,6 +126,18 @@ async def noisy_phase(
     return samples, wall, record
 
 
+@contextmanager
+def server_url(args: argparse.Namespace, flags: list[str]) -> Iterator[str]:
+    """The running server of ``--url``, or one started here with ``flags``."""
+    if args.url:
+        yield args.url.rstrip("/")
+        return
+    with tempfile.TemporaryDirectory(prefix="ragcache-bench-noisy-") as folder:
+        print("starting ragcache serve on loopback ...", flush=True)
+        with LocalServer(Path(folder) / "data", flags) as server:
+            yield server.url
+
+
 def run_benchmark(
     args: argparse.Namespace, server_flags: list[str], command: str
 ) -> dict[str, Any]:
@@ -129,21 +148,19 @@ def run_benchmark(
     keys = ",".join(f"{key}={tenant}" for tenant, key in KEYS.items())
     flags = ["--server.api_keys", keys, *server_flags]
     load_start = [round(x, 2) for x in os.getloadavg()]
-    with tempfile.TemporaryDirectory(prefix="ragcache-bench-noisy-") as folder:
-        print("starting ragcache serve on loopback ...", flush=True)
-        with LocalServer(Path(folder) / "data", flags) as server:
-            with httpx.Client(base_url=server.url, headers=headers("tenant-b"), timeout=600) as b:
-                print(f"tenant B uploads {args.questions} questions' passages ...", flush=True)
-                corpus = ensure_corpus(b, CORPUS_B, corpus_files(mine))
-                for item in mine:
-                    body = {**query_body(args, item.question), "stream": False}
-                    b.post("/v1/query", json=body).raise_for_status()
-            print(f"quiet phase: {len(workload)} requests of tenant B ...", flush=True)
-            quiet, quiet_wall = asyncio.run(tenant_b_phase(server.url, args, workload))
-            print("noisy phase: the same requests beside tenant A's ingest ...", flush=True)
-            noisy, noisy_wall, noise = asyncio.run(
-                noisy_phase(server.url, args, workload, corpus_files(theirs))
-            )
+    with server_url(args, flags) as url:
+        with httpx.Client(base_url=url, headers=headers("tenant-b"), timeout=600) as b:
+            print(f"tenant B uploads {args.questions} questions' passages ...", flush=True)
+            corpus = ensure_corpus(b, CORPUS_B, corpus_files(mine))
+            for item in mine:
+                body = {**query_body(args, item.question), "stream": False}
+                b.post("/v1/query", json=body).raise_for_status()
+        print(f"quiet phase: {len(workload)} requests of tenant B ...", flush=True)
+        quiet, quiet_wall = asyncio.run(tenant_b_phase(url, args, workload))
+        print("noisy phase: the same requests beside tenant A's ingest ...", flush=True)
+        noisy, noisy_wall, noise = asyncio.run(
+            noisy_phase(url, args, workload, corpus_files(theirs))
+        )
     summaries = {
         "quiet": phase_summary(quiet, quiet_wall),
         "noisy": phase_summary(noisy, noisy_wall),
@@ -155,7 +172,7 @@ def run_benchmark(
             for key, value in vars(args).items()
             if key != "out"
         },
-        "server_flags": flags,
+        "server": {"url": args.url, "flags": []} if args.url else {"flags": flags},
         "corpus_b": corpus,
         "phases": summaries,
         "tenant_a": noise.to_dict(),

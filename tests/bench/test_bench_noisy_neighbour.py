@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from ragcache.bench.noisy_neighbour import main
+from ragcache.api.app import create_app
+from ragcache.bench.noisy_neighbour import KEYS, main
 from ragcache.cli import main as cli_main
+from tests.api.live_server import running_server, tiny_service
 from tests.bench.test_bench_serve import musique_file
 from tests.service_helpers import tiny_flags
 
@@ -44,7 +46,27 @@ def test_tenant_b_sees_no_error_beside_tenant_a(tmp_path: Path) -> None:
     assert report["command"].startswith("python -m ragcache.bench.noisy_neighbour --data")
 
 
+def test_noisy_neighbour_drives_a_running_server(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    keys = ",".join(f"{key}={tenant}" for tenant, key in KEYS.items())
+    with tiny_service(tmp_path / "data", api_keys=keys) as service:
+        with running_server(create_app(service)) as url:
+            argv = [
+                "--url", url, "--data", str(musique_file(tmp_path)), "--questions", "1",
+                "--ingest-questions", "1", "--rate", "2", "--duration", "2", "--max-tokens", "2",
+                "--out", str(out),
+            ]  # fmt: skip
+            assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["server"]["url"] == url
+    assert report["verdict"]["errors_b"] == 0 and report["verdict"]["bad_requests_not_4xx"] == 0
+    assert report["tenant_a"]["bad_requests_sent"] >= 1
+
+
 def test_noisy_neighbour_refuses_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["--rate", "0"])
     assert "--rate" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--url", "http://127.0.0.1:1", "--engine.block_size", "8"])
+    assert "only apply without --url" in capsys.readouterr().err
