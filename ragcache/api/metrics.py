@@ -14,6 +14,7 @@ from typing import Any
 
 import prometheus_client
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -25,6 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.registry import Collector
 
+from ragcache.api.media_types import PROMETHEUS_TEXT
 from ragcache.service import GenerationRecord, RagCache
 
 LATENCY_BUCKETS = (
@@ -284,7 +286,7 @@ class ServiceMetrics:
 router = APIRouter()
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse, responses=PROMETHEUS_TEXT)
 def metrics(request: Request) -> Response:
     service_metrics: ServiceMetrics = request.app.state.metrics
     if "application/openmetrics-text" in request.headers.get("accept", ""):

@@ -21,6 +21,7 @@ from fastapi.concurrency import run_in_threadpool
 from ragcache.api import openai_embeddings, openai_models, openai_tokens
 from ragcache.api.deps import get_server_config, get_service
 from ragcache.api.errors import UnsupportedFieldError
+from ragcache.api.media_types import JSON_OR_EVENT_STREAM
 from ragcache.api.openai_generation import Generation, respond, response_builder
 from ragcache.api.openai_models import served_as
 from ragcache.api.openai_schemas import (
@@ -145,7 +146,7 @@ def _prepare_chat(
     return _prepare_rag(service, body, question, sampling, conversation)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=JSON_OR_EVENT_STREAM)
 async def chat_completions(
     body: ChatCompletionRequest,
     service: RagCache = Depends(get_service),
@@ -194,7 +195,7 @@ def _prepare_completion(
     return _prepare_rag(service, body, prompt, sampling)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=JSON_OR_EVENT_STREAM)
 async def completions(
     body: CompletionRequest,
     service: RagCache = Depends(get_service),

@@ -12,6 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from ragcache.api.deps import get_service
+from ragcache.api.media_types import JSON_OR_EVENT_STREAM
 from ragcache.api.schemas import QueryRequest, RetrieveRequest
 from ragcache.errors import ServiceError
 from ragcache.service import RagCache
@@ -30,7 +31,7 @@ def _sse(event: str, payload: Any) -> str:
     return f"event: {event}\ndata: {json.dumps(payload)}\n\n"
 
 
-@router.post("/v1/query")
+@router.post("/v1/query", responses=JSON_OR_EVENT_STREAM)
 async def query(body: QueryRequest, service: RagCache = Depends(get_service)) -> Any:
     events = service.stream_query(
         body.query,

@@ -18,5 +18,6 @@ BENCHMARKS: dict[str, str] = {
     "recall": "retrieval recall@k on MuSiQue",
     "serve": "the HTTP server under Poisson load, chunk caching on and off",
     "workload": "the knowledge tree and Cache-Craft under a MuSiQue request stream",
+    "noisy_neighbour": "a tenant's queries alone and beside another's ingest and bad requests",
     "scheduling": "overlapped KV and cache-aware order on a burst of warm and cold queries",
 }
