@@ -186,6 +186,11 @@ class FusedDecoder:
             self.handle, layer, which, codes, scales, minimums[0] if minimums else None, rows, cols
         )
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        """A copied model gets no compiled step: this one reads the original's tensors.
+        The copy decodes layer by layer until ``use_fused_decode`` binds one to it."""
+        return None
+
     def __del__(self) -> None:
         handle = getattr(self, "handle", None)
         if handle:

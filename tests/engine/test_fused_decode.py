@@ -3,6 +3,8 @@ on block-weight models, and the plain path wherever it does not apply."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -140,3 +142,12 @@ def test_off_and_unknown_settings() -> None:
     assert fused.fused_decoder is None
     with pytest.raises(ModelLoadError, match="fused_decode"):
         load_model(ModelConfig(fused_decode="always"))
+
+
+def test_a_copied_model_decodes_layer_by_layer_with_the_same_tokens() -> None:
+    plain, fused = plain_and_fused("llama_tied")
+    copied = copy.deepcopy(fused)
+    assert copied.fused_decoder is None
+    tokens = greedy_paged(plain, PROMPT, 12, BLOCK_TABLE, 4)
+    assert greedy_paged(copied, PROMPT, 12, BLOCK_TABLE, 4) == tokens
+    assert greedy_paged(fused, PROMPT, 12, BLOCK_TABLE, 4) == tokens
