@@ -35,6 +35,7 @@ from ragcache.cluster.router import CacheAwareRequestRouter, RoundRobinRequestRo
 from ragcache.cluster.routing import SeenChunks, chunk_fingerprint
 from ragcache.cluster.shared_corpora import SharedCorpusStore, share_corpora
 from ragcache.config import Config
+from ragcache.corpus.store import Embed
 from ragcache.engine.sampling_params import SamplingParams
 from ragcache.retriever.embedder import SentenceTransformerEmbedder
 from ragcache.retriever.retriever import Retriever
@@ -71,10 +72,12 @@ class ClusterSpec:
         return url
 
 
-def open_shared_corpora(spec: ClusterSpec, data_dir: Path, dim: int) -> SharedCorpusStore:
+def open_shared_corpora(
+    spec: ClusterSpec, data_dir: Path, dim: int, embed: Embed | None = None
+) -> SharedCorpusStore:
     log = open_corpus_log(spec.corpus_log_url, spec.corpus_namespace, dim, spec.corpus_follow_s)
     return SharedCorpusStore(
-        data_dir, dim, spec.config.retriever, log, follow_block_s=spec.corpus_follow_s
+        data_dir, dim, spec.config.retriever, log, follow_block_s=spec.corpus_follow_s, embed=embed
     )
 
 
@@ -92,7 +95,7 @@ class Retrieval:
         self.embedder = SentenceTransformerEmbedder.from_config(self.config)
         data_dir = replica_data_dir(spec, "retrieval")
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = open_shared_corpora(spec, data_dir, self.embedder.dim)
+        self.store = open_shared_corpora(spec, data_dir, self.embedder.dim, self.embedder.embed)
 
     def retrieve(self, question: str, corpus: str, k: int, tenant: str = "") -> list[dict]:
         stored = tenant_corpus_prefix(tenant) + corpus

@@ -32,7 +32,13 @@ from ragcache.cluster.corpus_log import (
     CorruptLogEntryError,
     LogEntry,
 )
-from ragcache.corpus.store import CorpusChange, CorpusInfo, CorpusStore, validate_corpus_name
+from ragcache.corpus.store import (
+    CorpusChange,
+    CorpusInfo,
+    CorpusStore,
+    Embed,
+    validate_corpus_name,
+)
 from ragcache.errors import StorageBusyError
 from ragcache.retriever.config import RetrieverConfig
 from ragcache.service.rag_cache import RagCache
@@ -55,8 +61,9 @@ class SharedCorpusStore(CorpusStore):
         log: CorpusLog,
         follow_block_s: float = 1.0,
         retry_s: float = 2.0,
+        embed: Embed | None = None,
     ) -> None:
-        super().__init__(data_dir, dim, config)
+        super().__init__(data_dir, dim, config, embed)
         self.log = log
         self.follow_block_s = follow_block_s
         self.retry_s = retry_s
@@ -258,6 +265,13 @@ def share_corpora(rag: RagCache, log: CorpusLog, follow_block_s: float = 1.0) ->
     ``log``: its own store is reopened as a SharedCorpusStore on the same directory."""
     rag.corpora.close()
     rag.corpora = SharedCorpusStore(
-        rag.data_dir, rag.embedder.dim, rag.config.retriever, log, follow_block_s
+        rag.data_dir,
+        rag.embedder.dim,
+        rag.config.retriever,
+        log,
+        follow_block_s,
+        embed=rag.embedder.embed,
     )
+    # The chunk collector keeps its pending records in the corpus store it was given.
+    rag.collector.corpora = rag.corpora
     rag._bind_ingest()

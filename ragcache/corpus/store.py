@@ -203,9 +203,14 @@ class CorpusStore:
         return env
 
     @contextmanager
-    def _begin(self, write: bool = False, db: Any = None) -> Iterator[lmdb.Transaction]:
-        with self._env_lock.shared(), self.env.begin(write=write, db=db) as txn:
-            yield txn
+    def _begin(self, write: bool = False, db: str | None = None) -> Iterator[lmdb.Transaction]:
+        """A transaction on the default database or on the one named by its attribute
+        (``"docs_db"``): the handle is looked up under the lock, since a compaction
+        reopens the environment and its handles."""
+        with self._env_lock.shared():
+            handle = None if db is None else getattr(self, db)
+            with self.env.begin(write=write, db=handle) as txn:
+                yield txn
 
     def compact(self) -> None:
         """Rewrites the records file without the free pages that still hold the bytes
@@ -219,7 +224,7 @@ class CorpusStore:
     # ---- corpora -------------------------------------------------------------------
 
     def list(self) -> list[CorpusInfo]:
-        with self._begin(db=self.corpora_db) as txn:
+        with self._begin(db="corpora_db") as txn:
             return [
                 unseal(value, CorpusInfo, self._where("corpora", key))
                 for key, value in txn.cursor()
@@ -259,7 +264,7 @@ class CorpusStore:
 
     def documents(self, name: str) -> list[DocumentRecord]:
         self.get(name)
-        with self._begin(db=self.docs_db) as txn:
+        with self._begin(db="docs_db") as txn:
             return [
                 self._document(key, txn.get(key), True)
                 for key in self._keys_with_prefix(txn, self.docs_db, _prefix(name))
@@ -284,7 +289,7 @@ class CorpusStore:
         self, name: str, chunk_ids: list[int], verify: bool = True
     ) -> list[ChunkRecord | None]:
         """The chunks' records; ``verify=False`` skips their checksums, for removing them."""
-        with self._begin(db=self.chunks_db) as txn:
+        with self._begin(db="chunks_db") as txn:
             values = [txn.get(_chunk_key(name, chunk_id)) for chunk_id in chunk_ids]
         return [
             None if v is None else self._chunk(_chunk_key(name, chunk_id), v, verify)
@@ -307,7 +312,7 @@ class CorpusStore:
 
     def pending(self) -> list[tuple[str, PendingChunks | None]]:
         """Every pending record by ticket; None where a record does not parse."""
-        with self._begin(db=self.pending_db) as txn:
+        with self._begin(db="pending_db") as txn:
             return [
                 (bytes(key).decode(), PendingChunks.decode(value)) for key, value in txn.cursor()
             ]
@@ -464,7 +469,7 @@ class CorpusStore:
         return index
 
     def _all_chunks(self, name: str) -> list[ChunkRecord]:
-        with self._begin(db=self.chunks_db) as txn:
+        with self._begin(db="chunks_db") as txn:
             return [
                 self._chunk(key, txn.get(key))
                 for key in self._keys_with_prefix(txn, self.chunks_db, _prefix(name))
