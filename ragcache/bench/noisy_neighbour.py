@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import os
 import platform
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -39,10 +38,11 @@ from ragcache.bench.noisy_neighbour_tenant_a import (
     send_bad_requests,
     start_ingest,
 )
-from ragcache.bench.report import bench_parser, command_line, write_report
+from ragcache.bench.report import bench_parser
 from ragcache.bench.serve_client import RequestSample, run_phase
 from ragcache.bench.serve_server import LocalServer, ensure_corpus
 from ragcache.bench.serve_workload import MusiqueItem, Workload, corpus_files, load_items
+from ragcache.bench.server_bench import run_server_bench
 
 KEYS = {"tenant-a": "key-tenant-a", "tenant-b": "key-tenant-b"}
 CORPUS_A, CORPUS_B = "bulk-a", "questions-b"
@@ -211,15 +211,9 @@ def verdict(summaries: dict[str, dict[str, Any]], noise: NoiseRecord, target: fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args, server_flags = parse_args(argv)
-    try:
-        report = run_benchmark(args, server_flags, command_line("noisy_neighbour", argv))
-    except (RuntimeError, ValueError, httpx.HTTPError) as error:
-        print(f"bench noisy_neighbour: {error}", file=sys.stderr)
-        return 2
-    write_report(args.out, report, markdown_page(report), table_lines(report))
-    return 0
+    return run_server_bench(
+        "noisy_neighbour", argv, parse_args, run_benchmark, markdown_page, table_lines
+    )
 
 
 if __name__ == "__main__":

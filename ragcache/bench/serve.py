@@ -20,7 +20,6 @@ import asyncio
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from ragcache.bench.report import bench_parser, command_line, write_report
+from ragcache.bench.report import bench_parser
 from ragcache.bench.serve_client import run_phase
 from ragcache.bench.serve_report import markdown_page, table_lines
 from ragcache.bench.serve_server import LocalServer, ensure_corpus
@@ -41,6 +40,7 @@ from ragcache.bench.serve_workload import (
     corpus_files,
     load_items,
 )
+from ragcache.bench.server_bench import run_server_bench
 
 CALIBRATED_FRACTIONS = (1 / 3, 2 / 3, 1.0)
 DEFAULT_SERVER_FLAGS = ("--service.kv_precompute", "lazy")
@@ -255,16 +255,7 @@ def run_benchmark(args: argparse.Namespace, server_flags: list[str], command: st
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args, server_flags = parse_args(argv)
-    command = command_line("serve", argv)
-    try:
-        report = run_benchmark(args, server_flags, command)
-    except (RuntimeError, ValueError, httpx.HTTPError) as error:
-        print(f"bench serve: {error}", file=sys.stderr)
-        return 2
-    write_report(args.out, report, markdown_page(report), table_lines(report))
-    return 0
+    return run_server_bench("serve", argv, parse_args, run_benchmark, markdown_page, table_lines)
 
 
 if __name__ == "__main__":
