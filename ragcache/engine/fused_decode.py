@@ -32,6 +32,7 @@ from ragcache.engine.attention_metadata import AttentionMetadata
 from ragcache.engine.block_weights import Q41Blocks, Q80Blocks
 from ragcache.engine.kv_pool import KVPool
 from ragcache.engine.linear import Projection
+from ragcache.engine.packed_weights import PackedWeight
 from ragcache.kernels.block_gemv import cpu_supports_block_kernels
 from ragcache.kernels.rope import rope_cos_sin, rope_full_width
 
@@ -43,14 +44,19 @@ CACHE_DIR_ENV = "RAGCACHE_KERNEL_CACHE"
 DEFAULT_CACHE_DIR = "~/.cache/ragcache/kernels"
 DISABLE_ENV = "RAGCACHE_DISABLE_FUSED_DECODE"
 MAX_ROWS = 16
+BLOCK = 32  # weights per GGUF block
+TILE = 4  # output rows stored together (kTile in the C++ step)
+MAX_HEAD_DIM = 128  # the attention keeps one head's output in 16 registers
 PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 _p = ctypes.c_void_p
 _i = ctypes.c_int64
 SIGNATURES = {
     "decode_model_new": ([_i, _i, _i, _i, _i, _i, ctypes.c_float], _p),
     "decode_model_free": ([_p], None),
-    "decode_model_set_matrix": ([_p, _i, _i, _p, _p, _p, _i, _i], None),
+    "decode_model_set_matrix": ([_p, _i, _i, _p, _i, _i, _i], None),
     "decode_model_set_norms": ([_p, _i, _p, _p, _p], None),
+    "decode_model_set_output": ([_p, _p, _i, _i, _i], None),
+    "decode_model_logits": ([_p, _p, _i, _p, _i], None),
     "decode_model_forward": ([_p, _p, _i, _p, _p, _p, _i, _i, _p, _p, _p, _p, _i, _i], None),
 }
 
@@ -102,16 +108,31 @@ def decode_step_library() -> ctypes.CDLL | None:
     return library
 
 
-def _block_tensors(projection: Projection) -> list[torch.Tensor] | None:
-    packed = projection.packed
+def _block_tensors(
+    packed: PackedWeight | None, rows: int
+) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
+    """The codes [N, blocks, bytes] of a weight's exact block copy, its per-block steps
+    [N, blocks, 1 or 2] in fp32 (d, then m for Q4_1) and whether it is Q4_1; None
+    without a copy."""
     if packed is None or packed.mode != "exact_blocks" or len(packed.parts) != 1:
         return None
     part = packed.parts[0]
     if isinstance(part, Q41Blocks):
-        return [part.codes, part.scales.view(torch.int16), part.minimums.view(torch.int16)]
+        steps = torch.stack([part.scales.float(), part.minimums.float()], dim=-1)
+        return part.codes.reshape(rows, -1, BLOCK // 2), steps, True
     if isinstance(part, Q80Blocks):
-        return [part.codes.view(torch.uint8), part.scales.view(torch.int16)]
+        codes = part.codes.view(torch.uint8).reshape(rows, -1, BLOCK)
+        return codes, part.scales.float()[..., None], False
     return None
+
+
+def tiled_blocks(codes: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """One byte buffer in the step's layout: rows in tiles of ``TILE``; within a tile,
+    block b of each row (its codes, then its fp32 steps) beside block b of the others."""
+    rows, blocks, _ = codes.shape
+    entries = torch.cat([codes, steps.contiguous().view(torch.uint8)], dim=-1)
+    tiles = entries.reshape(rows // TILE, TILE, blocks, -1).transpose(1, 2)
+    return tiles.contiguous().reshape(-1)
 
 
 def decode_path_unavailable(model: Any) -> str | None:
@@ -122,12 +143,22 @@ def decode_path_unavailable(model: Any) -> str | None:
         return "it runs float32 models on CPU only"
     if not cpu_supports_block_kernels():
         return "it needs an x86-64 CPU with AVX2"
-    if model.spec.head_dim % 8 or model.spec.num_heads % model.spec.num_kv_heads:
-        return "head_dim must be a multiple of 8"
+    spec = model.spec
+    if (spec.hidden_size % TILE or spec.intermediate_size % TILE) or (
+        spec.head_dim * spec.num_kv_heads
+    ) % TILE:
+        return f"its projections' output sizes must be multiples of {TILE}"
+    if spec.head_dim % 8 or spec.head_dim > MAX_HEAD_DIM or spec.num_heads % spec.num_kv_heads:
+        return (
+            f"head_dim must be a multiple of 8 up to {MAX_HEAD_DIM}, heads a multiple of KV heads"
+        )
     for layer in model.layers:
         for path in PROJECTIONS:
             module = layer.get_submodule(path)
-            if not isinstance(module, Projection) or _block_tensors(module) is None:
+            if (
+                not isinstance(module, Projection)
+                or _block_tensors(module.packed, module.weight.shape[0]) is None
+            ):
                 return "its weights are not exact GGUF blocks (model.packed_weights)"
     if decode_step_library() is None:
         return "the step could not be compiled (a C++ compiler with OpenMP is needed)"
@@ -169,7 +200,19 @@ class FusedDecoder:
             library.decode_model_set_norms(
                 self.handle, index, *norms, None if bias is None else self._keep(bias)
             )
-        self.versions = [module.weight._version for _, _, module in self.projections]
+        self.weights = [module.weight for _, _, module in self.projections]
+        self.versions = [weight._version for weight in self.weights]
+        self.output_weight = model.output_weight()
+        self.output_version = self.output_weight._version
+        vocabulary = self.output_weight.shape[0]
+        output = _block_tensors(model.output_packed, vocabulary)
+        self.has_output = output is not None and vocabulary % TILE == 0
+        if output is not None and self.has_output:
+            tiled = tiled_blocks(output[0], output[1])
+            self.kept.append(tiled)
+            library.decode_model_set_output(
+                self.handle, tiled.data_ptr(), output[2], vocabulary, self.hidden_size
+            )
 
     def _keep(self, tensor: torch.Tensor) -> int:
         kept = tensor.detach().to(torch.float32).contiguous()
@@ -177,13 +220,14 @@ class FusedDecoder:
         return kept.data_ptr()
 
     def _set_matrix(self, layer: int, which: int, module: Projection) -> None:
-        tensors = _block_tensors(module)
+        tensors = _block_tensors(module.packed, module.weight.shape[0])
         assert tensors is not None
-        self.kept.extend(tensors)
+        codes, steps, q4 = tensors
+        tiled = tiled_blocks(codes, steps)
+        self.kept.append(tiled)
         rows, cols = module.weight.shape
-        codes, scales, *minimums = (t.data_ptr() for t in tensors)
         self.library.decode_model_set_matrix(
-            self.handle, layer, which, codes, scales, minimums[0] if minimums else None, rows, cols
+            self.handle, layer, which, tiled.data_ptr(), q4, rows, cols
         )
 
     def __deepcopy__(self, memo: dict[int, Any]) -> None:
@@ -217,15 +261,41 @@ class FusedDecoder:
             or pool.spec.num_layers != len(self.model.layers)
         ):
             return False
-        for (owner, attr, module), version in zip(self.projections, self.versions, strict=True):
-            current = getattr(owner, attr)
+        # Module dictionaries read directly: nn.Module's attribute lookup, 240 times a
+        # step, would cost more than a tenth of the step itself.
+        for (owner, attr, module), weight, version in zip(
+            self.projections, self.weights, self.versions, strict=True
+        ):
+            current = owner._modules[attr]
             if current is not module:
                 base = getattr(current, "base", None)
                 if base is not module or adapter_active(current):
                     return False
-            if module.weight._version != version:
+            if module._parameters["weight"] is not weight or weight._version != version:
                 return False
         return True
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor | None:
+        """The output layer's product for a few normed rows [T, H] from its blocks, or
+        None where the plain path must compute it (more rows, another dtype, a weight
+        changed since the copy was made)."""
+        weight = self.output_weight
+        if (
+            not self.has_output
+            or normed.dim() != 2
+            or not 0 < normed.shape[0] <= MAX_ROWS
+            or normed.dtype != torch.float32
+            or normed.device.type != "cpu"
+            or self.model.output_weight() is not weight
+            or weight._version != self.output_version
+        ):
+            return None
+        rows = normed.contiguous()
+        out = torch.empty(rows.shape[0], weight.shape[0], dtype=torch.float32)
+        self.library.decode_model_logits(
+            self.handle, rows.data_ptr(), rows.shape[0], out.data_ptr(), torch.get_num_threads()
+        )
+        return out
 
     def __call__(
         self,

@@ -238,6 +238,10 @@ class LlamaModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         normed = self.norm(hidden)
+        fused = self.fused_decoder
+        logits = fused.logits(normed) if fused is not None else None
+        if logits is not None:
+            return logits
         return linear(normed, self.output_weight(), packed=self.output_packed).float()
 
     def pack_weights(self, mode: str = "int4_bf16") -> int:

@@ -15,15 +15,15 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace {
 
 constexpr int64_t kBlock = 32;
-
-inline float half_to_float(uint16_t bits) { return _cvtsh_ss(bits); }
 
 inline float horizontal_sum(__m256 v) {
   __m128 low = _mm256_castps256_ps128(v);
@@ -66,46 +66,47 @@ struct BlockWeights {
   __m256 w[4];
 };
 
-inline __m256 bytes_to_float(__m128i bytes) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
-}
+// Outputs are stored in tiles of kTile rows; within a tile, block b of every row lies
+// next to block b of the others, so a tile's product reads one sequential stream.
+constexpr int64_t kTile = 4;
 
-inline __m256 signed_bytes_to_float(__m128i bytes) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
-}
-
-// One matrix [N, K] of Q4_1 (codes two a byte, scales and minimums fp16) or Q8_0 blocks.
+// One matrix [N, K] of Q4_1 (codes two a byte) or Q8_0 blocks in tiles. Each entry is a
+// block's codes, then its step d (and Q4_1 minimum m) widened to fp32: a broadcast from
+// memory costs no shuffle, which the nibble unpacking already keeps busy.
 struct BlockMatrix {
   bool q4 = true;
   int64_t rows = 0;
   int64_t cols = 0;
-  const uint8_t* codes = nullptr;
-  const uint16_t* scales = nullptr;
-  const uint16_t* minimums = nullptr;
+  int64_t blocks = 0;  // cols / kBlock
+  int64_t entry = 0;   // bytes of one block's entry
+  const uint8_t* data = nullptr;
 
+  // Block b of output n, rebuilt in fp32; Q4 is the format (a template argument, so
+  // the loops that call it carry no branch).
+  template <bool Q4>
   inline BlockWeights block(int64_t n, int64_t b) const {
-    const int64_t index = n * (cols / kBlock) + b;
-    const __m256 d = _mm256_set1_ps(half_to_float(scales[index]));
+    const uint8_t* at = data + (((n / kTile) * blocks + b) * kTile + n % kTile) * entry;
     BlockWeights out;
-    if (q4) {
-      const __m256 m = _mm256_set1_ps(half_to_float(minimums[index]));
-      const __m128i raw =
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + index * (kBlock / 2)));
-      const __m128i mask = _mm_set1_epi8(0x0F);
-      const __m128i low = _mm_and_si128(raw, mask);
-      const __m128i high = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-      out.w[0] = _mm256_fmadd_ps(bytes_to_float(low), d, m);
-      out.w[1] = _mm256_fmadd_ps(bytes_to_float(_mm_srli_si128(low, 8)), d, m);
-      out.w[2] = _mm256_fmadd_ps(bytes_to_float(high), d, m);
-      out.w[3] = _mm256_fmadd_ps(bytes_to_float(_mm_srli_si128(high, 8)), d, m);
+    if constexpr (Q4) {
+      const float* steps = reinterpret_cast<const float*>(at + kBlock / 2);
+      const __m256 d = _mm256_broadcast_ss(steps);
+      const __m256 m = _mm256_broadcast_ss(steps + 1);
+      // Bytes 0-7 and 8-15 widened straight from memory (one shuffle each): the low
+      // nibbles are codes 0-7 and 8-15, the high nibbles codes 16-23 and 24-31.
+      const __m256i first = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(at)));
+      const __m256i second =
+          _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(at + 8)));
+      const __m256i mask = _mm256_set1_epi32(0x0F);
+      out.w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(first, mask)), d, m);
+      out.w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(second, mask)), d, m);
+      out.w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(first, 4)), d, m);
+      out.w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(second, 4)), d, m);
     } else {
-      const uint8_t* base = codes + index * kBlock;
-      const __m128i first = _mm_loadu_si128(reinterpret_cast<const __m128i*>(base));
-      const __m128i second = _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + 16));
-      out.w[0] = _mm256_mul_ps(signed_bytes_to_float(first), d);
-      out.w[1] = _mm256_mul_ps(signed_bytes_to_float(_mm_srli_si128(first, 8)), d);
-      out.w[2] = _mm256_mul_ps(signed_bytes_to_float(second), d);
-      out.w[3] = _mm256_mul_ps(signed_bytes_to_float(_mm_srli_si128(second, 8)), d);
+      const __m256 d = _mm256_broadcast_ss(reinterpret_cast<const float*>(at + kBlock));
+      for (int g = 0; g < 4; ++g) {
+        const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(at + 8 * g));
+        out.w[g] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), d);
+      }
     }
     return out;
   }
@@ -114,7 +115,7 @@ struct BlockMatrix {
 // out[r, n] = sum_k x[r, k] W[n, k] for R rows from ``row`` and outputs n0 .. n0 + O - 1.
 // Each block is rebuilt once and used for every row; O outputs in flight keep enough
 // independent FMA chains when R is small.
-template <int R, int O>
+template <bool Q4, int R, int O>
 inline void dot_tile(const BlockMatrix& w, const float* x, int64_t row, int64_t n0, float* out,
                      int64_t out_stride) {
   __m256 acc[R][O];
@@ -124,7 +125,7 @@ inline void dot_tile(const BlockMatrix& w, const float* x, int64_t row, int64_t 
   const float* x0 = x + row * w.cols;
   for (int64_t b = 0; b < blocks; ++b) {
     for (int o = 0; o < O; ++o) {
-      const BlockWeights weights = w.block(n0 + o, b);
+      const BlockWeights weights = w.block<Q4>(n0 + o, b);
       for (int r = 0; r < R; ++r) {
         const float* xb = x0 + r * w.cols + b * kBlock;
         for (int g = 0; g < 4; ++g)
@@ -136,23 +137,52 @@ inline void dot_tile(const BlockMatrix& w, const float* x, int64_t row, int64_t 
     for (int o = 0; o < O; ++o) out[(row + r) * out_stride + n0 + o] = horizontal_sum(acc[r][o]);
 }
 
-template <int R>
+// The one-row case (a batch-1 decode step): each block's x is loaded once for O outputs,
+// and each output keeps two accumulators, so no FMA waits on the one before it in the
+// same block.
+template <bool Q4, int O>
+inline void dot_tile_one_row(const BlockMatrix& w, const float* x, int64_t n0, float* out) {
+  __m256 even[O], odd[O];
+  for (int o = 0; o < O; ++o) even[o] = odd[o] = _mm256_setzero_ps();
+  const int64_t blocks = w.cols / kBlock;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float* xb = x + b * kBlock;
+    const __m256 x0 = _mm256_loadu_ps(xb), x1 = _mm256_loadu_ps(xb + 8),
+                 x2 = _mm256_loadu_ps(xb + 16), x3 = _mm256_loadu_ps(xb + 24);
+#pragma GCC unroll 8
+    for (int o = 0; o < O; ++o) {
+      const BlockWeights weights = w.block<Q4>(n0 + o, b);
+      even[o] = _mm256_fmadd_ps(weights.w[0], x0, even[o]);
+      odd[o] = _mm256_fmadd_ps(weights.w[1], x1, odd[o]);
+      even[o] = _mm256_fmadd_ps(weights.w[2], x2, even[o]);
+      odd[o] = _mm256_fmadd_ps(weights.w[3], x3, odd[o]);
+    }
+  }
+  for (int o = 0; o < O; ++o) out[n0 + o] = horizontal_sum(_mm256_add_ps(even[o], odd[o]));
+}
+
+template <bool Q4, int R>
 inline void dot_outputs(const BlockMatrix& w, const float* x, int64_t row, int64_t begin,
                         int64_t end, float* out, int64_t stride) {
   constexpr int O = R == 1 ? 4 : (R == 2 ? 2 : 1);
   int64_t n = begin;
-  for (; n + O <= end; n += O) dot_tile<R, O>(w, x, row, n, out, stride);
-  for (; n < end; ++n) dot_tile<R, 1>(w, x, row, n, out, stride);
+  if constexpr (R == 1) {
+    for (; n + O <= end; n += O) dot_tile_one_row<Q4, O>(w, x + row * w.cols, n, out + row * stride);
+    for (; n < end; ++n) dot_tile_one_row<Q4, 1>(w, x + row * w.cols, n, out + row * stride);
+    return;
+  }
+  for (; n + O <= end; n += O) dot_tile<Q4, R, O>(w, x, row, n, out, stride);
+  for (; n < end; ++n) dot_tile<Q4, R, 1>(w, x, row, n, out, stride);
 }
 
-template <int R>
+template <bool Q4, int R>
 inline void dot_rows_tail(const BlockMatrix& w, const float* x, int64_t row, int64_t left,
                           int64_t begin, int64_t end, float* out, int64_t stride) {
   if constexpr (R > 0) {
     if (left == R)
-      dot_outputs<R>(w, x, row, begin, end, out, stride);
+      dot_outputs<Q4, R>(w, x, row, begin, end, out, stride);
     else
-      dot_rows_tail<R - 1>(w, x, row, left, begin, end, out, stride);
+      dot_rows_tail<Q4, R - 1>(w, x, row, left, begin, end, out, stride);
   }
 }
 
@@ -165,8 +195,13 @@ void block_product(const BlockMatrix& w, const float* x, int64_t tokens, float* 
   const int64_t end = omp_get_thread_num() == threads - 1 ? w.rows
                                                           : std::min<int64_t>(w.rows, begin + share);
   int64_t row = 0;
-  for (; row + 8 <= tokens; row += 8) dot_outputs<8>(w, x, row, begin, end, out, w.rows);
-  dot_rows_tail<7>(w, x, row, tokens - row, begin, end, out, w.rows);
+  if (w.q4) {
+    for (; row + 8 <= tokens; row += 8) dot_outputs<true, 8>(w, x, row, begin, end, out, w.rows);
+    dot_rows_tail<true, 7>(w, x, row, tokens - row, begin, end, out, w.rows);
+  } else {
+    for (; row + 8 <= tokens; row += 8) dot_outputs<false, 8>(w, x, row, begin, end, out, w.rows);
+    dot_rows_tail<false, 7>(w, x, row, tokens - row, begin, end, out, w.rows);
+  }
 #pragma omp barrier
 }
 
@@ -225,58 +260,149 @@ struct PagedView {
   int64_t width = 0;
 };
 
-inline int64_t slot_of(const PagedView& pool, int64_t seq, int64_t position) {
-  const int64_t block = pool.tables[seq * pool.width + position / pool.block_size];
-  return block * pool.block_size + position % pool.block_size;
+// Eight dot products of q [8 * LANES] with rows k0 .. k7, as one vector: eight
+// independent FMA chains, reduced together.
+template <int LANES>
+inline __m256 eight_dots(const float* q, const float* const* keys) {
+  __m256 acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+  for (int l = 0; l < LANES; ++l) {
+    const __m256 ql = _mm256_loadu_ps(q + 8 * l);
+    for (int j = 0; j < 8; ++j)
+      acc[j] = _mm256_fmadd_ps(ql, _mm256_loadu_ps(keys[j] + 8 * l), acc[j]);
+  }
+  const __m256 t0 = _mm256_hadd_ps(acc[0], acc[1]);
+  const __m256 t1 = _mm256_hadd_ps(acc[2], acc[3]);
+  const __m256 t2 = _mm256_hadd_ps(acc[4], acc[5]);
+  const __m256 t3 = _mm256_hadd_ps(acc[6], acc[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1);  // lanes: 0 1 2 3 | 0 1 2 3 (low, high halves)
+  const __m256 u1 = _mm256_hadd_ps(t2, t3);  // lanes: 4 5 6 7 | 4 5 6 7
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-// One token's group of query heads sharing KV head g over positions [0, length).
-void attend_group(const PagedView& pool, int64_t seq, int64_t length, const float* q,
-                  int64_t kv_head, int64_t group, int64_t kv_heads, int64_t head_dim, float scale, float* out,
-                  std::vector<float>& scores) {
-  scores.resize(static_cast<size_t>(group * length));
-  const int64_t lanes = head_dim / 8;
-  for (int64_t j = 0; j < length; ++j) {
-    const float* key = pool.k + (slot_of(pool, seq, j) * kv_heads + kv_head) * head_dim;
-    for (int64_t h = 0; h < group; ++h) {
-      __m256 acc = _mm256_setzero_ps();
-      for (int64_t l = 0; l < lanes; ++l)
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * head_dim + 8 * l),
-                              _mm256_loadu_ps(key + 8 * l), acc);
-      scores[h * length + j] = horizontal_sum(acc) * scale;
-    }
+// Rows of one KV head at positions [0, length) of a sequence, walked block by block.
+struct HeadRows {
+  const float* base = nullptr;  // k or v of one layer
+  const int32_t* table = nullptr;
+  int64_t block_size = 0, stride = 0, kv_head = 0, head_dim = 0;
+
+  inline const float* row(int64_t block, int64_t offset) const {
+    return base + ((block * block_size + offset) * stride + kv_head) * head_dim;
   }
+};
+
+// One work item of a token's attention: the query heads of one KV head ([group, D],
+// D = 8 * LANES) over positions [begin, end) of the token's sequence. Every K and V row
+// is read once for the whole group. The output is left unnormalised against the part's
+// own maximum (``top``) with its sum of weights (``total``); ``merge_parts`` combines a
+// token's parts, as flash-decoding does, so one token's positions can be split over
+// threads.
+template <int LANES>
+void attend_part(const PagedView& pool, int64_t seq, int64_t begin, int64_t end,
+                 const float* q, int64_t group, int64_t kv_head, int64_t kv_heads, float scale,
+                 float* out, float* top, float* total, std::vector<float>& scores) {
+  constexpr int64_t head_dim = 8 * LANES;
+  const int64_t length = end - begin;
+  const int64_t padded = (length + 7) / 8 * 8;
+  scores.resize(static_cast<size_t>(group * padded));
+  const int32_t* table = pool.tables + seq * pool.width;
+  const HeadRows keys{pool.k, table, pool.block_size, kv_heads, kv_head, head_dim};
+  const HeadRows values{pool.v, table, pool.block_size, kv_heads, kv_head, head_dim};
+  const __m256 scale_v = _mm256_set1_ps(scale);
+  const float* rows[8];
+  int pending = 0;
+  int64_t done = 0;
+  auto score_rows = [&]() {
+    for (int j = pending; j < 8; ++j) rows[j] = rows[0];
+    for (int64_t h = 0; h < group; ++h)
+      _mm256_storeu_ps(scores.data() + h * padded + done,
+                       _mm256_mul_ps(eight_dots<LANES>(q + h * head_dim, rows), scale_v));
+    done += 8;
+    pending = 0;
+  };
+  for (int64_t position = begin; position < end;) {
+    const int64_t block = table[position / pool.block_size];
+    const int64_t offset = position % pool.block_size;
+    const int64_t count = std::min(pool.block_size - offset, end - position);
+    for (int64_t i = 0; i < count; ++i) {
+      rows[pending++] = keys.row(block, offset + i);
+      if (pending == 8) score_rows();
+    }
+    position += count;
+  }
+  if (pending > 0) score_rows();
   for (int64_t h = 0; h < group; ++h) {
-    float* s = scores.data() + h * length;
-    float top = -INFINITY;
-    for (int64_t j = 0; j < length; ++j) top = std::max(top, s[j]);
-    const __m256 top_v = _mm256_set1_ps(top);
-    __m256 total_v = _mm256_setzero_ps();
+    float* s = scores.data() + h * padded;
+    float best = -INFINITY;
+    for (int64_t j = 0; j < length; ++j) best = std::max(best, s[j]);
+    const __m256 best_v = _mm256_set1_ps(best);
+    __m256 sum_v = _mm256_setzero_ps();
     int64_t j = 0;
     for (; j + 8 <= length; j += 8) {
-      const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(s + j), top_v));
+      const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(s + j), best_v));
       _mm256_storeu_ps(s + j, e);
-      total_v = _mm256_add_ps(total_v, e);
+      sum_v = _mm256_add_ps(sum_v, e);
     }
-    float total = horizontal_sum(total_v);
+    float sum = horizontal_sum(sum_v);
     for (; j < length; ++j) {
-      s[j] = std::exp(s[j] - top);
-      total += s[j];
+      s[j] = std::exp(s[j] - best);
+      sum += s[j];
     }
-    const float inv = 1.0f / total;
-    for (j = 0; j < length; ++j) s[j] *= inv;
+    top[h] = best;
+    total[h] = sum;
   }
   std::fill(out, out + group * head_dim, 0.0f);
-  for (int64_t j = 0; j < length; ++j) {
-    const float* value = pool.v + (slot_of(pool, seq, j) * kv_heads + kv_head) * head_dim;
+  int64_t index = 0;
+  for (int64_t position = begin; position < end;) {
+    const int64_t block = table[position / pool.block_size];
+    const int64_t offset = position % pool.block_size;
+    const int64_t count = std::min(pool.block_size - offset, end - position);
     for (int64_t h = 0; h < group; ++h) {
-      const __m256 p = _mm256_set1_ps(scores[h * length + j]);
       float* o = out + h * head_dim;
-      for (int64_t l = 0; l < lanes; ++l)
-        _mm256_storeu_ps(o + 8 * l, _mm256_fmadd_ps(p, _mm256_loadu_ps(value + 8 * l),
-                                                     _mm256_loadu_ps(o + 8 * l)));
+      const float* weights = scores.data() + h * padded + index;
+      __m256 acc[LANES];
+      for (int l = 0; l < LANES; ++l) acc[l] = _mm256_loadu_ps(o + 8 * l);
+      for (int64_t i = 0; i < count; ++i) {
+        const __m256 w = _mm256_set1_ps(weights[i]);
+        const float* value = values.row(block, offset + i);
+        for (int l = 0; l < LANES; ++l)
+          acc[l] = _mm256_fmadd_ps(w, _mm256_loadu_ps(value + 8 * l), acc[l]);
+      }
+      for (int l = 0; l < LANES; ++l) _mm256_storeu_ps(o + 8 * l, acc[l]);
     }
+    index += count;
+    position += count;
   }
+}
+
+using AttendPart = void (*)(const PagedView&, int64_t, int64_t, int64_t, const float*, int64_t,
+                            int64_t, int64_t, float, float*, float*, float*,
+                            std::vector<float>&);
+
+template <int... L>
+constexpr std::array<AttendPart, sizeof...(L)> attend_parts(std::integer_sequence<int, L...>) {
+  return {&attend_part<L + 1>...};
+}
+
+// attend_part for head_dim = 8, 16, ..., 128 (the Python side refuses any other).
+constexpr auto kAttendPart = attend_parts(std::make_integer_sequence<int, 16>{});
+
+// One head's output [D] from its parts' unnormalised outputs (stride ``stride``), maxima
+// and sums: sum_p exp(top_p - M) out_p / sum_p exp(top_p - M) total_p.
+void merge_parts(int64_t parts, int64_t head_dim, const float* outs, int64_t stride,
+                 const float* tops, const float* totals, int64_t step, float* out) {
+  float best = -INFINITY;
+  for (int64_t p = 0; p < parts; ++p) best = std::max(best, tops[p * step]);
+  float denominator = 0.0f;
+  std::fill(out, out + head_dim, 0.0f);
+  for (int64_t p = 0; p < parts; ++p) {
+    if (totals[p * step] == 0.0f) continue;  // an empty part
+    const float weight = std::exp(tops[p * step] - best);
+    denominator += weight * totals[p * step];
+    for (int64_t i = 0; i < head_dim; ++i) out[i] += weight * outs[p * stride + i];
+  }
+  const float inv = 1.0f / denominator;
+  for (int64_t i = 0; i < head_dim; ++i) out[i] *= inv;
 }
 
 struct Layer {
@@ -288,19 +414,19 @@ struct Layer {
 
 struct Model {
   std::vector<Layer> layers;
+  BlockMatrix output;  // the output layer (rows = vocabulary), where one was given
   int64_t hidden = 0, num_heads = 0, num_kv_heads = 0, head_dim = 0, inter = 0;
   float eps = 0.0f;
 };
 
-BlockMatrix matrix_of(const void* codes, const void* scales, const void* minimums, int64_t rows,
-                      int64_t cols) {
+BlockMatrix matrix_of(const void* data, bool q4, int64_t rows, int64_t cols) {
   BlockMatrix m;
-  m.q4 = minimums != nullptr;
+  m.q4 = q4;
   m.rows = rows;
   m.cols = cols;
-  m.codes = static_cast<const uint8_t*>(codes);
-  m.scales = static_cast<const uint16_t*>(scales);
-  m.minimums = static_cast<const uint16_t*>(minimums);
+  m.blocks = cols / kBlock;
+  m.entry = q4 ? kBlock / 2 + 8 : kBlock + 4;
+  m.data = static_cast<const uint8_t*>(data);
   return m;
 }
 
@@ -324,14 +450,13 @@ void* decode_model_new(int64_t num_layers, int64_t hidden, int64_t num_heads,
 
 void decode_model_free(void* model) { delete static_cast<Model*>(model); }
 
-// Projection ``which`` (0 qkv, 1 o, 2 gate_up, 3 down) of a layer: Q4_1 where
-// ``minimums`` is given, else Q8_0.
-void decode_model_set_matrix(void* handle, int64_t layer, int64_t which, const void* codes,
-                             const void* scales, const void* minimums, int64_t rows,
-                             int64_t cols) {
+// Projection ``which`` (0 qkv, 1 o, 2 gate_up, 3 down) of a layer: Q4_1 blocks where
+// ``q4``, else Q8_0, in tiles of kTile rows (``fused_decode.tiled_blocks``).
+void decode_model_set_matrix(void* handle, int64_t layer, int64_t which, const void* data,
+                             int64_t q4, int64_t rows, int64_t cols) {
   Layer& l = static_cast<Model*>(handle)->layers[static_cast<size_t>(layer)];
   BlockMatrix* slots[4] = {&l.qkv, &l.o, &l.gate_up, &l.down};
-  *slots[which] = matrix_of(codes, scales, minimums, rows, cols);
+  *slots[which] = matrix_of(data, q4 != 0, rows, cols);
 }
 
 void decode_model_set_norms(void* handle, int64_t layer, const float* input_norm,
@@ -361,6 +486,14 @@ void decode_model_forward(void* handle, float* hidden, int64_t T, const float* c
   const int64_t group = model.num_heads / model.num_kv_heads;
   const int64_t layer_slots = num_blocks * block_size;
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  const AttendPart attend = kAttendPart[static_cast<size_t>(head_dim / 8 - 1)];
+  // Each token's KV heads split in position parts, so that even one token gives every
+  // thread about two work items.
+  const int64_t heads_of_tokens = T * model.num_kv_heads;
+  const int64_t parts = std::max<int64_t>(1, (2 * threads + heads_of_tokens - 1) / heads_of_tokens);
+  const int64_t items = heads_of_tokens * parts;
+  std::vector<float> part_out(items * group * head_dim), part_top(items * group),
+      part_total(items * group);
   std::vector<float> normed(T * H), qkv(T * qkv_width), attn(T * q_size), proj(T * H),
       gate_up(T * 2 * inter), act(T * inter);
 #pragma omp parallel num_threads(threads)
@@ -389,14 +522,26 @@ void decode_model_forward(void* handle, float* hidden, int64_t T, const float* c
         std::copy(row + q_size, row + q_size + kv_size, view.k + slots[t] * kv_size);
         std::copy(row + q_size + kv_size, row + qkv_width, view.v + slots[t] * kv_size);
       }
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t work = 0; work < T * model.num_kv_heads; ++work) {
-        const int64_t t = work / model.num_kv_heads;
-        const int64_t g = work % model.num_kv_heads;
-        attend_group(view, token_seq[t], token_len[t],
-                     qkv.data() + t * qkv_width + g * group * head_dim, g, group,
-                     model.num_kv_heads, head_dim, scale,
-                     attn.data() + t * q_size + g * group * head_dim, scores);
+#pragma omp for schedule(static)
+      for (int64_t work = 0; work < items; ++work) {
+        const int64_t t = work / (model.num_kv_heads * parts);
+        const int64_t g = work / parts % model.num_kv_heads;
+        const int64_t part = work % parts;
+        const int64_t length = token_len[t];
+        attend(view, token_seq[t], length * part / parts, length * (part + 1) / parts,
+               qkv.data() + t * qkv_width + g * group * head_dim, group, g, model.num_kv_heads,
+               scale, part_out.data() + work * group * head_dim, part_top.data() + work * group,
+               part_total.data() + work * group, scores);
+      }
+#pragma omp for schedule(static)
+      for (int64_t work = 0; work < T * model.num_heads; ++work) {
+        const int64_t t = work / model.num_heads;
+        const int64_t h = work % model.num_heads;
+        const int64_t first = (t * model.num_kv_heads + h / group) * parts;
+        merge_parts(parts, head_dim, part_out.data() + (first * group + h % group) * head_dim,
+                    group * head_dim, part_top.data() + first * group + h % group,
+                    part_total.data() + first * group + h % group, group,
+                    attn.data() + t * q_size + h * head_dim);
       }
       block_product(layer.o, attn.data(), T, proj.data());
 #pragma omp single
@@ -412,6 +557,20 @@ void decode_model_forward(void* handle, float* hidden, int64_t T, const float* c
       for (int64_t i = 0; i < T * H; ++i) hidden[i] = proj[i] + hidden[i];
     }
   }
+}
+
+// The output layer's blocks, in the same tiles (``fused_decode.tiled_blocks``).
+void decode_model_set_output(void* handle, const void* data, int64_t q4, int64_t rows,
+                             int64_t cols) {
+  static_cast<Model*>(handle)->output = matrix_of(data, q4 != 0, rows, cols);
+}
+
+// logits [T, vocabulary] = normed [T, H] times the output layer, on ``threads`` threads.
+void decode_model_logits(void* handle, const float* normed, int64_t T, float* logits,
+                         int64_t threads) {
+  const BlockMatrix& output = static_cast<Model*>(handle)->output;
+#pragma omp parallel num_threads(threads)
+  block_product(output, normed, T, logits);
 }
 
 }  // extern "C"
