@@ -33,6 +33,12 @@ from ragcache.bench.engine_metrics import (
 )
 from ragcache.bench.engine_records import BenchRequest, RequestTiming
 from ragcache.bench.engine_report import markdown_page, table_lines
+from ragcache.bench.llama_server import (
+    BUILD_HINT,
+    UNKNOWN_TOKEN,
+    locate_llama_server,
+    serve_with_llama_server,
+)
 from ragcache.bench.report import (
     add_threads,
     bench_parser,
@@ -43,11 +49,12 @@ from ragcache.bench.report import (
 )
 from ragcache.engine.config import EngineConfig, ModelConfig
 from ragcache.engine.engine import Engine
-from ragcache.engine.loader import LoadedModel, load_model
+from ragcache.engine.loader import LoadedModel, load_model, locate_embedded_gguf
 from ragcache.engine.sampling_params import SamplingParams
 
 MUSIQUE = Path("/work/shared/data/musique_dev.json")
 TARGET_RATIO = 4.0
+LLAMA_SERVER_TARGET_RATIO = 1.5
 
 
 def make_workload(
@@ -272,9 +279,50 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         report["speculation_on_off_identical_requests"] = sum(
             a.token_ids == b.token_ids for a, b in zip(ours, plain[0], strict=True)
         )
+    report["llama_server"] = llama_server_comparison(args, config, workload, ours, report)
     end_machine_record(report)
     write_report(args.out, report, markdown_page(report), table_lines(report))
     return report
+
+
+def llama_server_comparison(
+    args: argparse.Namespace,
+    config: EngineConfig,
+    workload: list[BenchRequest],
+    ours: list[RequestTiming],
+    report: dict[str, Any],
+) -> dict[str, Any]:
+    """llama-server with as many slots as the engine's batch serves the same workload on
+    the same GGUF file and threads, after the engine (the machine's other load alike)."""
+    if not args.llama_server_run:
+        return {"skipped": "--no-llama-server"}
+    binary = locate_llama_server(args.llama_server)
+    if binary is None:
+        print(BUILD_HINT, flush=True)
+        return {"skipped": BUILD_HINT}
+    threads = torch.get_num_threads()
+    slots = min(config.max_num_seqs, len(workload))
+    try:
+        timings, duration = serve_with_llama_server(
+            binary, locate_embedded_gguf(), workload, slots, threads
+        )
+    except RuntimeError as failure:  # the engine's figures stand without the baseline
+        print(f"llama-server baseline failed: {failure}", flush=True)
+        return {"skipped": f"llama-server failed: {failure}"}
+    print(f"llama-server ({slots} slots): {len(workload)} requests in {duration:.1f} s", flush=True)
+    metrics = serving_metrics(timings, duration, concurrent=True)
+    ratio = report["engine"]["total_token_throughput"] / metrics["total_token_throughput"]
+    return {
+        "binary": str(binary),
+        "slots": slots,
+        "threads": threads,
+        "metrics": metrics,
+        "total_token_throughput_ratio": ratio,
+        "target_ratio": LLAMA_SERVER_TARGET_RATIO,
+        "meets_target": ratio >= LLAMA_SERVER_TARGET_RATIO,
+        "greedy_agreement": greedy_agreement(ours, timings),
+        "tokens_unsent_by_stream": sum(t.token_ids.count(UNKNOWN_TOKEN) for t in timings),
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -314,6 +362,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=0,
         help="time transformers on only the first N requests and extrapolate (0 = all)",
+    )
+    parser.add_argument(
+        "--llama-server",
+        help="llama-server binary (default: $RAGCACHE_LLAMA_SERVER, then the build script's)",
+    )
+    parser.add_argument(
+        "--llama-server-run",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also serve the workload with llama-server on the same GGUF file where found",
     )
     args = parser.parse_args(argv)
     if not 1 <= args.min_prompt <= args.max_prompt or not 1 <= args.min_output <= args.max_output:

@@ -77,6 +77,39 @@ def table_lines(report: dict[str, Any]) -> list[str]:
             f"{report['speculation_on_off_identical_requests']} of {ours['completed']} outputs "
             "identical with and without speculation"
         )
+    return lines + llama_server_lines(report)
+
+
+def llama_server_lines(report: dict[str, Any]) -> list[str]:
+    """The engine against llama-server on the same workload, file and threads."""
+    llama = report.get("llama_server") or {}
+    if "metrics" not in llama:
+        return [f"\nllama-server: {llama['skipped']}"] if "skipped" in llama else []
+    ours, theirs = report["engine"], llama["metrics"]
+    lines = [
+        "",
+        f"| metric | ragcache engine | llama-server, {llama['slots']} slots |",
+        "|---|---:|---:|",
+    ]
+    for label, key in (
+        ("request throughput (req/s)", "request_throughput"),
+        ("output token throughput (tok/s)", "output_token_throughput"),
+        ("total token throughput (tok/s)", "total_token_throughput"),
+    ):
+        lines.append(f"| {label} | {ours[key]:.2f} | {theirs[key]:.2f} |")
+    for name in ("ttft", "tpot", "e2e"):
+        lines.append(
+            f"| {name.upper()} median (ms) | {ours[name]['median_ms']:.1f} | "
+            f"{theirs[name]['median_ms']:.1f} |"
+        )
+    agreement = llama["greedy_agreement"]
+    lines.append(
+        f"\ntotal token throughput against llama-server: "
+        f"{llama['total_token_throughput_ratio']:.2f}x (target >= {llama['target_ratio']:.1f}x); "
+        f"greedy outputs identical on {agreement['identical_requests']} of "
+        f"{agreement['compared_requests']} requests (mean identical leading tokens "
+        f"{agreement['mean_identical_leading_tokens']:.1f})"
+    )
     return lines
 
 
