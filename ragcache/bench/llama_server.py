@@ -97,7 +97,7 @@ def _wait_ready(process: subprocess.Popen[bytes], url: str, log: Path) -> None:
             tail = log.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"llama-server exited with {process.returncode}:\n{tail}")
         try:
-            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=2.0, trust_env=False).status_code == 200:
                 return
         except httpx.TransportError:
             pass
@@ -146,7 +146,7 @@ async def _one_request(
 
 async def _serve_all(url: str, workload: list[BenchRequest]) -> tuple[list[RequestTiming], float]:
     limits = httpx.Limits(max_connections=len(workload) + 1)
-    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=None, limits=limits, trust_env=False) as client:
         warm = BenchRequest(workload[0].prompt_ids[:32], 4)
         await _one_request(client, url, warm, time.perf_counter())
         start = time.perf_counter()

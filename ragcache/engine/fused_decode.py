@@ -200,6 +200,7 @@ class FusedDecoder:
             library.decode_model_set_norms(
                 self.handle, index, *norms, None if bias is None else self._keep(bias)
             )
+        self.tiled_bytes = sum(t.nbytes for t in self.kept if t.dtype == torch.uint8)
         self.weights = [module.weight for _, _, module in self.projections]
         self.versions = [weight._version for weight in self.weights]
         self.output_weight = model.output_weight()
@@ -213,6 +214,7 @@ class FusedDecoder:
             library.decode_model_set_output(
                 self.handle, tiled.data_ptr(), output[2], vocabulary, self.hidden_size
             )
+            self.tiled_bytes += tiled.nbytes
 
     def _keep(self, tensor: torch.Tensor) -> int:
         kept = tensor.detach().to(torch.float32).contiguous()

@@ -118,7 +118,8 @@ def runtime_choice(model: Any, threads: int, dtype_setting: str = "auto") -> Run
     else:
         weights = "as loaded"
     if model.fused_decoder is not None:
-        decode = "one compiled call a step for up to 16 tokens"
+        tiled = model.fused_decoder.tiled_bytes / 2**20
+        decode = f"one compiled call a step for up to 16 tokens (tiled blocks, {tiled:.0f} MiB)"
     else:
         why = decode_path_unavailable(model) or "model.fused_decode=off"
         decode = f"layer by layer ({why})"
