@@ -24,6 +24,12 @@ report; the references, the costliest part, are kept there and a later run of th
 stream reuses them (the settings replay from empty caches). Each request goes through
 every setting before the next one, so a run stopped early (or a short ``--requests``)
 still compares the settings on the same requests.
+
+Each setting's data directory lives beside the report (``.state``), so ``--resume``
+continues a stopped run where each setting stopped: the LMDB tier and the tree over it
+survive, the host tier and the engine's prefix cache start empty (the report lists the
+requests at which the run was resumed). Without ``--resume`` a run starts from empty
+caches and keeps only the references.
 """
 
 from __future__ import annotations
@@ -34,7 +40,6 @@ import dataclasses
 import json
 import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -94,6 +99,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--model", default="smollm2", help="'smollm2' or a local HF folder")
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a stopped run of the same stream from its recorded requests and "
+        "its settings' data directories (beside --out)",
+    )
+    parser.add_argument(
         "--summarize",
         action="store_true",
         help="only report the requests the JSONL beside --out holds (of a stopped run)",
@@ -114,6 +125,7 @@ class Records:
         self.path = path
         self.references: dict[str, dict[str, Any]] = {}
         self.requests: dict[str, list[dict[str, Any]]] = {}
+        self.resumes: list[int] = []  # requests done (by every setting) at each resume
         if path.is_file():
             lines = [json.loads(line) for line in path.read_text().splitlines() if line]
             if lines and lines[0] != {"kind": "run", **run}:
@@ -121,6 +133,8 @@ class Records:
             for line in lines[1:]:
                 if line["kind"] == "reference":
                     self.references[line["key"]] = line
+                elif line["kind"] == "resume":
+                    self.resumes.append(line["at"])
                 else:
                     self.requests.setdefault(line["setting"], []).append(line)
         else:
@@ -134,9 +148,18 @@ class Records:
         """Forgets a setting's requests (a partial setting starts again: its caches are
         gone), in the file too."""
         self.requests.pop(setting, None)
+        self.resumes = []
         lines = self.path.read_text().splitlines()
-        kept = [line for line in lines if json.loads(line).get("setting") != setting]
+        kept = [
+            line
+            for line in lines
+            if json.loads(line).get("setting") != setting and json.loads(line)["kind"] != "resume"
+        ]
         self.path.write_text("".join(line + "\n" for line in kept))
+
+    def add_resume(self, at: int) -> None:
+        self.resumes.append(at)
+        self._append({"kind": "resume", "at": at})
 
     def add(self, line: dict[str, Any]) -> None:
         if line["kind"] == "reference":
@@ -276,6 +299,12 @@ def service_config(data_dir: Path, setting: str, cap: int, room: int) -> Config:
     return config
 
 
+def state_folder(out: Path) -> Path:
+    """Where each setting's data directory lives beside the report, so a stopped run
+    can be resumed (``--resume``)."""
+    return out.with_suffix(".state")
+
+
 def replay(
     loaded: LoadedModel,
     pool: list[dict[str, Any]],
@@ -287,42 +316,50 @@ def replay(
     args: argparse.Namespace,
 ) -> None:
     """Each request through every setting before the next, so a run stopped early still
-    compares the settings on the same requests."""
+    compares the settings on the same requests. A resumed run reopens each setting's
+    data directory (its LMDB tier and the tree over it) and skips the requests a
+    setting has recorded; its memory tier and engine cache start empty."""
     spec = loaded.spec
     room = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 2 * 4 * 4096
     # The prefill timing behind PGDSF's costs is measured once, beside the report, and
     # every setting's data directory starts with it.
     calibration = args.out.with_suffix(".calibration")
     calibrated_cost_model(loaded, calibration)
-    with tempfile.TemporaryDirectory(prefix="ragcache-workload-") as folder:
-        for name in args.settings:
-            shutil.copytree(calibration, Path(folder) / name / "calibration")
-        services = {
-            name: RagCache(
-                config=service_config(Path(folder) / name, name, cap, room),
-                loaded=loaded,
-                embedder=embedder,
-            )
-            for name in args.settings
-        }
-        try:
-            for request in stream:
-                item = pool[request.question]
-                key = prompt_key(request)
-                if key not in records.references:
-                    records.add(reference(evaluator, item, request, args.passages))
-                for name, rag in services.items():
-                    line = serve_one(rag, name, item, request, records.references[key], args)
-                    records.add(line)
-                    print(
-                        f"{request.number + 1}/{len(stream)} {name}: ttft "
-                        f"{line['ttft_s'] * 1000:.0f} ms, recomputed {line['recomputed_tokens']}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-        finally:
-            for rag in services.values():
-                rag.close()
+    folder = state_folder(args.out)
+    for name in args.settings:
+        if not (folder / name / "calibration").exists():
+            shutil.copytree(calibration, folder / name / "calibration")
+    services = {
+        name: RagCache(
+            config=service_config(folder / name, name, cap, room),
+            loaded=loaded,
+            embedder=embedder,
+        )
+        for name in args.settings
+    }
+    done = {name: len(records.requests.get(name, [])) for name in args.settings}
+    if any(done.values()):
+        records.add_resume(min(done.values()))
+    try:
+        for request in stream:
+            item = pool[request.question]
+            key = prompt_key(request)
+            waiting = [name for name in args.settings if done[name] <= request.number]
+            if waiting and key not in records.references:
+                records.add(reference(evaluator, item, request, args.passages))
+            for name in waiting:
+                rag = services[name]
+                line = serve_one(rag, name, item, request, records.references[key], args)
+                records.add(line)
+                print(
+                    f"{request.number + 1}/{len(stream)} {name}: ttft "
+                    f"{line['ttft_s'] * 1000:.0f} ms, recomputed {line['recomputed_tokens']}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    finally:
+        for rag in services.values():
+            rag.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -353,8 +390,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     evaluator = FusionEvaluator(evaluation_engine(loaded), builder, args.max_tokens)
     cap = int(args.cache_share * working_set_bytes(loaded, builder, pool, args.passages))
     if not args.summarize:
-        for setting in args.settings:
-            records.drop(setting)  # caches do not outlive a run; references do
+        if not args.resume:  # a new run: caches start empty; references are kept
+            for setting in args.settings:
+                records.drop(setting)
+            shutil.rmtree(state_folder(args.out), ignore_errors=True)
         embedder = SentenceTransformerEmbedder.from_config(Config().retriever)
         replay(loaded, pool, stream, records, evaluator, cap, embedder, args)
     # The requests every setting served, so the settings stay paired in a stopped run.
@@ -369,11 +408,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             "repeats": sum(r.repeat for r in stream),
             "reordered_repeats": sum(r.reordered for r in stream),
             "tier_cap_bytes": cap,
+            "resumed_at_requests": records.resumes,
             "settings": summaries,
         }
     )
     end_machine_record(report)
     lines = table(summaries)
+    if records.resumes:
+        lines.append(
+            f"\nResumed after requests {', '.join(map(str, records.resumes))}: each resume "
+            "reopened the settings' LMDB tiers and trees; host tiers and engine caches "
+            "started empty."
+        )
     page = page_head("Workload: the knowledge tree under a MuSiQue request stream", report)
     write_report(args.out, report, page + lines, lines)
     return 0

@@ -85,3 +85,43 @@ def test_a_run_compares_every_setting_on_the_same_requests(tmp_path: Path) -> No
     assert sum(line.get("setting") == "cachecraft" for line in again) == 8
     assert main([*argv, "--summarize"]) == 0
     assert sorted(json.loads(out.read_text())["settings"]) == sorted(settings)
+
+
+def test_a_stopped_run_resumes_where_each_setting_stopped(tmp_path: Path) -> None:
+    data = tiny_data(tmp_path / "data.json")
+    out = tmp_path / "workload.json"
+    argv = [
+        "--data",
+        str(data),
+        "--questions",
+        "3",
+        "--passages",
+        "3",
+        "--max-tokens",
+        "4",
+        "--settings",
+        "prefix,tree",
+        "--model",
+        str(tiny_model_folder()),
+        "--out",
+        str(out),
+    ]
+    # The first 5 requests of the 8-request stream are the 5-request stream: a run of 5
+    # is a run of 8 stopped after 5.
+    assert main([*argv, "--requests", "5"]) == 0
+    state = out.with_suffix(".state")
+    assert sorted(p.name for p in state.iterdir()) == ["prefix", "tree"]
+    assert main([*argv, "--requests", "8", "--resume"]) == 0
+    lines = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    for setting in ("prefix", "tree"):
+        numbers = [line["number"] for line in lines if line.get("setting") == setting]
+        assert numbers == list(range(8)), "each request served once per setting"
+    assert [line["at"] for line in lines if line["kind"] == "resume"] == [5]
+    report = json.loads(out.read_text())
+    assert report["requests_done"] == 8 and report["resumed_at_requests"] == [5]
+    assert "Resumed after requests 5" in out.with_suffix(".md").read_text()
+    # A new run (no --resume) starts from empty caches: no resume, no old state.
+    assert main([*argv, "--requests", "3"]) == 0
+    fresh = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert not [line for line in fresh if line["kind"] == "resume"]
+    assert json.loads(out.read_text())["requests_done"] == 3
