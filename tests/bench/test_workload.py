@@ -45,25 +45,16 @@ def tiny_data(path: Path) -> Path:
     return path
 
 
-def test_a_run_compares_every_setting_on_the_same_requests(tmp_path: Path) -> None:
+def tiny_run(tmp_path: Path, *extra: str) -> tuple[list[str], Path]:
+    """Arguments of a run over three tiny questions on the tiny model, and its --out."""
     data = tiny_data(tmp_path / "data.json")
     out = tmp_path / "workload.json"
-    argv = [
-        "--data",
-        str(data),
-        "--questions",
-        "3",
-        "--requests",
-        "8",
-        "--passages",
-        "3",
-        "--max-tokens",
-        "4",
-        "--model",
-        str(tiny_model_folder()),
-        "--out",
-        str(out),
-    ]
+    argv = ["--data", str(data), "--questions", "3", "--passages", "3", "--max-tokens", "4"]
+    return [*argv, *extra, "--model", str(tiny_model_folder()), "--out", str(out)], out
+
+
+def test_a_run_compares_every_setting_on_the_same_requests(tmp_path: Path) -> None:
+    argv, out = tiny_run(tmp_path, "--requests", "8")
     assert main(argv) == 0
     report = json.loads(out.read_text())
     lines = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
@@ -88,24 +79,7 @@ def test_a_run_compares_every_setting_on_the_same_requests(tmp_path: Path) -> No
 
 
 def test_a_stopped_run_resumes_where_each_setting_stopped(tmp_path: Path) -> None:
-    data = tiny_data(tmp_path / "data.json")
-    out = tmp_path / "workload.json"
-    argv = [
-        "--data",
-        str(data),
-        "--questions",
-        "3",
-        "--passages",
-        "3",
-        "--max-tokens",
-        "4",
-        "--settings",
-        "prefix,tree",
-        "--model",
-        str(tiny_model_folder()),
-        "--out",
-        str(out),
-    ]
+    argv, out = tiny_run(tmp_path, "--settings", "prefix,tree")
     # The first 5 requests of the 8-request stream are the 5-request stream: a run of 5
     # is a run of 8 stopped after 5.
     assert main([*argv, "--requests", "5"]) == 0
