@@ -58,9 +58,9 @@ def free_port() -> int:
 @contextmanager
 def running_llama_server(
     binary: Path, gguf: Path, slots: int, slot_context: int, threads: int
-) -> Iterator[str]:
-    """A llama-server on loopback until the block ends; yields its base URL. Its log
-    goes to a temporary file, quoted in the error when it fails to start."""
+) -> Iterator[tuple[str, Path]]:
+    """A llama-server on loopback until the block ends; yields its base URL and its log
+    file (quoted in the error when it fails to start)."""
     port = free_port()
     command = [
         str(binary),
@@ -80,7 +80,7 @@ def running_llama_server(
         url = f"http://127.0.0.1:{port}"
         try:
             _wait_ready(process, url, Path(log.name))
-            yield url
+            yield url, Path(log.name)
         finally:
             process.terminate()
             try:
@@ -145,7 +145,9 @@ async def _one_request(
 
 
 async def _serve_all(url: str, workload: list[BenchRequest]) -> tuple[list[RequestTiming], float]:
-    limits = httpx.Limits(max_connections=len(workload) + 1)
+    # No connection is kept for reuse: the server may close one after a streamed reply,
+    # and a request sent on it then fails.
+    limits = httpx.Limits(max_connections=len(workload) + 1, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=None, limits=limits, trust_env=False) as client:
         warm = BenchRequest(workload[0].prompt_ids[:32], 4)
         await _one_request(client, url, warm, time.perf_counter())
@@ -162,5 +164,10 @@ def serve_with_llama_server(
     """Every request submitted at t=0 to a fresh server; per-request timings and the
     seconds until the last one finished."""
     slot_context = max(len(r.prompt_ids) + r.output_len for r in workload) + 16
-    with running_llama_server(binary, gguf, slots, slot_context, threads) as url:
-        return asyncio.run(_serve_all(url, workload))
+    with running_llama_server(binary, gguf, slots, slot_context, threads) as (url, log):
+        try:
+            return asyncio.run(_serve_all(url, workload))
+        except httpx.HTTPError as failure:
+            tail = log.read_text(errors="replace")[-3000:]
+            message = f"llama-server request failed ({failure!r}); its log:\n{tail}"
+            raise RuntimeError(message) from failure
