@@ -94,7 +94,12 @@ class CacheCraft:
             if self.needs_repair(i):
                 eligible[start - offset : end - offset] = True
         budget = round(self.ratio * int(eligible.sum()))
-        plan = FusionPlan(fresh_layers=layers, fresh=fresh, selection_work=len(layout) * layers)
+        plan = FusionPlan(
+            fresh_layers=layers,
+            fresh=fresh,
+            selection_work=len(layout) * layers,
+            resume_layer=layers,  # the query; the repaired tokens are done (``repaired``)
+        )
         if budget <= 0:
             return plan
         picked = scores.masked_fill(~eligible, float("-inf")).topk(budget).indices

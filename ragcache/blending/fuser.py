@@ -16,7 +16,7 @@ from ragcache.blending.placement import place_context
 from ragcache.blending.prompt import PromptLayout
 from ragcache.chunkstore.transfer import EngineTarget
 from ragcache.engine.model import LlamaModel
-from ragcache.engine.sequence import PlacedKV
+from ragcache.engine.sequence import PlacedKV, ResumeFrom
 
 
 @dataclass(slots=True)
@@ -192,7 +192,36 @@ def fuse(
     if all(chunk.exact for chunk in chunks[:exact_chunks]):
         exact = max(exact, min(end, ctx.repair_start))
     placed = PlacedKV([k.contiguous() for k in ks], [v.contiguous() for v in vs], recompute, exact)
+    placed.resume = resume_state(plan, end, len(prompt_ids), layout.context_end)
     return FusedRequest(prompt_ids, placed, True, report(reused, plan.selection_work))
+
+
+def resume_state(
+    plan: FusionPlan, end: int, prompt_len: int, context_end: int
+) -> ResumeFrom | None:
+    """Where the engine picks up the tokens it computes: after the layers the method's
+    fresh pass (and any deeper candidate pass) computed for them. The prompt tokens after
+    the placed ones (the query) bring their KV of those layers along."""
+    fresh = plan.fresh
+    if fresh is None or plan.resume_layer <= 0 or end != context_end:
+        return None
+    if fresh.hidden.shape[0] != prompt_len:
+        return None
+    tail_k: list[torch.Tensor] = []
+    tail_v: list[torch.Tensor] = []
+    for layer in range(plan.resume_layer):
+        if layer < plan.fresh_layers:
+            tail_k.append(fresh.k[layer][end:prompt_len])
+            tail_v.append(fresh.v[layer][end:prompt_len])
+            continue
+        indices, k, v = plan.layer_kv[layer]
+        tail = indices >= end
+        if int(tail.sum()) != prompt_len - end:
+            return None  # the deeper pass did not compute every query token
+        order = indices[tail].argsort()
+        tail_k.append(k[tail][order])
+        tail_v.append(v[tail][order])
+    return ResumeFrom(plan.resume_layer, fresh.hidden, tail_k, tail_v)
 
 
 def _pipeline(

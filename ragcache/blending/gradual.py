@@ -90,7 +90,9 @@ class GradualBlend:
         layout = ctx.layout
         last_check = max(self.first_check, min(self.last_check, ctx.model.spec.num_layers - 1))
         fresh = run_fresh_pass(ctx.model, layout, self.first_check + 1, last_check + 1)
-        plan = FusionPlan(fresh_layers=self.first_check + 1, fresh=fresh)
+        plan = FusionPlan(
+            fresh_layers=self.first_check + 1, fresh=fresh, resume_layer=self.first_check + 1
+        )
         plan.selection_work = len(layout) * (self.first_check + 1)
         context = ctx.context_indices
         budget = round(self.ratio * len(context))
@@ -122,6 +124,8 @@ class GradualBlend:
             candidates = self._deeper(
                 ctx, fresh, layer, candidates, budget, depth / steps, reads, plan
             )
+            # The remaining candidates and the query now hold this layer's output.
+            plan.resume_layer = layer + 1
         plan.recompute = candidates.tolist()
         return plan
 
@@ -164,11 +168,13 @@ class GradualBlend:
         )
         count = len(candidates)
         k_layer, v_layer = pool.layer(layer)
-        candidate_slots = slots[candidates]
+        # The candidates' and the query's KV at this layer: the engine resumes the
+        # surviving candidates and the query after it (``resume_layer``).
+        computed_slots = slots[tokens]
         plan.layer_kv[layer] = (
-            candidates,
-            k_layer.reshape(-1, *k_layer.shape[2:])[candidate_slots].clone(),
-            v_layer.reshape(-1, *v_layer.shape[2:])[candidate_slots].clone(),
+            tokens,
+            k_layer.reshape(-1, *k_layer.shape[2:])[computed_slots].clone(),
+            v_layer.reshape(-1, *v_layer.shape[2:])[computed_slots].clone(),
         )
         v_new = captured["v"][:count].float()
         deviation = (v_new - ctx.placed_v[layer][candidates].float()).pow(2).sum(dim=(1, 2))

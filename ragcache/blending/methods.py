@@ -74,6 +74,9 @@ class FusionPlan:
     layer_kv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
         default_factory=dict
     )
+    # Layers ``fresh.hidden`` holds for the tokens the engine computes (``recompute`` and
+    # the query): the engine resumes them there. 0: they start at the embeddings.
+    resume_layer: int = 0
 
 
 class FusionMethod(Protocol):
@@ -154,7 +157,13 @@ class CacheBlend:
         scores = value_deviation(ctx, fresh, self.check_layer)
         chosen = top_fraction(scores, ctx.context_indices, self.ratio)
         work = len(ctx.layout) * layers
-        return FusionPlan(recompute=chosen, fresh_layers=layers, fresh=fresh, selection_work=work)
+        return FusionPlan(
+            recompute=chosen,
+            fresh_layers=layers,
+            fresh=fresh,
+            selection_work=work,
+            resume_layer=layers,
+        )
 
 
 def query_attention(ctx: FusionContext, fresh: FreshPass, layer: int) -> torch.Tensor:
@@ -207,4 +216,10 @@ class SinkAwareBlend:
         chosen = sorted(heads + context[extra].tolist())
         layers = self.check_layer + 1
         work = len(layout) * layers
-        return FusionPlan(recompute=chosen, fresh_layers=layers, fresh=fresh, selection_work=work)
+        return FusionPlan(
+            recompute=chosen,
+            fresh_layers=layers,
+            fresh=fresh,
+            selection_work=work,
+            resume_layer=layers,
+        )

@@ -168,6 +168,23 @@ class Engine:
             raise InvalidRequestError(
                 f"placed KV tensors must be {shape} with N <= prompt length", "placed"
             )
+        resume = placed.resume
+        if resume is not None and not (
+            0 < resume.layer <= spec.num_layers
+            and placed.num_tokens <= resume.hidden.shape[0] <= prompt_len
+            and resume.hidden.shape[-1] == spec.hidden_size
+            and len(resume.tail_k) == len(resume.tail_v) == resume.layer
+            and all(
+                tuple(t.shape) == (resume.hidden.shape[0] - placed.num_tokens, *shape[1:])
+                for t in (*resume.tail_k, *resume.tail_v)
+            )
+        ):
+            raise InvalidRequestError(
+                "placed.resume must name a layer inside the model, hidden states for the "
+                "placed tokens and up to the whole prompt, and KV of its first layers for "
+                "the prompt tokens after the placed ones",
+                "placed",
+            )
         if any(not 0 <= i < placed.num_tokens for i in placed.recompute):
             raise InvalidRequestError(
                 "placed.recompute indices must lie below its token count", "placed"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from contextlib import nullcontext
 
 import torch
@@ -12,6 +13,28 @@ from ragcache.engine.lora_manager import LoraManager
 from ragcache.engine.model import LlamaModel
 from ragcache.engine.scheduler import ScheduledSeq
 from ragcache.engine.sequence import Sequence
+
+
+def resumed_rows(
+    scheduled: list[ScheduledSeq],
+) -> tuple[list[int], list[torch.Tensor]] | None:
+    """Per computed row of a step, the layer it starts at and (where above 0) its hidden
+    state there; None where every row starts at the embeddings. Rows of a LoRA request
+    start at the embeddings: its adapter is applied per row of the whole step."""
+    starts: list[int] = []
+    states: list[torch.Tensor] = []
+    empty = torch.empty(0)
+    for item in scheduled:
+        placed = item.seq.placed
+        resume = placed.resume if placed is not None and item.seq.lora is None else None
+        for index in item.computed_indices:
+            if resume is not None and resume.covers(index):
+                starts.append(resume.layer)
+                states.append(resume.hidden[index])
+            else:
+                starts.append(0)
+                states.append(empty)
+    return (starts, states) if any(starts) else None
 
 
 class ModelRunner:
@@ -36,6 +59,13 @@ class ModelRunner:
             self.pool.write_slots(
                 layer, slots, k[start:].to(self.device), v[start:].to(self.device)
             )
+        resume = placed.resume
+        if resume is None or not resume.tail_k or resume.tail_k[0].shape[0] == 0:
+            return
+        tail = range(placed.num_tokens, placed.num_tokens + resume.tail_k[0].shape[0])
+        tail_slots = torch.tensor([seq.slot(i, self.block_size) for i in tail], device=self.device)
+        for layer, (k, v) in enumerate(zip(resume.tail_k, resume.tail_v, strict=True)):
+            self.pool.write_slots(layer, tail_slots, k.to(self.device), v.to(self.device))
 
     def build_metadata(
         self, scheduled: list[ScheduledSeq]
@@ -82,8 +112,12 @@ class ModelRunner:
     def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor | None:
         """Logits for the sequences that sample this step: one row, plus one per draft token."""
         ids, pos, meta = self.build_metadata(scheduled)
+        resumed = resumed_rows(scheduled)
         with self.lora.activate(scheduled) if self.lora is not None else nullcontext():
-            hidden = self.model(ids, pos, meta, self.pool)
+            if resumed is None:
+                hidden = self.model(ids, pos, meta, self.pool)
+            else:
+                hidden = self._forward_resumed(ids, pos, meta, resumed)
         self._record_prompt_logprobs(scheduled, hidden, meta)
         ends = (meta.query_start_loc[1:] - 1).tolist()
         rows = [
@@ -95,6 +129,39 @@ class ModelRunner:
         if not rows:
             return None
         return self.model.compute_logits(hidden[rows])
+
+    def _forward_resumed(
+        self,
+        ids: torch.Tensor,
+        pos: torch.Tensor,
+        meta: AttentionMetadata,
+        resumed: tuple[list[int], list[torch.Tensor]],
+    ) -> torch.Tensor:
+        """The forward of a step some of whose rows start at a later layer with the hidden
+        states fusion's fresh pass left them: layer by layer, each row joins at its own
+        start layer (the KV of its earlier layers is already in its blocks)."""
+        model = self.model
+        starts, rows = resumed
+        hidden = model.embed(ids)
+        start_of = torch.tensor(starts, device=hidden.device)
+        for row, (start, state) in enumerate(zip(starts, rows, strict=True)):
+            if start:
+                hidden[row] = state.to(hidden.dtype)
+        rope = model.rope(pos)
+        bounds = sorted({*starts, model.spec.num_layers})
+        for first, last in itertools.pairwise(bounds):
+            active = torch.nonzero(start_of <= first).flatten()
+            if len(active) == len(starts):
+                hidden = model.run_layers(hidden, rope, meta, self.pool, range(first, last))
+                continue
+            hidden[active] = model.run_layers(
+                hidden[active],
+                rope.subset(active),
+                meta.subset(active),
+                self.pool,
+                range(first, last),
+            )
+        return hidden
 
     def _record_prompt_logprobs(
         self, scheduled: list[ScheduledSeq], hidden: torch.Tensor, meta: AttentionMetadata

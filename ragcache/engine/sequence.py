@@ -22,12 +22,32 @@ class SequenceStatus(enum.Enum):
 
 
 @dataclass(slots=True)
+class ResumeFrom:
+    """Where fusion's fresh pass left the prompt: the hidden states of every prompt token
+    it holds after the first ``layer`` layers, and the KV at those layers of the prompt
+    tokens after the placed ones (``tail_k``, ``tail_v``: ``layer`` tensors each
+    [tokens, Hkv, D]; the placed KV already holds the others'). The engine starts the
+    prompt tokens it computes at ``layer`` instead of computing them again from the
+    embeddings, so no (token, layer) is computed twice."""
+
+    layer: int
+    hidden: torch.Tensor  # [prompt tokens, hidden size]
+    tail_k: list[torch.Tensor]
+    tail_v: list[torch.Tensor]
+
+    def covers(self, index: int) -> bool:
+        return index < int(self.hidden.shape[0])
+
+
+@dataclass(slots=True)
 class PlacedKV:
     """KV handed in for the first ``num_tokens`` prompt tokens, already at their positions.
 
     ``k`` and ``v`` are per-layer tensors [num_tokens, Hkv, D] (keys rotated to the slots
     they occupy). ``recompute`` lists prompt indices below ``num_tokens`` that the engine
     must still compute; every index at or above ``num_tokens`` is computed anyway.
+    ``resume``, where fusion ran a fresh pass, lets those computed tokens start at the
+    layer the pass reached.
     ``exact_prefix`` counts the leading tokens whose KV equals a full prefill's (the root
     prompt, an exact tree path): only those may enter the engine's prefix cache.
     """
@@ -36,6 +56,7 @@ class PlacedKV:
     v: list[torch.Tensor]
     recompute: list[int] = field(default_factory=list)
     exact_prefix: int = 0
+    resume: ResumeFrom | None = None
 
     @property
     def num_tokens(self) -> int:
