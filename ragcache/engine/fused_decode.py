@@ -4,7 +4,9 @@ A batch-1 decode step of a 135M model reads about 92 MiB of 4-bit blocks; issued
 Python as a dozen torch calls a layer, it spends most of its time between the calls.
 ``FusedDecoder`` hands the whole forward of up to 16 tokens to
 ``csrc/decode_step.cpp``, which reads the projections' exact GGUF block copies
-(``packed_weights='exact_blocks'``) and the paged KV pool in place.
+(``packed_weights='exact_blocks'``), rearranged once into tiles of ``TILE`` rows
+(``tiled_blocks``), and the paged KV pool in place; ``logits`` computes the output
+layer's product of a few rows the same way.
 
 It serves a forward call only where it computes the same function as the layer-by-layer
 path: CPU, float32, every projection with an exact block copy still matching its weight,

@@ -1,7 +1,8 @@
 // A whole decoder forward of a few tokens in one call: every layer's RMSNorm, q/k/v
 // product, RoPE, KV write into the paged pool, attention over each token's block table,
 // output product, SwiGLU MLP and residual sums, with the projections read from GGUF
-// Q4_1 / Q8_0 blocks.
+// Q4_1 / Q8_0 blocks (rearranged in tiles of rows, see BlockMatrix); and the output
+// layer's product of the final normed rows.
 //
 // Python would issue about a dozen torch calls a layer for this; for a 135M model at one
 // token that per-call cost is most of a decode step. Weights are rebuilt in fp32 exactly
