@@ -211,8 +211,9 @@ def resume_state(
     tail_v: list[torch.Tensor] = []
     for layer in range(plan.resume_layer):
         if layer < plan.fresh_layers:
-            tail_k.append(fresh.k[layer][end:prompt_len])
-            tail_v.append(fresh.v[layer][end:prompt_len])
+            # Copies: a view would keep the pass's whole-prompt K and V alive.
+            tail_k.append(fresh.k[layer][end:prompt_len].clone())
+            tail_v.append(fresh.v[layer][end:prompt_len].clone())
             continue
         indices, k, v = plan.layer_kv[layer]
         tail = indices >= end
