@@ -128,6 +128,15 @@ class LegoLink:
         return FusionPlan(recompute=chosen)
 
 
+def checked_plan(chosen: list[int], fresh: FreshPass, layers: int, work: int) -> FusionPlan:
+    """The plan of a method that chose ``chosen`` after a fresh pass over ``layers``
+    layers: their fresh KV replaces the placed KV there, and the engine resumes the
+    tokens it computes after them."""
+    return FusionPlan(
+        recompute=chosen, fresh_layers=layers, fresh=fresh, selection_work=work, resume_layer=layers
+    )
+
+
 def top_fraction(scores: torch.Tensor, indices: torch.Tensor, ratio: float) -> list[int]:
     budget = round(ratio * len(indices))
     if budget <= 0:
@@ -157,13 +166,7 @@ class CacheBlend:
         scores = value_deviation(ctx, fresh, self.check_layer)
         chosen = top_fraction(scores, ctx.context_indices, self.ratio)
         work = len(ctx.layout) * layers
-        return FusionPlan(
-            recompute=chosen,
-            fresh_layers=layers,
-            fresh=fresh,
-            selection_work=work,
-            resume_layer=layers,
-        )
+        return checked_plan(chosen, fresh, layers, work)
 
 
 def query_attention(ctx: FusionContext, fresh: FreshPass, layer: int) -> torch.Tensor:
@@ -216,10 +219,4 @@ class SinkAwareBlend:
         chosen = sorted(heads + context[extra].tolist())
         layers = self.check_layer + 1
         work = len(layout) * layers
-        return FusionPlan(
-            recompute=chosen,
-            fresh_layers=layers,
-            fresh=fresh,
-            selection_work=work,
-            resume_layer=layers,
-        )
+        return checked_plan(chosen, fresh, layers, work)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ragcache.blending.chunk_kv import ChunkEncoder, ChunkKV
-from ragcache.blending.fuser import fuse
+from ragcache.blending.fuser import FusedRequest, fuse
 from ragcache.blending.placement import reposition
 from ragcache.blending.prompt import PromptLayout
 from ragcache.blending.registry import METHOD_NAMES, make_method
@@ -36,14 +36,19 @@ def run(loaded: LoadedModel, layout: PromptLayout, method: str, **params: float)
     encoder = ChunkEncoder(loaded.model, layout.root_ids)
     chunks = encoder.encode(layout.chunk_ids)
     fused = fuse(loaded.model, layout, encoder.root, chunks, make_method(method, **params))
+    return (*answer(loaded, layout, fused), fused.report)
+
+
+def answer(loaded: LoadedModel, layout: PromptLayout, fused: FusedRequest, params=PARAMS):
+    """The engine's greedy answer to a fused request, and the query tokens' log-probs."""
     engine = Engine(loaded, EngineConfig(kv_cache_bytes=8 << 20, block_size=8))
     seq = engine.add_request(
-        fused.prompt_ids, PARAMS, placed=fused.placed, use_prefix_cache=fused.use_prefix_cache
+        fused.prompt_ids, params, placed=fused.placed, use_prefix_cache=fused.use_prefix_cache
     )
     while engine.has_unfinished():
         engine.step()
     query_lp = [seq.prompt_logprobs[i] for i in range(layout.context_end + 1, len(layout))]
-    return seq.output_ids, torch.tensor(query_lp), fused.report
+    return seq.output_ids, torch.tensor(query_lp)
 
 
 def test_cacheblend_full_ratio_reproduces_full_prefill(engine_model: LoadedModel) -> None:

@@ -18,6 +18,7 @@ from ragcache.engine.config import EngineConfig
 from ragcache.engine.engine import Engine
 from ragcache.engine.loader import LoadedModel
 from ragcache.engine.sampling_params import SamplingParams
+from tests.blending.test_fusion import answer as fusion_answer
 from tests.blending.test_fusion import random_layout
 
 PARAMS = SamplingParams(max_tokens=6, ignore_eos=True, prompt_logprobs=True)
@@ -34,14 +35,7 @@ def fused_request(loaded: LoadedModel, layout: PromptLayout, method: str) -> Fus
 
 
 def answer(loaded: LoadedModel, layout: PromptLayout, fused: FusedRequest):
-    engine = Engine(loaded, EngineConfig(kv_cache_bytes=8 << 20, block_size=8))
-    seq = engine.add_request(
-        fused.prompt_ids, PARAMS, placed=fused.placed, use_prefix_cache=fused.use_prefix_cache
-    )
-    while engine.has_unfinished():
-        engine.step()
-    logprobs = [seq.prompt_logprobs[i] for i in range(layout.context_end + 1, len(layout))]
-    return seq.output_ids, torch.tensor(logprobs)
+    return fusion_answer(loaded, layout, fused, PARAMS)
 
 
 class LayerCounter:
