@@ -21,6 +21,8 @@ def resumed_rows(
     """Per computed row of a step, the layer it starts at and (where above 0) its hidden
     state there; None where every row starts at the embeddings. Rows of a LoRA request
     start at the embeddings: its adapter is applied per row of the whole step."""
+    if not any(item.seq.placed is not None and item.seq.placed.resume for item in scheduled):
+        return None  # every decode step, and most prefills: nothing to look at per row
     starts: list[int] = []
     states: list[torch.Tensor] = []
     empty = torch.empty(0)
