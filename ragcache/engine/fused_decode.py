@@ -110,13 +110,23 @@ def decode_step_library() -> ctypes.CDLL | None:
     return library
 
 
+def _has_blocks(packed: PackedWeight | None) -> bool:
+    """Whether a weight has one exact block copy the step can read."""
+    return (
+        packed is not None
+        and packed.mode == "exact_blocks"
+        and len(packed.parts) == 1
+        and isinstance(packed.parts[0], Q41Blocks | Q80Blocks)
+    )
+
+
 def _block_tensors(
     packed: PackedWeight | None, rows: int
 ) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
     """The codes [N, blocks, bytes] of a weight's exact block copy, its per-block steps
     [N, blocks, 1 or 2] in fp32 (d, then m for Q4_1) and whether it is Q4_1; None
     without a copy."""
-    if packed is None or packed.mode != "exact_blocks" or len(packed.parts) != 1:
+    if not _has_blocks(packed):
         return None
     part = packed.parts[0]
     if isinstance(part, Q41Blocks):
@@ -157,10 +167,7 @@ def decode_path_unavailable(model: Any) -> str | None:
     for layer in model.layers:
         for path in PROJECTIONS:
             module = layer.get_submodule(path)
-            if (
-                not isinstance(module, Projection)
-                or _block_tensors(module.packed, module.weight.shape[0]) is None
-            ):
+            if not isinstance(module, Projection) or not _has_blocks(module.packed):
                 return "its weights are not exact GGUF blocks (model.packed_weights)"
     if decode_step_library() is None:
         return "the step could not be compiled (a C++ compiler with OpenMP is needed)"
