@@ -12,6 +12,7 @@ BENCHMARKS: dict[str, str] = {
     "kernels": "each Triton kernel against its torch reference (CUDA)",
     "policy": "replacement policies on Zipf traces: hit rate and saved prefill",
     "tiers": "chunk reads from the host and the LMDB tier against a numpy copy",
+    "fusion_memory": "peak memory of a fused query against a full prefill's, per method",
     "codec": "answer agreement of int8 chunk KV with raw chunk KV on MuSiQue",
     "codec_cachegen": "KV codecs: bytes per token, error, speed, answer agreement",
     "cluster": "TTFT with chunk KV from the host tier, the Redis tier, or recomputed",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ragcache.blending.chunk_kv import ChunkKV
-from ragcache.blending.placement import place_context
+from ragcache.blending.placement import PlacedContext
 from ragcache.blending.selection_pass import BLOCK_SIZE
 from ragcache.engine.attention_metadata import contiguous_metadata
 from ragcache.engine.kv_pool import KVPool
@@ -30,7 +30,7 @@ def encode_after(
     for part in parts[:-1]:
         starts.append(starts[-1] + part.num_tokens)
     context = starts[-1] + parts[-1].num_tokens
-    placed_k, placed_v = place_context(parts, starts, model.inv_freq)
+    placed = PlacedContext.of(parts, starts, model.inv_freq)
     new_ids = [token for chunk in chunks for token in chunk]
     n = context + len(new_ids)
     pool = KVPool(
@@ -39,7 +39,7 @@ def encode_after(
     meta = contiguous_metadata([n], BLOCK_SIZE, model.device)
     slots = meta.slot_mapping
     for layer in range(model.spec.num_layers):
-        pool.write_slots(layer, slots[:context], placed_k[layer], placed_v[layer])
+        pool.write_slots(layer, slots[:context], placed.keys(layer), placed.values(layer))
     positions = torch.arange(context, n, device=model.device)
     model.run_layers(
         model.embed(torch.tensor(new_ids, dtype=torch.long, device=model.device)),

@@ -36,11 +36,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ragcache.blending.chunk_kv import ChunkKV
-from ragcache.blending.gradual import attention_to_context
 from ragcache.blending.methods import FullReuse, FusionContext, FusionMethod, FusionPlan
 from ragcache.blending.placement import reposition
 from ragcache.blending.prompt import PromptLayout
-from ragcache.blending.selection_pass import run_query_pass
+from ragcache.blending.selection_pass import query_attention
 from ragcache.engine.model import LlamaModel
 
 ORDERS = ("retrieved", "relevance")
@@ -100,15 +99,10 @@ def chunk_relevance(
     placed_k = [torch.cat([keys[layer] for keys in rotated]) for layer in range(num_layers)]
     placed_v = [torch.cat([part.v[layer] for part in parts]) for layer in range(num_layers)]
     positions = torch.arange(query_start, query_start + len(layout.query_ids))
-    scored = run_query_pass(model, placed_k, placed_v, layout.query_ids, positions, num_layers)
-    context_end = layout.context_end
-    every_key = torch.arange(context_end + len(layout.query_ids), device=model.device)
     shares = torch.stack(
-        [
-            attention_to_context(scored.query_q[layer], scored.keys[layer], every_key, context_end)
-            for layer in range(num_layers)
-        ]
+        query_attention(model, placed_k, placed_v, layout.query_ids, positions, num_layers)
     ).mean(dim=0)
+    context_end = layout.context_end
     shares = shares.cpu()
     per_chunk = [
         shares[start : start + len(ids)].sum()

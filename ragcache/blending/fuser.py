@@ -12,7 +12,7 @@ from ragcache.blending.chunk_kv import ChunkKV
 from ragcache.blending.focus import CacheFocus
 from ragcache.blending.layer_pipeline import LayerPipeline, Recompute, StreamedChunk
 from ragcache.blending.methods import FusionContext, FusionMethod, FusionPlan, MethodParam
-from ragcache.blending.placement import place_context
+from ragcache.blending.placement import PlacedContext
 from ragcache.blending.prompt import PromptLayout
 from ragcache.chunkstore.transfer import EngineTarget
 from ragcache.engine.model import LlamaModel
@@ -154,35 +154,28 @@ def fuse(
         return FusedRequest(prompt_ids, None, True, report(0))
     starts = [0, *layout.chunk_starts]
     pipeline: LayerPipeline | None = None
-    placed_k: Sequence[torch.Tensor]
-    placed_v: Sequence[torch.Tensor]
     if any(isinstance(c, StreamedChunk) for c in chunks):
         pipeline = _pipeline(model, root, list(chunks), target, recompute, starts)
         pipelines.append(pipeline)
-        placed_k, placed_v = pipeline.k, pipeline.v
+        placed = pipeline.placed()
     else:
-        placed_k, placed_v = place_context(
-            [root, *(c for c in chunks if isinstance(c, ChunkKV))], starts, model.inv_freq
-        )
-    ctx = FusionContext(model, layout, placed_k, placed_v, exact_chunks)
+        parts = [root, *(c for c in chunks if isinstance(c, ChunkKV))]
+        placed = PlacedContext.of(parts, starts, model.inv_freq)
+    ctx = FusionContext(model, layout, placed.k, placed.v, exact_chunks)
     plan = FusionPlan() if exact_chunks >= len(chunks) else method.plan(ctx)
-    if not plan.use_cache:
-        if pipeline is not None:
-            pipeline.finish()
-        return FusedRequest(prompt_ids, None, False, report(0))
-    end = layout.context_end if plan.reuse_until is None else plan.reuse_until
-    ks = [k[:end] for k in placed_k]
-    vs = [v[:end] for v in placed_v]
     if pipeline is not None:
         pipeline.finish()
-    if plan.fresh is not None:
-        for layer in range(plan.fresh_layers):
-            ks[layer] = plan.fresh.k[layer][:end].to(ks[layer].dtype)
-            vs[layer] = plan.fresh.v[layer][:end].to(vs[layer].dtype)
-    for layer, (indices, k, v) in plan.layer_kv.items():
-        inside = indices < end
-        ks[layer][indices[inside]] = k[inside].to(ks[layer].dtype)
-        vs[layer][indices[inside]] = v[inside].to(vs[layer].dtype)
+    if not plan.use_cache:
+        return FusedRequest(prompt_ids, None, False, report(0))
+    end = layout.context_end if plan.reuse_until is None else plan.reuse_until
+    fresh = plan.fresh
+    repaired_context = placed.repaired(
+        end,
+        plan.fresh_layers if fresh is not None else 0,
+        fresh.k if fresh is not None else [],
+        fresh.v if fresh is not None else [],
+        plan.layer_kv,
+    )
     recompute = [i for i in plan.recompute if i < end]
     repaired = sum(1 for i in plan.repaired if i < end)
     reused = max(0, end - len(layout.root_ids) - len(recompute) - repaired)
@@ -191,9 +184,10 @@ def fuse(
         exact = plan.exact_prefix
     if all(chunk.exact for chunk in chunks[:exact_chunks]):
         exact = max(exact, min(end, ctx.repair_start))
-    placed = PlacedKV([k.contiguous() for k in ks], [v.contiguous() for v in vs], recompute, exact)
-    placed.resume = resume_state(plan, end, len(prompt_ids), layout.context_end)
-    return FusedRequest(prompt_ids, placed, True, report(reused, plan.selection_work))
+    # The engine builds each layer of the context when it writes it into its blocks.
+    handed = PlacedKV(repaired_context.k, repaired_context.v, recompute, exact)
+    handed.resume = resume_state(plan, end, len(prompt_ids), layout.context_end)
+    return FusedRequest(prompt_ids, handed, True, report(reused, plan.selection_work))
 
 
 def resume_state(

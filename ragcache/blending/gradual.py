@@ -20,28 +20,12 @@ from dataclasses import dataclass
 import torch
 
 from ragcache.blending.methods import FusionContext, FusionPlan, value_deviation
-from ragcache.blending.selection_pass import FreshPass, run_fresh_pass, run_query_pass
-
-
-def attention_to_context(
-    query_q: torch.Tensor,
-    keys: torch.Tensor,
-    context: torch.Tensor,
-    first_query_key: int | None = None,
-) -> torch.Tensor:
-    """Mean attention of query tokens [nq, Hq, D] over keys [n, Hkv, D], at context indices.
-
-    With ``first_query_key``, query token i is the key at that index + i and attends only
-    up to itself (causal); without it every query token sees every key.
-    """
-    group = query_q.shape[1] // keys.shape[1]
-    expanded = keys.float().repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,nhd->hqn", query_q.float(), expanded) * query_q.shape[-1] ** -0.5
-    if first_query_key is not None:
-        own = first_query_key + torch.arange(query_q.shape[0], device=scores.device)
-        later = torch.arange(keys.shape[0], device=scores.device)[None, :] > own[:, None]
-        scores = scores.masked_fill(later, float("-inf"))
-    return torch.softmax(scores, dim=-1).mean(dim=(0, 1))[context]
+from ragcache.blending.selection_pass import (
+    FreshPass,
+    attention_to_context,
+    query_attention,
+    run_fresh_pass,
+)
 
 
 def weighted(scores: torch.Tensor, attention: torch.Tensor | None, power: float) -> torch.Tensor:
@@ -64,16 +48,10 @@ def query_reads(ctx: FusionContext, num_layers: int) -> torch.Tensor:
     layout = ctx.layout
     end = layout.context_end
     positions = torch.arange(end, len(layout))
-    passed = run_query_pass(
+    shares = query_attention(
         ctx.model, ctx.placed_k, ctx.placed_v, layout.query_ids, positions, num_layers
     )
-    context = torch.arange(end, device=ctx.model.device)
-    return torch.stack(
-        [
-            attention_to_context(passed.query_q[layer], passed.keys[layer], context, end)
-            for layer in range(num_layers)
-        ]
-    ).mean(dim=0)
+    return torch.stack(shares).mean(dim=0)[:end]
 
 
 @dataclass(slots=True)

@@ -1,9 +1,10 @@
 """Chunk KV placed layer by layer while it is still arriving from its tiers.
 
 A loader thread walks the layers in order: for each layer it takes that layer of every
-chunk from its tier's stream (read, checksum and decode happen inside the stream),
-moves it to the engine through ``EngineTarget.move`` and rotates it into place. The
-caller computes meanwhile (CacheBlend's check layers need no cached KV) and waits
+chunk from its tier's stream (read, checksum and decode happen inside the stream) and
+moves it to the engine through ``EngineTarget.move``; the rotation into place happens
+when a layer of the placed context is read (``PlacedContext``). The caller computes
+meanwhile (CacheBlend's check layers need no cached KV) and waits
 only when it reads a layer that is not placed yet. A chunk whose stream ends early
 (evicted between lookup and read, or a corrupt layer) is computed again on the
 caller's thread, which is the engine's, and placed whole.
@@ -13,16 +14,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from ragcache.blending.chunk_kv import ChunkKV
-from ragcache.blending.placement import rotate_into
+from ragcache.blending.placement import PartLayer, PlacedContext, Rope, placement_rope
 from ragcache.chunkstore.entry import LayerKV
 from ragcache.chunkstore.transfer import EngineTarget
-from ragcache.kernels.rope import rope_cos_sin
 
 Recompute = Callable[[list[int]], ChunkKV]
 
@@ -41,8 +41,9 @@ Part = ChunkKV | StreamedChunk
 
 
 class LayerPipeline:
-    """Per layer, K and V of every part placed at its start offset; ``k[layer]`` and
-    ``v[layer]`` wait until that layer is placed."""
+    """Per layer, K and V of every part as they arrived on the engine's device, with the
+    rotation to the part's start offset; ``placed()`` is the context they make, whose
+    layers wait until they have arrived."""
 
     def __init__(
         self,
@@ -58,47 +59,30 @@ class LayerPipeline:
         self.starts = starts
         self.target = target
         self.num_layers = num_layers
+        self.head_shape = head_shape
         self.recompute = recompute
-        total = starts[-1] + len(parts[-1].token_ids)
-        shape = (num_layers, total, *head_shape)
-        # The loader thread works in the caller's inference mode (a thread-local setting),
-        # so it may write these buffers whichever kind of tensor they are.
+        # The loader thread works in the caller's inference mode (a thread-local setting).
         self._inference = torch.is_inference_mode_enabled()
-        self._k = torch.empty(shape, dtype=target.dtype, device=target.device)
-        self._v = torch.empty_like(self._k)
+        # Per part, per layer: (K as stored, V) on the engine's device, as the tier's
+        # read decoded them (its one copy of the chunk); rotated only when read.
+        self._kv: list[list[LayerKV]] = [[] for _ in parts]
+        self._positions = [torch.as_tensor(part.positions) for part in parts]
         self._inv_freq = inv_freq.to(target.device)
-        self._rope = [self._rope_of(part, start) for part, start in zip(parts, starts, strict=True)]
+        self._rope = [self._rope_of(i) for i in range(len(parts))]
         self._condition = threading.Condition()
         self._placed = 0
         self._lost: set[int] = set()
         self._recomputed: set[int] = set()
         self._error: BaseException | None = None
-        self.load_s = 0.0  # the loader's time reading, decoding, moving and placing
-        self.wait_s = 0.0  # the caller's time waiting for a layer not placed yet
-        self.k: Sequence[torch.Tensor] = _LayerView(self, self._k)
-        self.v: Sequence[torch.Tensor] = _LayerView(self, self._v)
+        self.load_s = 0.0  # the loader's time reading, decoding and moving
+        self.wait_s = 0.0  # the caller's time waiting for a layer not arrived yet
         self._thread = threading.Thread(target=self._load, name="kv-layer-loader", daemon=True)
         self._thread.start()
 
-    def _rope_of(self, part: Part, start: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        stored = torch.as_tensor(part.positions, dtype=torch.long)
-        delta = torch.arange(start, start + len(part.token_ids), dtype=torch.long) - stored
-        if not bool(delta.any()):
-            return None
-        cos, sin = rope_cos_sin(delta.to(self.target.device), self._inv_freq)
-        dtype = self.target.dtype
-        return cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
-
-    def _place(self, index: int, layer: int, kv: LayerKV) -> None:
-        start = self.starts[index]
-        end = start + len(self.parts[index].token_ids)
-        k, v = self.target.move_layer(kv)
-        rope = self._rope[index]
-        if rope is None:
-            self._k[layer, start:end].copy_(k)
-        else:
-            rotate_into(self._k[layer, start:end], k, *rope)
-        self._v[layer, start:end].copy_(v)
+    def _rope_of(self, index: int) -> Rope | None:
+        return placement_rope(
+            self._positions[index], self.starts[index], self._inv_freq, self.target.dtype
+        )
 
     def _load(self) -> None:
         began = time.perf_counter()
@@ -116,7 +100,7 @@ class LayerPipeline:
             for layer in range(self.num_layers):
                 for index, part in enumerate(self.parts):
                     if isinstance(part, ChunkKV):
-                        self._place(index, layer, (part.k[layer], part.v[layer]))
+                        self._kv[index].append((part.k[layer], part.v[layer]))
                         continue
                     if index in self._lost:
                         continue
@@ -128,7 +112,7 @@ class LayerPipeline:
                         continue
                     if got != layer:
                         raise RuntimeError(f"a tier streamed layer {got} where {layer} was due")
-                    self._place(index, layer, kv)
+                    self._kv[index].append(self.target.move_layer(kv))
                 with self._condition:
                     self._placed = layer + 1
                     self._condition.notify_all()
@@ -138,7 +122,7 @@ class LayerPipeline:
                 self._condition.notify_all()
 
     def wait(self, layer: int) -> None:
-        """Returns once ``layer`` of every part is placed (computing lost parts here)."""
+        """Returns once ``layer`` of every part has arrived (computing lost parts here)."""
         began = time.perf_counter()
         with self._condition:
             self._condition.wait_for(lambda: self._placed > layer or self._error is not None)
@@ -147,17 +131,34 @@ class LayerPipeline:
                 raise self._error
             lost = sorted(self._lost - self._recomputed)
         for index in lost:
-            self._place_recomputed(index)
+            self._take_recomputed(index)
 
-    def _place_recomputed(self, index: int) -> None:
-        # The loader skips a lost part for good, so its rows are this thread's alone.
-        part = self.parts[index]
-        kv = self.recompute(part.token_ids)
-        self._rope[index] = self._rope_of(kv, self.starts[index])
-        for layer in range(self.num_layers):
-            self._place(index, layer, (kv.k[layer], kv.v[layer]))
+    def _take_recomputed(self, index: int) -> None:
+        # The loader skips a lost part for good, so its entries are this thread's alone.
+        kv = self.recompute(self.parts[index].token_ids)
+        self._kv[index] = list(zip(kv.k, kv.v, strict=True))
+        self._positions[index] = kv.positions
+        self._rope[index] = self._rope_of(index)
         with self._condition:
             self._recomputed.add(index)
+
+    def layer_parts(self, layer: int) -> list[PartLayer]:
+        """Every part's K, V and rotation at ``layer``, once that layer has arrived."""
+        self.wait(layer)
+        pairs = zip(self._kv, self._rope, strict=True)
+        return [(kv[layer][0], kv[layer][1], rope) for kv, rope in pairs]
+
+    def placed(self) -> PlacedContext:
+        """The context of every part at its start offset, built per layer when read."""
+        return PlacedContext(
+            self.layer_parts,
+            self.starts,
+            [len(part.token_ids) for part in self.parts],
+            self.num_layers,
+            self.head_shape,
+            self.target.dtype,
+            self.target.device,
+        )
 
     def finish(self) -> None:
         """Waits for every layer (and recomputes every lost part)."""
@@ -170,40 +171,17 @@ class LayerPipeline:
         return sorted(self._recomputed)
 
     def chunk_kvs(self) -> list[ChunkKV]:
-        """Every part as ChunkKV stored at its placed positions (after ``finish``)."""
-        out = []
-        for part, start in zip(self.parts, self.starts, strict=True):
-            end = start + len(part.token_ids)
-            out.append(
-                ChunkKV(
-                    list(part.token_ids),
-                    [self._k[layer, start:end] for layer in range(self.num_layers)],
-                    [self._v[layer, start:end] for layer in range(self.num_layers)],
-                    torch.arange(start, end, dtype=torch.long),
-                    part.exact,
-                )
+        """Every part as ChunkKV at its stored positions (after ``finish``)."""
+        return [
+            ChunkKV(
+                list(part.token_ids),
+                [k for k, _ in kv],
+                [v for _, v in kv],
+                positions,
+                part.exact,
             )
-        return out
-
-
-class _LayerView(Sequence[torch.Tensor]):
-    """One per-layer buffer list of a pipeline; indexing a layer waits for it."""
-
-    def __init__(self, pipeline: LayerPipeline, buffer: torch.Tensor) -> None:
-        self._pipeline = pipeline
-        self._buffer = buffer
-
-    def __len__(self) -> int:
-        return self._pipeline.num_layers
-
-    def __getitem__(self, layer):  # type: ignore[override]
-        if isinstance(layer, slice):
-            return [self[i] for i in range(*layer.indices(len(self)))]
-        if not -len(self) <= layer < len(self):
-            raise IndexError(f"layer {layer} of {len(self)}")
-        layer %= len(self)
-        self._pipeline.wait(layer)
-        return self._buffer[layer]
+            for part, kv, positions in zip(self.parts, self._kv, self._positions, strict=True)
+        ]
 
 
 __all__ = ["LayerPipeline", "StreamedChunk"]

@@ -1,12 +1,28 @@
-"""Places cached chunk KV at its offsets in a new prompt: one rotation of the keys."""
+"""Places cached chunk KV at its offsets in a new prompt: one rotation of the keys.
+
+``PlacedContext`` builds the placed context one layer at a time, when a layer is read:
+fusion's methods read the few layers they check, and the engine writes every layer into
+its paged blocks in turn, so no buffer of the whole context's KV over every layer exists.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
 from ragcache.blending.chunk_kv import ChunkKV
+from ragcache.engine.lazy_layers import LazyLayers
 from ragcache.kernels import dispatch
 from ragcache.kernels.rope import rope_cos_sin
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin [n, 1, D / 2] in the KV's dtype
+PartLayer = tuple[torch.Tensor, torch.Tensor, Rope | None]  # K as stored, V, its rotation
+# A layer's stored K and V of every part with the rotation to its offset (root first).
+PartLayers = Callable[[int], list[PartLayer]]
+# Fresh KV of some tokens at one layer: (prompt indices, K, V).
+LayerOverride = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def reposition(chunk: ChunkKV, start: int, inv_freq: torch.Tensor) -> list[torch.Tensor]:
@@ -38,38 +54,140 @@ def rotate_into(
     o2.addcmul_(x1, sin)
 
 
-def place_context(
-    parts: list[ChunkKV], starts: list[int], inv_freq: torch.Tensor
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per-layer K and V of parts placed at their start offsets, as one buffer per layer.
+def placement_rope(
+    positions: torch.Tensor, start: int, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> Rope | None:
+    """The rotation that moves keys stored at ``positions`` to ``start``, ``start + 1``, ...
+    (None when they are there already); on ``inv_freq``'s device."""
+    stored = positions.to(torch.long).cpu()
+    delta = torch.arange(start, start + len(stored), dtype=torch.long) - stored
+    if not bool(delta.any()):
+        return None
+    cos, sin = rope_cos_sin(delta.to(inv_freq.device), inv_freq)
+    return cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
 
-    The buffers and the RoPE tables live on the parts' device: the parts arrive there
-    through ``EngineTarget.move`` (or from the engine itself).
+
+@dataclass(slots=True)
+class PlacedContext:
+    """The root's and chunks' KV at their start offsets, built per layer when read.
+
+    ``part_layers(layer)`` gives each part's stored K and V of one layer with the
+    rotation to its offset; ``end`` cuts the context (a plan that reuses a prefix);
+    layers below ``fresh_layers`` come whole from ``fresh_k``/``fresh_v`` and
+    ``overrides`` replace some tokens' KV at a layer (a method's recomputed tokens).
     """
-    first = parts[0].k[0]
-    device = first.device
-    inv_freq = inv_freq.to(device)
-    if first.is_cuda:
-        placed_k = [reposition(p, s, inv_freq) for p, s in zip(parts, starts, strict=True)]
-        k = [torch.cat([pk[layer] for pk in placed_k]) for layer in range(len(parts[0].k))]
-        v = [torch.cat([p.v[layer] for p in parts]) for layer in range(len(parts[0].k))]
-        return k, v
-    num_layers = len(parts[0].k)
-    total = starts[-1] + parts[-1].num_tokens
-    k_out = torch.empty((num_layers, total, *first.shape[1:]), dtype=first.dtype, device=device)
-    v_out = torch.empty_like(k_out)
-    for part, start in zip(parts, starts, strict=True):
-        end = start + part.num_tokens
-        target = torch.arange(start, end, dtype=torch.long)
-        delta = (target - part.positions.to(torch.long)).to(device)
-        cos, sin = rope_cos_sin(delta, inv_freq)
-        cos = cos.to(first.dtype)[:, None, :]
-        sin = sin.to(first.dtype)[:, None, :]
-        moved = bool(delta.any())
-        for layer in range(num_layers):
-            if moved:
-                rotate_into(k_out[layer, start:end], part.k[layer], cos, sin)
-            else:
-                k_out[layer, start:end].copy_(part.k[layer])
-            v_out[layer, start:end].copy_(part.v[layer])
-    return list(k_out.unbind(0)), list(v_out.unbind(0))
+
+    part_layers: PartLayers
+    starts: list[int]
+    sizes: list[int]
+    num_layers: int
+    head_shape: tuple[int, int]
+    dtype: torch.dtype
+    device: torch.device
+    end: int = -1
+    fresh_layers: int = 0
+    fresh_k: list[torch.Tensor] = field(default_factory=list)
+    fresh_v: list[torch.Tensor] = field(default_factory=list)
+    overrides: Mapping[int, LayerOverride] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.end < 0:
+            self.end = self.starts[-1] + self.sizes[-1]
+
+    @classmethod
+    def of(cls, parts: list[ChunkKV], starts: list[int], inv_freq: torch.Tensor) -> PlacedContext:
+        """Parts that are in memory on the engine's device (through ``EngineTarget.move``
+        or from the engine itself)."""
+        first = parts[0].k[0]
+        inv_freq = inv_freq.to(first.device)
+        ropes = [
+            placement_rope(p.positions, s, inv_freq, first.dtype)
+            for p, s in zip(parts, starts, strict=True)
+        ]
+
+        def part_layers(layer: int) -> list[PartLayer]:
+            return [(p.k[layer], p.v[layer], r) for p, r in zip(parts, ropes, strict=True)]
+
+        return cls(
+            part_layers,
+            starts,
+            [p.num_tokens for p in parts],
+            len(parts[0].k),
+            (int(first.shape[1]), int(first.shape[2])),
+            first.dtype,
+            first.device,
+        )
+
+    @property
+    def k(self) -> LazyLayers:
+        return LazyLayers(self.num_layers, self._shape, self.keys)
+
+    @property
+    def v(self) -> LazyLayers:
+        return LazyLayers(self.num_layers, self._shape, self.values)
+
+    @property
+    def _shape(self) -> tuple[int, ...]:
+        return (self.end, *self.head_shape)
+
+    def keys(self, layer: int) -> torch.Tensor:
+        return self._layer(layer, keys=True)
+
+    def values(self, layer: int) -> torch.Tensor:
+        return self._layer(layer, keys=False)
+
+    def repaired(
+        self,
+        end: int,
+        fresh_layers: int,
+        fresh_k: list[torch.Tensor],
+        fresh_v: list[torch.Tensor],
+        overrides: Mapping[int, LayerOverride],
+    ) -> PlacedContext:
+        """The context a plan hands the engine: cut at ``end``, its first layers fresh,
+        its recomputed tokens' KV where the method computed it."""
+        return PlacedContext(
+            self.part_layers,
+            self.starts,
+            self.sizes,
+            self.num_layers,
+            self.head_shape,
+            self.dtype,
+            self.device,
+            end,
+            fresh_layers,
+            fresh_k,
+            fresh_v,
+            overrides,
+        )
+
+    def _layer(self, layer: int, keys: bool) -> torch.Tensor:
+        end = self.end
+        if layer < self.fresh_layers:
+            fresh = (self.fresh_k if keys else self.fresh_v)[layer][:end]
+            out = fresh.to(self.dtype)
+            if layer in self.overrides and out.data_ptr() == fresh.data_ptr():
+                out = out.clone()  # the fresh pass's tensor stays as it was computed
+        else:
+            out = torch.empty((end, *self.head_shape), dtype=self.dtype, device=self.device)
+            for (k, v, rope), start, size in zip(
+                self.part_layers(layer), self.starts, self.sizes, strict=True
+            ):
+                stop = min(start + size, end)
+                if stop <= start:
+                    continue
+                rows = stop - start
+                if not keys:
+                    out[start:stop].copy_(v[:rows])
+                elif rope is None:
+                    out[start:stop].copy_(k[:rows])
+                else:
+                    rotate_into(out[start:stop], k[:rows], rope[0][:rows], rope[1][:rows])
+        if layer in self.overrides:
+            indices, k, v = self.overrides[layer]
+            inside = indices < end
+            out[indices[inside]] = (k if keys else v)[inside].to(self.dtype)
+        return out
+
+
+__all__ = ["PlacedContext", "placement_rope", "reposition", "rotate_into"]

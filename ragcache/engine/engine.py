@@ -162,9 +162,7 @@ class Engine:
         if len(placed.k) != spec.num_layers or len(placed.v) != spec.num_layers:
             raise InvalidRequestError(f"placed KV must have {spec.num_layers} layers", "placed")
         shape = (placed.num_tokens, spec.num_kv_heads, spec.head_dim)
-        if placed.num_tokens > prompt_len or any(
-            tuple(t.shape) != shape for t in (*placed.k, *placed.v)
-        ):
+        if placed.num_tokens > prompt_len or any(got != shape for got in placed.shapes()):
             raise InvalidRequestError(
                 f"placed KV tensors must be {shape} with N <= prompt length", "placed"
             )

@@ -57,7 +57,8 @@ class ModelRunner:
             [seq.slot(i, self.block_size) for i in range(start, placed.num_tokens)],
             device=self.device,
         )
-        for layer, (k, v) in enumerate(zip(placed.k, placed.v, strict=True)):
+        for layer in range(len(placed.k)):  # one layer at a time: a lazy one is built here
+            k, v = placed.k[layer], placed.v[layer]
             self.pool.write_slots(
                 layer, slots, k[start:].to(self.device), v[start:].to(self.device)
             )

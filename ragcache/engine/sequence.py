@@ -5,10 +5,12 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from collections.abc import Sequence as LayerList
 from dataclasses import dataclass, field
 
 import torch
 
+from ragcache.engine.lazy_layers import layer_shapes
 from ragcache.engine.lora import LoraAdapter
 from ragcache.engine.sampling_params import SamplingParams
 
@@ -44,23 +46,30 @@ class PlacedKV:
     """KV handed in for the first ``num_tokens`` prompt tokens, already at their positions.
 
     ``k`` and ``v`` are per-layer tensors [num_tokens, Hkv, D] (keys rotated to the slots
-    they occupy). ``recompute`` lists prompt indices below ``num_tokens`` that the engine
-    must still compute; every index at or above ``num_tokens`` is computed anyway.
+    they occupy), lists or ``LazyLayers`` that build a layer when it is read (fusion's:
+    the engine writes them into its blocks one layer at a time, so no copy of the
+    whole context's KV exists beside the blocks). ``recompute`` lists prompt indices
+    below ``num_tokens`` that the engine must still compute; every index at or above
+    ``num_tokens`` is computed anyway.
     ``resume``, where fusion ran a fresh pass, lets those computed tokens start at the
     layer the pass reached.
     ``exact_prefix`` counts the leading tokens whose KV equals a full prefill's (the root
     prompt, an exact tree path): only those may enter the engine's prefix cache.
     """
 
-    k: list[torch.Tensor]
-    v: list[torch.Tensor]
+    k: LayerList[torch.Tensor]
+    v: LayerList[torch.Tensor]
     recompute: list[int] = field(default_factory=list)
     exact_prefix: int = 0
     resume: ResumeFrom | None = None
 
     @property
     def num_tokens(self) -> int:
-        return int(self.k[0].shape[0]) if self.k else 0
+        return layer_shapes(self.k)[0][0] if len(self.k) else 0
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        """The shape of every K and V layer (without building lazy ones)."""
+        return [*layer_shapes(self.k), *layer_shapes(self.v)]
 
 
 @dataclass(slots=True)

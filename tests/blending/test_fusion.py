@@ -119,16 +119,16 @@ def test_query_reads_equal_the_attention_of_a_full_prefill_without_boundaries(
 ) -> None:
     from ragcache.blending.gradual import attention_to_context, query_reads
     from ragcache.blending.methods import FusionContext
-    from ragcache.blending.placement import place_context
+    from ragcache.blending.placement import PlacedContext
     from ragcache.blending.selection_pass import run_fresh_pass
 
     layout = random_layout(1, seed=7)  # one chunk: its cached KV is exact
     encoder = ChunkEncoder(engine_model.model, layout.root_ids)
     chunks = encoder.encode(layout.chunk_ids)
-    placed_k, placed_v = place_context(
+    placed = PlacedContext.of(
         [encoder.root, *chunks], [0, *layout.chunk_starts], engine_model.model.inv_freq
     )
-    ctx = FusionContext(engine_model.model, layout, placed_k, placed_v)
+    ctx = FusionContext(engine_model.model, layout, placed.k, placed.v)
     layers = engine_model.spec.num_layers
     reads = query_reads(ctx, layers)
     fresh = run_fresh_pass(engine_model.model, layout, layers)
