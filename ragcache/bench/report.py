@@ -45,7 +45,9 @@ def set_threads(threads: int) -> None:
 
 def command_line(name: str, argv: Sequence[str] | None = None) -> str:
     """The command that reproduces this run, for the report's ``command`` field."""
-    args = sys.argv[1:] if argv is None else argv
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:2] == ["bench", name]:  # run as ``ragcache bench NAME ...``
+        args = args[2:]
     return shlex.join(["python", "-m", f"ragcache.bench.{name}", *args])
 
 
