@@ -7,6 +7,7 @@ its paged blocks in turn, so no buffer of the whole context's KV over every laye
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -146,19 +147,13 @@ class PlacedContext:
     ) -> PlacedContext:
         """The context a plan hands the engine: cut at ``end``, its first layers fresh,
         its recomputed tokens' KV where the method computed it."""
-        return PlacedContext(
-            self.part_layers,
-            self.starts,
-            self.sizes,
-            self.num_layers,
-            self.head_shape,
-            self.dtype,
-            self.device,
-            end,
-            fresh_layers,
-            fresh_k,
-            fresh_v,
-            overrides,
+        return dataclasses.replace(
+            self,
+            end=end,
+            fresh_layers=fresh_layers,
+            fresh_k=fresh_k,
+            fresh_v=fresh_v,
+            overrides=overrides,
         )
 
     def _layer(self, layer: int, keys: bool) -> torch.Tensor:
