@@ -18,7 +18,8 @@ from ragcache.engine.lazy_layers import LazyLayers
 from ragcache.kernels import dispatch
 from ragcache.kernels.rope import rope_cos_sin
 
-Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin [n, 1, D / 2] in the KV's dtype
+# cos, sin [n, 1, D / 2] in the KV's dtype; [1, 1, D / 2] when every key moves as far.
+Rope = tuple[torch.Tensor, torch.Tensor]
 PartLayer = tuple[torch.Tensor, torch.Tensor, Rope | None]  # K as stored, V, its rotation
 # A layer's stored K and V of every part with the rotation to its offset (root first).
 PartLayers = Callable[[int], list[PartLayer]]
@@ -59,11 +60,15 @@ def placement_rope(
     positions: torch.Tensor, start: int, inv_freq: torch.Tensor, dtype: torch.dtype
 ) -> Rope | None:
     """The rotation that moves keys stored at ``positions`` to ``start``, ``start + 1``, ...
-    (None when they are there already); on ``inv_freq``'s device."""
+    (None when they are there already); on ``inv_freq``'s device. A chunk stored at
+    consecutive positions moves by one distance, so its rotation is one row that every
+    key shares."""
     stored = positions.to(torch.long).cpu()
     delta = torch.arange(start, start + len(stored), dtype=torch.long) - stored
     if not bool(delta.any()):
         return None
+    if bool((delta == delta[0]).all()):
+        delta = delta[:1]
     cos, sin = rope_cos_sin(delta.to(inv_freq.device), inv_freq)
     return cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
 
@@ -121,11 +126,11 @@ class PlacedContext:
 
     @property
     def k(self) -> LazyLayers:
-        return LazyLayers(self.num_layers, self._shape, self.keys)
+        return LazyLayers(self.num_layers, self._shape, self.keys, self._fill_keys)
 
     @property
     def v(self) -> LazyLayers:
-        return LazyLayers(self.num_layers, self._shape, self.values)
+        return LazyLayers(self.num_layers, self._shape, self.values, self._fill_values)
 
     @property
     def _shape(self) -> tuple[int, ...]:
@@ -136,6 +141,12 @@ class PlacedContext:
 
     def values(self, layer: int) -> torch.Tensor:
         return self._layer(layer, keys=False)
+
+    def _fill_keys(self, layer: int, rows: range, out: torch.Tensor) -> None:
+        self._fill(layer, True, rows, out)
+
+    def _fill_values(self, layer: int, rows: range, out: torch.Tensor) -> None:
+        self._fill(layer, False, rows, out)
 
     def repaired(
         self,
@@ -157,32 +168,49 @@ class PlacedContext:
         )
 
     def _layer(self, layer: int, keys: bool) -> torch.Tensor:
-        end = self.end
         if layer < self.fresh_layers:
-            fresh = (self.fresh_k if keys else self.fresh_v)[layer][:end]
+            fresh = (self.fresh_k if keys else self.fresh_v)[layer][: self.end]
             out = fresh.to(self.dtype)
             if layer in self.overrides and out.data_ptr() == fresh.data_ptr():
                 out = out.clone()  # the fresh pass's tensor stays as it was computed
+            self._override(layer, keys, range(self.end), out)
+            return out
+        out = torch.empty((self.end, *self.head_shape), dtype=self.dtype, device=self.device)
+        self._fill(layer, keys, range(self.end), out)
+        return out
+
+    def _fill(self, layer: int, keys: bool, rows: range, out: torch.Tensor) -> None:
+        """Writes rows ``rows`` of the placed layer into ``out`` ([len(rows), H, D]):
+        the engine passes a run of its own block slots, so nothing is copied twice."""
+        if layer < self.fresh_layers:
+            fresh = (self.fresh_k if keys else self.fresh_v)[layer]
+            out.copy_(fresh[rows.start : rows.stop])
         else:
-            out = torch.empty((end, *self.head_shape), dtype=self.dtype, device=self.device)
             for (k, v, rope), start, size in zip(
                 self.part_layers(layer), self.starts, self.sizes, strict=True
             ):
-                stop = min(start + size, end)
-                if stop <= start:
+                first, stop = max(start, rows.start), min(start + size, rows.stop)
+                if stop <= first:
                     continue
-                rows = stop - start
+                into = out[first - rows.start : stop - rows.start]
+                src = slice(first - start, stop - start)
                 if not keys:
-                    out[start:stop].copy_(v[:rows])
+                    into.copy_(v[src])
                 elif rope is None:
-                    out[start:stop].copy_(k[:rows])
+                    into.copy_(k[src])
                 else:
-                    rotate_into(out[start:stop], k[:rows], rope[0][:rows], rope[1][:rows])
-        if layer in self.overrides:
-            indices, k, v = self.overrides[layer]
-            inside = indices < end
-            out[indices[inside]] = (k if keys else v)[inside].to(self.dtype)
-        return out
+                    cos, sin = rope
+                    if cos.shape[0] > 1:
+                        cos, sin = cos[src], sin[src]
+                    rotate_into(into, k[src], cos, sin)
+        self._override(layer, keys, rows, out)
+
+    def _override(self, layer: int, keys: bool, rows: range, out: torch.Tensor) -> None:
+        if layer not in self.overrides:
+            return
+        indices, k, v = self.overrides[layer]
+        inside = (indices >= rows.start) & (indices < rows.stop)
+        out[indices[inside] - rows.start] = (k if keys else v)[inside].to(self.dtype)
 
 
 __all__ = ["PlacedContext", "placement_rope", "reposition", "rotate_into"]

@@ -13,15 +13,21 @@ class LazyLayers(Sequence[torch.Tensor]):
 
     Nothing is kept: a caller that reads a layer twice builds it twice, and one that
     walks the layers in order holds one at a time (the engine writing placed KV into
-    its blocks), which is the point.
+    its blocks), which is the point. ``fill(layer, rows, out)``, when given, writes rows
+    ``rows`` of a layer straight into ``out`` (the engine's own block slots) instead.
     """
 
     def __init__(
-        self, count: int, layer_shape: tuple[int, ...], build: Callable[[int], torch.Tensor]
+        self,
+        count: int,
+        layer_shape: tuple[int, ...],
+        build: Callable[[int], torch.Tensor],
+        fill: Callable[[int, range, torch.Tensor], None] | None = None,
     ) -> None:
         self.count = count
         self.layer_shape = layer_shape
         self._build = build
+        self.fill = fill
 
     def __len__(self) -> int:
         return self.count

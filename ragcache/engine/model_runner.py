@@ -9,10 +9,26 @@ import torch
 
 from ragcache.engine.attention_metadata import AttentionMetadata
 from ragcache.engine.kv_pool import KVPool
+from ragcache.engine.lazy_layers import LazyLayers
 from ragcache.engine.lora_manager import LoraManager
 from ragcache.engine.model import LlamaModel
 from ragcache.engine.scheduler import ScheduledSeq
 from ragcache.engine.sequence import Sequence
+
+# Past this many separate runs of slots, one gathered write beats a write per run.
+_MAX_FILL_RUNS = 16
+
+
+def slot_runs(slots: list[int], first_row: int) -> list[tuple[range, int]]:
+    """Rows ``first_row, first_row + 1, ...`` stored at ``slots``, as runs of consecutive
+    slots: (the rows of a run, its first slot)."""
+    runs: list[tuple[range, int]] = []
+    begin = 0
+    for i in range(1, len(slots) + 1):
+        if i == len(slots) or slots[i] != slots[i - 1] + 1:
+            runs.append((range(first_row + begin, first_row + i), slots[begin]))
+            begin = i
+    return runs
 
 
 def resumed_rows(
@@ -53,15 +69,18 @@ class ModelRunner:
         if placed is None or placed.num_tokens <= seq.num_cached_tokens:
             return
         start = seq.num_cached_tokens
-        slots = torch.tensor(
-            [seq.slot(i, self.block_size) for i in range(start, placed.num_tokens)],
-            device=self.device,
-        )
-        for layer in range(len(placed.k)):  # one layer at a time: a lazy one is built here
-            k, v = placed.k[layer], placed.v[layer]
-            self.pool.write_slots(
-                layer, slots, k[start:].to(self.device), v[start:].to(self.device)
-            )
+        slots = [seq.slot(i, self.block_size) for i in range(start, placed.num_tokens)]
+        runs = slot_runs(slots, start)
+        if len(runs) <= _MAX_FILL_RUNS and self._fills_in_place(placed.k, placed.v):
+            for layer in range(len(placed.k)):  # lazily placed KV lands in its slots
+                self._fill_layer(layer, placed.k, placed.v, runs)
+        else:
+            slot_ids = torch.tensor(slots, device=self.device)
+            for layer in range(len(placed.k)):  # one layer at a time: a lazy one is built here
+                k, v = placed.k[layer], placed.v[layer]
+                self.pool.write_slots(
+                    layer, slot_ids, k[start:].to(self.device), v[start:].to(self.device)
+                )
         resume = placed.resume
         if resume is None or not resume.tail_k or resume.tail_k[0].shape[0] == 0:
             return
@@ -69,6 +88,28 @@ class ModelRunner:
         tail_slots = torch.tensor([seq.slot(i, self.block_size) for i in tail], device=self.device)
         for layer, (k, v) in enumerate(zip(resume.tail_k, resume.tail_v, strict=True)):
             self.pool.write_slots(layer, tail_slots, k.to(self.device), v.to(self.device))
+
+    def _fills_in_place(self, k: object, v: object) -> bool:
+        """Whether placed KV can write itself into the pool's slots (same layout)."""
+        return (
+            isinstance(k, LazyLayers)
+            and isinstance(v, LazyLayers)
+            and k.fill is not None
+            and v.fill is not None
+            and k.layer_shape[1:] == tuple(self.pool.layer(0)[0].shape[2:])
+        )
+
+    def _fill_layer(
+        self, layer: int, k: LazyLayers, v: LazyLayers, runs: list[tuple[range, int]]
+    ) -> None:
+        assert k.fill is not None and v.fill is not None
+        kc, vc = self.pool.layer(layer)
+        flat_k = kc.view(-1, *kc.shape[2:])
+        flat_v = vc.view(-1, *vc.shape[2:])
+        for rows, first_slot in runs:
+            slots = slice(first_slot, first_slot + len(rows))
+            k.fill(layer, rows, flat_k[slots])
+            v.fill(layer, rows, flat_v[slots])
 
     def build_metadata(
         self, scheduled: list[ScheduledSeq]
