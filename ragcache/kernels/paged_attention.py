@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ragcache.kernels.banded_attention import Band, attend_bands, causal_bands, merge_by_lse
+
 
 def write_kv_ref(
     k_cache: torch.Tensor,
@@ -79,6 +81,8 @@ class SequencePlan:
     lists the pool slots of the rest (all of them when ``kv_start`` is None).
     ``causal_tail``: the queries are the sequence's last slots, in order, so attention is
     full over the slots before them and causal among them, with no mask to build.
+    ``bands``: many queries scattered in order over the sequence (fusion's recomputed
+    tokens), attended band by band instead of through ``mask``.
     """
 
     query_start: int
@@ -89,6 +93,7 @@ class SequencePlan:
     mask: torch.Tensor | None
     run_len: int = 0
     causal_tail: bool = False
+    bands: list[Band] | None = None
 
 
 def plan_paged_attention(
@@ -116,8 +121,11 @@ def plan_paged_attention(
         last_only = b - a == 1 and int(slots[0]) == seq_len - 1
         causal_tail = not last_only and _is_causal_tail(slots, seq_len)
         mask = None
+        bands = None
         if not last_only and not causal_tail:
-            mask = torch.arange(seq_len, device=slots.device)[None, :] <= slots[:, None]
+            bands = causal_bands(slots)
+            if bands is None:
+                mask = torch.arange(seq_len, device=slots.device)[None, :] <= slots[:, None]
         in_place = run_len == seq_len or (
             last_only
             and run_len >= MIN_IN_PLACE_SLOTS
@@ -130,7 +138,9 @@ def plan_paged_attention(
         kv_slots = None
         if run_len < seq_len:
             kv_slots = sequence_slots(block_tables[i], seq_len, block_size)[run_len:]
-        plans.append(SequencePlan(a, b, seq_len, kv_start, kv_slots, mask, run_len, causal_tail))
+        plans.append(
+            SequencePlan(a, b, seq_len, kv_start, kv_slots, mask, run_len, causal_tail, bands)
+        )
     return plans
 
 
@@ -160,6 +170,7 @@ def _one_query_in_place(plan: SequencePlan, q: torch.Tensor) -> bool:
     return (
         plan.mask is None
         and not plan.causal_tail
+        and plan.bands is None
         and plan.kv_start is not None
         and q.device.type == "cpu"
         and _FLASH_WITH_LSE is not None
@@ -190,18 +201,8 @@ def _attend_one_query(
     if len(results) == 1:
         return results[0][0].reshape(1, -1, head_dim)
     (out_a, lse_a), (out_b, lse_b) = (result[:2] for result in results)
-    out = _merge_by_lse(out_a, lse_a, out_b, lse_b)
+    out = merge_by_lse(out_a, lse_a, out_b, lse_b)
     return out.reshape(1, -1, head_dim).to(q.dtype)
-
-
-def _merge_by_lse(
-    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
-) -> torch.Tensor:
-    """Softmax-weighted union of two attention results over disjoint key sets."""
-    top = torch.maximum(lse_a, lse_b)
-    weight_a = torch.exp(lse_a - top)[..., None]
-    weight_b = torch.exp(lse_b - top)[..., None]
-    return (out_a * weight_a + out_b * weight_b) / (weight_a + weight_b)
 
 
 def _attend_causal_tail(
@@ -228,7 +229,7 @@ def _attend_causal_tail(
         out_prefix, lse_prefix = _FLASH_WITH_LSE(
             grouped, heads(k[:prefix]), heads(v[:prefix]), scale=scale
         )[:2]
-        out = _merge_by_lse(out_prefix, lse_prefix, out, lse)
+        out = merge_by_lse(out_prefix, lse_prefix, out, lse)
     return out.permute(2, 1, 0, 3).reshape(n, num_heads, head_dim).to(q.dtype)
 
 
@@ -241,6 +242,8 @@ def _attend_planned(
     v = _sequence_kv(v_cache, plan)
     if plan.causal_tail:
         return _attend_causal_tail(q, k, v, scale)
+    if plan.bands is not None:
+        return attend_bands(q, k, v, plan.bands, scale)
     return _attend(q, k, v, plan.mask, False, scale)
 
 

@@ -174,3 +174,21 @@ def test_a_prefill_chunk_over_consecutive_blocks_is_read_in_place() -> None:
         (True, 480, True),
     ]
     torch.testing.assert_close(_ref(case).double(), naive_attention(case), atol=1e-5, rtol=1e-5)
+
+
+def test_many_scattered_queries_attend_band_by_band() -> None:
+    gen = torch.Generator().manual_seed(5)
+    seq_lens = [700, 300]
+    scattered = sorted(torch.randperm(680, generator=gen)[:150].tolist())
+    query_slots = [
+        [*scattered, *range(680, 700)],  # fusion's picks, then the question
+        list(range(100, 300, 2))[::-1],  # out of order: the mask
+    ]
+    case = make_paged_case(seq_lens, query_slots, num_q_heads=6, num_kv_heads=2)
+    plans = plan_paged_attention(
+        case.block_tables, case.seq_lens, case.query_start_loc, case.query_slots, 16
+    )
+    assert plans[0].bands is not None and plans[0].mask is None
+    assert [(b.first, b.stop) for b in plans[0].bands] == [(0, 64), (64, 128), (128, 170)]
+    assert plans[1].bands is None and plans[1].mask is not None
+    torch.testing.assert_close(_ref(case).double(), naive_attention(case), atol=1e-5, rtol=1e-5)
