@@ -54,7 +54,7 @@ from ragcache.bench.report import (
     write_report,
 )
 from ragcache.bench.workload_stream import StreamRequest, request_stream
-from ragcache.bench.workload_summary import summarize, table
+from ragcache.bench.workload_summary import kind_table, summarize, table
 from ragcache.blending.prompt import PromptBuilder
 from ragcache.chunkstore.cost_calibration import calibrated_cost_model
 from ragcache.config import Config
@@ -413,7 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
     )
     end_machine_record(report)
-    lines = table(summaries)
+    lines = [*table(summaries), "", "By kind of request:", "", *kind_table(summaries)]
     if records.resumes:
         lines.append(
             f"\nResumed after requests {', '.join(map(str, records.resumes))}: each resume "

@@ -13,14 +13,46 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+REQUEST_KINDS = ("first ask", "same-order repeat", "reordered repeat")
+
+
+def request_kind(record: dict[str, Any]) -> str:
+    if not record["repeat"]:
+        return "first ask"
+    return "reordered repeat" if record["reordered"] else "same-order repeat"
+
+
+def by_kind(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Exact share and p50 TTFT of each kind of request: a p50 over the whole stream
+    lands on whichever kind holds its middle request."""
+    kinds: dict[str, dict[str, Any]] = {}
+    for kind in REQUEST_KINDS:
+        chosen = [r for r in records if request_kind(r) == kind]
+        if not chosen:
+            continue
+        context = sum(r["context_tokens"] for r in chosen) or 1
+        ttft = median([r["ttft_s"] for r in chosen])
+        prefill_ttft = median([r["prefill_ttft_s"] for r in chosen])
+        kinds[kind] = {
+            "requests": len(chosen),
+            "exact_share": sum(_exact(r) for r in chosen) / context,
+            "whole_context_exact": sum(_exact(r) == r["context_tokens"] for r in chosen),
+            "p50_ttft_s": ttft,
+            "ttft_speedup": prefill_ttft / ttft if ttft else float("nan"),
+        }
+    return kinds
+
+
+def _exact(record: dict[str, Any]) -> int:
+    # A token computed for this request is recomputed, never exact as well (records of
+    # exact paths computed now carried both).
+    return min(record["exact_tokens"], record["context_tokens"] - record["recomputed_tokens"])
+
+
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Token shares, paired gap closed with its 95% interval, agreement and TTFT."""
     context = sum(r["context_tokens"] for r in records) or 1
-    # A token computed for this request is recomputed, never exact as well (records of
-    # exact paths computed now carried both).
-    exact = sum(
-        min(r["exact_tokens"], r["context_tokens"] - r["recomputed_tokens"]) for r in records
-    )
+    exact = sum(_exact(r) for r in records)
     recomputed = sum(r["recomputed_tokens"] for r in records)
     nll = [r["nll"] for r in records]
     reuse = [r["reuse_nll"] for r in records]
@@ -45,6 +77,7 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "ttft_speedup": prefill_ttft / ttft if ttft else float("nan"),
         "same_order_repeats": len(same_order),
         "same_order_repeats_answer_equal": sum(r["answer_equal"] for r in same_order),
+        "by_kind": by_kind(records),
     }
 
 
@@ -64,4 +97,20 @@ def table(summaries: dict[str, dict[str, Any]]) -> list[str]:
             f"| {s['p50_ttft_s'] * 1000:.0f} ms | {s['ttft_speedup']:.1f}x "
             f"| {s['same_order_repeats_answer_equal']} of {s['same_order_repeats']} |"
         )
+    return lines
+
+
+def kind_table(summaries: dict[str, dict[str, Any]]) -> list[str]:
+    """Each setting's requests split by kind: first asks, same-order and reordered repeats."""
+    lines = [
+        "| setting | requests | kind | exact | whole context exact | p50 TTFT | vs full prefill |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, s in summaries.items():
+        for kind, k in s["by_kind"].items():
+            lines.append(
+                f"| {name} | {k['requests']} | {kind} | {k['exact_share']:.1%} "
+                f"| {k['whole_context_exact']} | {k['p50_ttft_s'] * 1000:.0f} ms "
+                f"| {k['ttft_speedup']:.1f}x |"
+            )
     return lines
