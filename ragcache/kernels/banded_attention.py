@@ -19,6 +19,8 @@ _FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_f
 
 # Queries per band: fewer make the kernel's tiles short, more widen the masked spans.
 BAND_QUERIES = 64
+# Below this many queries one mask over the sequence costs less than two bands.
+MIN_BANDED_QUERIES = 48
 
 
 @dataclass(slots=True, frozen=True)
@@ -37,7 +39,7 @@ def causal_bands(slots: torch.Tensor) -> list[Band] | None:
     """Bands of the query ``slots`` (ascending, on the CPU), or None where the banded
     kernel does not apply (too few queries, unsorted, no CPU flash kernel)."""
     n = slots.shape[0]
-    if _FLASH_WITH_LSE is None or slots.device.type != "cpu" or n < 2 * BAND_QUERIES:
+    if _FLASH_WITH_LSE is None or slots.device.type != "cpu" or n < MIN_BANDED_QUERIES:
         return None
     if not bool((slots[1:] > slots[:-1]).all()):
         return None
@@ -90,4 +92,11 @@ def attend_bands(
     return out.permute(2, 0, 1, 3).reshape(n, num_heads, head_dim)
 
 
-__all__ = ["BAND_QUERIES", "Band", "attend_bands", "causal_bands", "merge_by_lse"]
+__all__ = [
+    "BAND_QUERIES",
+    "MIN_BANDED_QUERIES",
+    "Band",
+    "attend_bands",
+    "causal_bands",
+    "merge_by_lse",
+]
