@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-_FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+# The CPU flash kernel that also returns log-sum-exps (None in a torch without it).
+FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 # Queries per band: fewer make the kernel's tiles short, more widen the masked spans.
 BAND_QUERIES = 64
@@ -39,7 +40,7 @@ def causal_bands(slots: torch.Tensor) -> list[Band] | None:
     """Bands of the query ``slots`` (ascending, on the CPU), or None where the banded
     kernel does not apply (too few queries, unsorted, no CPU flash kernel)."""
     n = slots.shape[0]
-    if _FLASH_WITH_LSE is None or slots.device.type != "cpu" or n < MIN_BANDED_QUERIES:
+    if FLASH_WITH_LSE is None or slots.device.type != "cpu" or n < MIN_BANDED_QUERIES:
         return None
     if not bool((slots[1:] > slots[:-1]).all()):
         return None
@@ -67,7 +68,7 @@ def attend_bands(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bands: list[Band], scale: float
 ) -> torch.Tensor:
     """Queries q [n, Hq, D] at the bands' slots of k, v [L, Hkv, D]; returns [n, Hq, D]."""
-    assert _FLASH_WITH_LSE is not None
+    assert FLASH_WITH_LSE is not None
     n, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
@@ -80,11 +81,11 @@ def attend_bands(
         band_q = stacked[:, :, band.first : band.stop].reshape(1, num_kv_heads, -1, head_dim)
         mask = band.mask.to(q.dtype).repeat(group, 1)
         span = slice(band.lo, band.hi)
-        result, lse = _FLASH_WITH_LSE(
+        result, lse = FLASH_WITH_LSE(
             band_q, keys[:, :, span], values[:, :, span], attn_mask=mask, scale=scale
         )[:2]
         if band.lo > 0:
-            before, lse_before = _FLASH_WITH_LSE(
+            before, lse_before = FLASH_WITH_LSE(
                 band_q, keys[:, :, : band.lo], values[:, :, : band.lo], scale=scale
             )[:2]
             result = merge_by_lse(before, lse_before, result, lse)
@@ -94,6 +95,7 @@ def attend_bands(
 
 __all__ = [
     "BAND_QUERIES",
+    "FLASH_WITH_LSE",
     "MIN_BANDED_QUERIES",
     "Band",
     "attend_bands",

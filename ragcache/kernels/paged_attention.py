@@ -13,7 +13,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ragcache.kernels.banded_attention import Band, attend_bands, causal_bands, merge_by_lse
+from ragcache.kernels.banded_attention import (
+    FLASH_WITH_LSE,
+    Band,
+    attend_bands,
+    causal_bands,
+    merge_by_lse,
+)
 
 
 def write_kv_ref(
@@ -70,7 +76,6 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, causal: boo
 # A sequence that computes one query reads the leading run of consecutive blocks in its
 # table in place, and copies only the rest, when the run holds at least this many slots.
 MIN_IN_PLACE_SLOTS = 128
-_FLASH_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 @dataclass(slots=True)
@@ -129,7 +134,7 @@ def plan_paged_attention(
         in_place = run_len == seq_len or (
             last_only
             and run_len >= MIN_IN_PLACE_SLOTS
-            and _FLASH_WITH_LSE is not None
+            and FLASH_WITH_LSE is not None
             and block_tables.device.type == "cpu"
         )
         if not in_place:
@@ -148,7 +153,7 @@ def _is_causal_tail(slots: torch.Tensor, seq_len: int) -> bool:
     """Whether the query slots are exactly seq_len - n, ..., seq_len - 1 (a prefill chunk)
     and the CPU flash kernel, which returns log-sum-exps, can attend them."""
     n = slots.shape[0]
-    if _FLASH_WITH_LSE is None or slots.device.type != "cpu" or n < 2:
+    if FLASH_WITH_LSE is None or slots.device.type != "cpu" or n < 2:
         return False
     if int(slots[0]) != seq_len - n or int(slots[-1]) != seq_len - 1:
         return False
@@ -173,7 +178,7 @@ def _one_query_in_place(plan: SequencePlan, q: torch.Tensor) -> bool:
         and plan.bands is None
         and plan.kv_start is not None
         and q.device.type == "cpu"
-        and _FLASH_WITH_LSE is not None
+        and FLASH_WITH_LSE is not None
     )
 
 
@@ -183,7 +188,7 @@ def _attend_one_query(
     """One query [1, Hq, D] over the leading run of its blocks in place and a copy of the
     rest, merged by their log-sum-exps. The query heads of one KV head are attended as
     rows of one matrix, so grouped-query attention copies no KV either."""
-    assert plan.kv_start is not None and _FLASH_WITH_LSE is not None
+    assert plan.kv_start is not None and FLASH_WITH_LSE is not None
     num_kv_heads, head_dim = k_cache.shape[2:]
     grouped = q.view(1, num_kv_heads, -1, head_dim)
     flat_k = k_cache.view(-1, num_kv_heads, head_dim)
@@ -195,7 +200,7 @@ def _attend_one_query(
             (flat_k.index_select(0, plan.kv_slots), flat_v.index_select(0, plan.kv_slots))
         )
     results = [
-        _FLASH_WITH_LSE(grouped, k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale=scale)
+        FLASH_WITH_LSE(grouped, k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale=scale)
         for k, v in pieces
     ]
     if len(results) == 1:
@@ -212,7 +217,7 @@ def _attend_causal_tail(
     attention over the first L - n slots and causal attention among the last n, merged
     by their log-sum-exps. The query heads that share a KV head form the batch, so the
     KV heads are broadcast, never copied."""
-    assert _FLASH_WITH_LSE is not None
+    assert FLASH_WITH_LSE is not None
     n, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
@@ -222,11 +227,11 @@ def _attend_causal_tail(
         return x.transpose(0, 1)[None].expand(group, -1, -1, -1)
 
     prefix = k.shape[0] - n
-    out, lse = _FLASH_WITH_LSE(
+    out, lse = FLASH_WITH_LSE(
         grouped, heads(k[prefix:]), heads(v[prefix:]), is_causal=True, scale=scale
     )[:2]
     if prefix > 0:
-        out_prefix, lse_prefix = _FLASH_WITH_LSE(
+        out_prefix, lse_prefix = FLASH_WITH_LSE(
             grouped, heads(k[:prefix]), heads(v[:prefix]), scale=scale
         )[:2]
         out = merge_by_lse(out_prefix, lse_prefix, out, lse)
